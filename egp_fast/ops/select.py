@@ -1,0 +1,191 @@
+"""select_smallest / global_smallest: exact-k magnitude selection among unpruned weights.
+
+Semantics (shared by every backend, tested for exact equality):
+
+* Masks are bool tensors with ``True`` = kept (``torch.nn.utils.prune``'s polarity).
+* Among the weights whose mask is ``True``, the ``k`` with the smallest ``|w|`` are set to
+  ``False``; exactly ``k``, never more, never fewer.
+* Ties are broken by the lower flat index first (row-major ``reshape(-1)`` order). For the
+  global variant the order is the concatenation of the layers in list order.
+* ``-0.0`` equals ``0.0``; ``inf`` is larger than every finite value; **NaN is never
+  smaller than anything**: all NaNs rank after ``+inf`` (and among themselves by index), so a
+  NaN weight is pruned only when ``k`` reaches into them.
+* ``k`` must lie in ``[0, number of True entries]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from egp_fast.errors import ConfigError
+from egp_fast.ops._dispatch import pick, register
+
+
+def _check_pair(i: int, w: torch.Tensor, m: torch.Tensor, where: str) -> None:
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise ConfigError(f"{where}: weights[{i}] must be a floating-point tensor")
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+        got = m.dtype if isinstance(m, torch.Tensor) else type(m).__name__
+        raise ConfigError(f"{where}: masks[{i}] must be a bool tensor (True = kept), got {got}")
+    if m.shape != w.shape:
+        raise ConfigError(
+            f"{where}: masks[{i}] has shape {tuple(m.shape)} but weights[{i}] has "
+            f"{tuple(w.shape)}; each mask must match its weight"
+        )
+    if m.device != w.device:
+        raise ConfigError(f"{where}: masks[{i}] is on {m.device} but weights[{i}] on {w.device}")
+
+
+def _check_lists(weights, masks, where: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    weights, masks = list(weights), list(masks)
+    if len(weights) != len(masks):
+        raise ConfigError(
+            f"{where}: got {len(weights)} weights but {len(masks)} masks; pass one mask per weight"
+        )
+    for i, (w, m) in enumerate(zip(weights, masks)):
+        _check_pair(i, w, m, where)
+    if weights:
+        dev = weights[0].device
+        for i, w in enumerate(weights):
+            if w.device != dev:
+                raise ConfigError(
+                    f"{where}: weights[{i}] is on {w.device} but weights[0] on {dev}; "
+                    "put all layers on one device"
+                )
+    return weights, masks
+
+
+def _order(keys: torch.Tensor) -> torch.Tensor:
+    # Stable sort puts NaN after +inf and keeps index order among equal keys (NaNs included).
+    return torch.sort(keys, stable=True).indices
+
+
+@register("select_smallest", "torch")
+def reference_select_smallest(
+    weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], counts: Sequence[int]
+) -> list[torch.Tensor]:
+    """Reference: per layer, a stable sort of ``|w|`` over the kept entries."""
+    out = []
+    for w, m, k in zip(weights, masks, counts):
+        new = m.clone()
+        if k > 0:
+            flat = new.reshape(-1)
+            idx = flat.nonzero().squeeze(1)
+            keys = w.detach().reshape(-1)[idx].abs()
+            flat[idx[_order(keys)[:k]]] = False
+        out.append(new)
+    return out
+
+
+@register("global_smallest", "torch")
+def reference_global_smallest(
+    weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], count: int
+) -> list[torch.Tensor]:
+    """Reference: one stable sort over the kept entries of all layers, concatenated."""
+    out = [m.clone() for m in masks]
+    if count == 0 or not out:
+        return out
+    idxs = [m.reshape(-1).nonzero().squeeze(1) for m in out]
+    # float64 holds fp16/bf16/fp32 values exactly, so mixed-dtype layers rank correctly.
+    keys = torch.cat([w.detach().reshape(-1)[i].abs().double() for w, i in zip(weights, idxs)])
+    chosen = _order(keys)[:count]
+    offsets = torch.tensor([0] + [len(i) for i in idxs], device=keys.device).cumsum(0)
+    for layer, (m, i) in enumerate(zip(out, idxs)):
+        lo, hi = offsets[layer], offsets[layer + 1]
+        sel = chosen[(chosen >= lo) & (chosen < hi)] - lo
+        m.reshape(-1)[i[sel]] = False
+    return out
+
+
+def _remaining(m: torch.Tensor) -> int:
+    return int(m.sum())
+
+
+def select_smallest(
+    weights: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    counts: Sequence[int],
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """Per layer, prune exactly ``counts[i]`` more weights: the smallest ``|w|`` among kept.
+
+    Args:
+        weights: one floating tensor per layer (any shape; not modified).
+        masks: one bool tensor per layer, same shape, ``True`` = kept (not modified).
+        counts: how many more entries to set ``False`` in each layer; each in
+            ``[0, masks[i].sum()]``.
+        backend: ``None`` (automatic), ``"torch"``, ``"cpp"`` or ``"cuda"``.
+
+    Returns:
+        New bool masks (one per layer). Ties go to the lower flat index; NaN ranks last.
+
+    Example:
+        >>> import torch, egp_fast
+        >>> w = torch.tensor([0.3, -0.1, 0.1, 2.0])
+        >>> egp_fast.ops.select_smallest([w], [torch.ones(4, dtype=torch.bool)], [2])
+        [tensor([ True, False, False,  True])]
+    """
+    weights, masks = _check_lists(weights, masks, "select_smallest")
+    counts = [int(c) for c in counts]
+    if len(counts) != len(weights):
+        raise ConfigError(
+            f"select_smallest: got {len(counts)} counts for {len(weights)} layers; "
+            "pass one count per layer"
+        )
+    for i, (m, k) in enumerate(zip(masks, counts)):
+        if k < 0:
+            raise ConfigError(f"select_smallest: counts[{i}]={k} is negative; counts must be >= 0")
+        left = _remaining(m)
+        if k > left:
+            raise ConfigError(
+                f"select_smallest: counts[{i}]={k} but only {left} weights of layer {i} are "
+                "still unpruned; ask for at most that many"
+            )
+    if not weights:
+        return []
+    _, fn = pick("select_smallest", backend, weights[0].device)
+    return fn(weights, masks, counts)
+
+
+def global_smallest(
+    weights: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    count: int,
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """Prune exactly ``count`` more weights across all layers: one global magnitude ranking.
+
+    The same rule as :func:`select_smallest` with a single budget; layers are ranked as if
+    concatenated in list order (ties go to the earlier layer, then the lower index), but no
+    backend other than the reference actually concatenates them.
+
+    Args:
+        weights: one floating tensor per layer.
+        masks: one bool tensor per layer, ``True`` = kept.
+        count: total number of entries to set ``False``, in ``[0, total kept]``.
+        backend: ``None`` (automatic), ``"torch"``, ``"cpp"`` or ``"cuda"``.
+
+    Returns:
+        New bool masks, one per layer.
+
+    Example:
+        >>> import torch, egp_fast
+        >>> ws = [torch.tensor([0.5, 0.2]), torch.tensor([0.1, 0.9])]
+        >>> ms = [torch.ones(2, dtype=torch.bool)] * 2
+        >>> egp_fast.ops.global_smallest(ws, ms, 2)
+        [tensor([ True, False]), tensor([False,  True])]
+    """
+    weights, masks = _check_lists(weights, masks, "global_smallest")
+    count = int(count)
+    left = sum(_remaining(m) for m in masks)
+    if count < 0 or count > left:
+        raise ConfigError(
+            f"global_smallest: count={count} must be in [0, {left}] (the number of weights "
+            "still unpruned across the layers)"
+        )
+    if not weights:
+        return []
+    _, fn = pick("global_smallest", backend, weights[0].device)
+    return fn(weights, masks, count)
