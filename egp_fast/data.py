@@ -1,0 +1,477 @@
+"""Data sources for the ``egp-fast`` command. Nothing is ever downloaded.
+
+A data *spec* is one string:
+
+* ``digits`` — scikit-learn's ``load_digits`` (1797 real 8x8 handwritten digits that ship
+  with scikit-learn), upsampled bilinearly to ``image_size`` (default 16), standardised with
+  the training mean/std, with a fixed 1437/360 train/test split (independent of ``--seed``).
+* ``cifar10:PATH`` — torchvision's CIFAR-10 python files already on disk
+  (``PATH/cifar-10-batches-py/``), loaded with ``download=False``.
+* ``imagefolder:PATH`` — ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` images.
+* ``imagenet:PATH`` — the same layout for ImageNet (val images sorted into class folders),
+  with the standard ImageNet transforms at 224 px.
+
+:func:`load_data` returns a :class:`DataSource`; :func:`make_loader` builds an epoch-seeded,
+rank-sharded loader over one of its splits. Shuffling is derived from ``(seed, epoch)`` only,
+so a resumed epoch sees exactly the same batches, and evaluation/measurement shards are
+disjoint without padding, so counts summed over ranks equal the one-process counts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from egp_fast.errors import ConfigError, DataError
+
+__all__ = [
+    "DataSource",
+    "EpochSampler",
+    "Loader",
+    "TensorDataset",
+    "load_data",
+    "make_loader",
+    "parse_data_spec",
+]
+
+DATA_KINDS = ("digits", "cifar10", "imagefolder", "imagenet")
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2470, 0.2435, 0.2616)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_CIFAR_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                "test_batch", "batches.meta")
+
+
+def parse_data_spec(spec: str) -> tuple[str, str | None]:
+    """Split a data spec into its kind and path.
+
+    Args:
+        spec: ``digits``, ``cifar10:PATH``, ``imagefolder:PATH`` or ``imagenet:PATH``.
+
+    Returns:
+        ``(kind, path)``; path is ``None`` for ``digits``.
+
+    Raises:
+        ConfigError: unknown kind, a path given to ``digits`` or a missing path.
+
+    Example:
+        >>> parse_data_spec("cifar10:/data/cifar")
+        ('cifar10', '/data/cifar')
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"--data must be a non-empty string, got {spec!r}")
+    kind, sep, path = spec.partition(":")
+    kind = kind.lower()
+    if kind not in DATA_KINDS:
+        raise ConfigError(
+            f"--data {spec}: unknown data kind {kind!r}; use digits, cifar10:PATH, imagefolder:PATH "
+            "or imagenet:PATH"
+        )
+    if kind == "digits":
+        if sep:
+            raise ConfigError(f"--data {spec}: digits is embedded and takes no path; use --data digits")
+        return kind, None
+    if not path:
+        raise ConfigError(f"--data {spec}: {kind} needs a path, e.g. --data {kind}:/data/{kind}")
+    return kind, path
+
+
+class TensorDataset:
+    """Images and labels held in memory as two tensors (``x[i], y[i]`` per item).
+
+    Args:
+        x: float images ``[N, C, H, W]``.
+        y: int64 labels ``[N]``.
+
+    Example:
+        >>> ds = TensorDataset(torch.zeros(4, 1, 8, 8), torch.arange(4))
+        >>> len(ds), ds[1][1].item()
+        (4, 1)
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.shape[0] != y.shape[0]:
+            raise DataError(f"images and labels differ in length: {x.shape[0]} vs {y.shape[0]}")
+        self.x = x
+        self.y = y
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+@dataclass
+class DataSource:
+    """Datasets of one data spec.
+
+    Attributes:
+        spec: the spec string it was loaded from.
+        kind: ``digits``, ``cifar10``, ``imagefolder`` or ``imagenet``.
+        train: training split with training transforms (augmentation for image data).
+        train_eval: the training split with evaluation transforms (used for entropy measurement).
+        test: the held-out split with evaluation transforms.
+        num_classes: number of labels.
+        channels: channels of the images the loaders yield.
+        image_size: side of the (square) images the loaders yield.
+    """
+
+    spec: str
+    kind: str
+    train: Any
+    train_eval: Any
+    test: Any
+    num_classes: int
+    channels: int
+    image_size: int
+
+    def describe(self) -> dict:
+        """JSON-safe summary: spec, sizes, classes, channels, image size.
+
+        Returns:
+            A dict for ``config.json``.
+
+        Example:
+            >>> load_data("digits").describe()["train_size"]
+            1437
+        """
+        return {"spec": self.spec, "kind": self.kind, "train_size": len(self.train),
+                "test_size": len(self.test), "num_classes": self.num_classes,
+                "channels": self.channels, "image_size": self.image_size}
+
+
+def _limit(ds, n: int | None):
+    if n is None or n >= len(ds):
+        return ds
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(ds.x[:n], ds.y[:n])
+    return torch.utils.data.Subset(ds, range(n))
+
+
+def load_data(spec: str, *, image_size: int | None = None, channels: int | None = None,
+              limit: int | None = None) -> DataSource:
+    """Load the datasets a spec names; fail fast with the expected layout when the path is wrong.
+
+    Args:
+        spec: see :func:`parse_data_spec`.
+        image_size: square image side; default 16 (digits), 32 (cifar10), 224 (folders).
+        channels: 1 or 3 to force grey/colour images (grey images are repeated to 3);
+            default: the data's own channels (1 for digits, 3 otherwise).
+        limit: keep at most this many samples of each split (quick runs and tests).
+
+    Returns:
+        A :class:`DataSource`.
+
+    Raises:
+        ConfigError: bad spec, image size, channels or limit.
+        DataError: the path is missing or does not have the expected layout.
+
+    Example:
+        >>> src = load_data("digits", limit=100)
+        >>> len(src.train), src.train[0][0].shape
+        (100, torch.Size([1, 16, 16]))
+    """
+    kind, path = parse_data_spec(spec)
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 4):
+        raise ConfigError(f"--image-size must be an integer >= 4, got {image_size!r}")
+    if channels not in (None, 1, 3):
+        raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"--limit must be a positive integer, got {limit!r}")
+    if kind == "digits":
+        src = _load_digits(spec, image_size or 16, channels or 1)
+    elif kind == "cifar10":
+        src = _load_cifar10(spec, path, image_size or 32, channels or 3)
+    else:
+        src = _load_folders(spec, kind, path, image_size or 224, channels or 3)
+    src.train = _limit(src.train, limit)
+    src.train_eval = _limit(src.train_eval, limit)
+    src.test = _limit(src.test, limit)
+    return src
+
+
+def _load_digits(spec: str, size: int, channels: int) -> DataSource:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # optional dependency: name the fix
+        raise DataError("--data digits needs scikit-learn: pip install scikit-learn") from e
+    raw = load_digits()
+    x = torch.tensor(raw.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(raw.target, dtype=torch.int64)
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    # A fixed split (its own generator, not --seed) so every run evaluates on the same 360 digits.
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(20230817))
+    n_test = 360
+    test_idx, train_idx = perm[:n_test], perm[n_test:]
+    xtr, xte = x[train_idx], x[test_idx]
+    mean, std = xtr.mean(), xtr.std()
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    if channels == 3:
+        xtr, xte = xtr.repeat(1, 3, 1, 1), xte.repeat(1, 3, 1, 1)
+    train = TensorDataset(xtr.contiguous(), y[train_idx].contiguous())
+    test = TensorDataset(xte.contiguous(), y[test_idx].contiguous())
+    return DataSource(spec, "digits", train, train, test, 10, channels, size)
+
+
+def _grey_to(channels: int):
+    from torchvision import transforms as T
+
+    return [T.Grayscale(num_output_channels=channels)] if channels == 1 else [T.Lambda(_to_rgb)]
+
+
+def _to_rgb(img):
+    return img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img
+
+
+def _load_cifar10(spec: str, path: str, size: int, channels: int) -> DataSource:
+    layout = ("expected torchvision's CIFAR-10 python files: PATH/cifar-10-batches-py/"
+              "{data_batch_1..5, test_batch, batches.meta} (nothing is downloaded)")
+    root = os.path.abspath(os.path.expanduser(path))
+    if os.path.basename(root.rstrip(os.sep)) == "cifar-10-batches-py":
+        root = os.path.dirname(root.rstrip(os.sep))
+    if not os.path.isdir(root):
+        raise DataError(f"--data {spec}: directory {root} does not exist; {layout}")
+    folder = os.path.join(root, "cifar-10-batches-py")
+    missing = [f for f in _CIFAR_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise DataError(f"--data {spec}: {folder} lacks {', '.join(missing)}; {layout}")
+    try:
+        from torchvision import datasets
+        from torchvision import transforms as T
+    except ImportError as e:
+        raise DataError("--data cifar10 needs torchvision: pip install torchvision") from e
+    norm = T.Normalize(_CIFAR_MEAN, _CIFAR_STD) if channels == 3 else T.Normalize((0.4809,), (0.2392,))
+    resize = [T.Resize(size)] if size != 32 else []
+    grey = [T.Grayscale(1)] if channels == 1 else []
+    train_tf = T.Compose(resize + [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
+                         + grey + [T.ToTensor(), norm])
+    eval_tf = T.Compose(resize + grey + [T.ToTensor(), norm])
+    try:
+        train = datasets.CIFAR10(root, train=True, transform=train_tf, download=False)
+        train_eval = datasets.CIFAR10(root, train=True, transform=eval_tf, download=False)
+        test = datasets.CIFAR10(root, train=False, transform=eval_tf, download=False)
+    except Exception as e:  # torchvision raises RuntimeError/pickle errors on corrupt files
+        raise DataError(f"--data {spec}: CIFAR-10 files in {folder} are unreadable or corrupt ({e}); "
+                        f"{layout}") from e
+    return DataSource(spec, "cifar10", train, train_eval, test, 10, channels, size)
+
+
+def _load_folders(spec: str, kind: str, path: str, size: int, channels: int) -> DataSource:
+    layout = ("expected PATH/train/<class>/<image> and PATH/val/<class>/<image> with the same class "
+              "folders in both (ImageNet: val images sorted into class folders)")
+    root = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(root):
+        raise DataError(f"--data {spec}: directory {root} does not exist; {layout}")
+    for split in ("train", "val"):
+        d = os.path.join(root, split)
+        if not os.path.isdir(d):
+            raise DataError(f"--data {spec}: {d} is missing; {layout}")
+        if not any(e.is_dir() for e in os.scandir(d)):
+            raise DataError(f"--data {spec}: {d} has no class folders; {layout}")
+    try:
+        from torchvision import datasets
+        from torchvision import transforms as T
+    except ImportError as e:
+        raise DataError(f"--data {kind} needs torchvision: pip install torchvision") from e
+    mean, std = (_IMAGENET_MEAN, _IMAGENET_STD) if channels == 3 else ((0.449,), (0.226,))
+    colour = _grey_to(channels)
+    train_tf = T.Compose(colour + [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                                   T.Normalize(mean, std)])
+    eval_tf = T.Compose(colour + [T.Resize(int(math.ceil(size / 0.875))), T.CenterCrop(size),
+                                  T.ToTensor(), T.Normalize(mean, std)])
+    try:
+        train = datasets.ImageFolder(os.path.join(root, "train"), transform=train_tf)
+        train_eval = datasets.ImageFolder(os.path.join(root, "train"), transform=eval_tf)
+        test = datasets.ImageFolder(os.path.join(root, "val"), transform=eval_tf)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"--data {spec}: {e}; {layout}") from e
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))[:3]
+        only_val = sorted(set(test.classes) - set(train.classes))[:3]
+        raise DataError(f"--data {spec}: train/ and val/ class folders differ (train only: {only_train}, "
+                        f"val only: {only_val}); {layout}")
+    return DataSource(spec, kind, train, train_eval, test, len(train.classes), channels, size)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Indices for one rank, reshuffled from ``(seed, epoch)`` alone.
+
+    Shuffled training order: ``randperm(n)`` from a generator seeded with ``seed + epoch``,
+    padded by wrapping around to a multiple of ``world_size`` (so every rank runs the same
+    number of steps, as DDP requires), then ``rank::world_size``. Unshuffled evaluation order:
+    ``rank::world_size`` of ``range(n)`` with no padding, so the shards are disjoint and cover
+    every sample exactly once.
+
+    Args:
+        n: dataset length.
+        shuffle: training order (True) or evaluation order (False).
+        seed: base seed.
+        rank: this process's rank.
+        world_size: number of processes.
+
+    Example:
+        >>> s = EpochSampler(5, shuffle=False, rank=1, world_size=2)
+        >>> list(s)
+        [1, 3]
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.seed = int(n), bool(shuffle), int(seed)
+        self.rank, self.world_size, self.epoch = int(rank), int(world_size), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle the next iteration uses.
+
+        Args:
+            epoch: epoch index (any integer).
+
+        Example:
+            >>> s = EpochSampler(4, shuffle=True); s.set_epoch(3)
+        """
+        self.epoch = int(epoch)
+
+    def indices(self) -> list[int]:
+        """This rank's indices for the current epoch.
+
+        Returns:
+            A list of dataset indices.
+
+        Example:
+            >>> EpochSampler(3, shuffle=False).indices()
+            [0, 1, 2]
+        """
+        if not self.shuffle:
+            return list(range(self.rank, self.n, self.world_size))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        total = math.ceil(self.n / self.world_size) * self.world_size
+        order += order[: total - self.n]
+        return order[self.rank:total:self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        if not self.shuffle:
+            return len(range(self.rank, self.n, self.world_size))
+        return math.ceil(self.n / self.world_size)
+
+
+class Loader:
+    """Batches ``(x, y)`` of one split for one rank, moved to ``device``.
+
+    In-memory :class:`TensorDataset` splits are sliced directly (no per-sample collation,
+    which dominates the time of a small-image run); other datasets go through a
+    ``torch.utils.data.DataLoader`` with workers and pinned memory, whose worker seeds are also
+    derived from ``(seed, epoch)``.
+
+    Args:
+        dataset: a :class:`TensorDataset` or any map-style dataset of ``(image, label)``.
+        batch_size: samples per batch on this rank.
+        sampler: the :class:`EpochSampler` giving the order.
+        drop_last: drop a final partial batch (training; BatchNorm needs > 1 sample).
+        device: where batches are moved.
+        workers: DataLoader worker processes (ignored for in-memory data).
+        channels_last: move image batches to channels-last memory format.
+
+    Example:
+        >>> src = load_data("digits", limit=10)
+        >>> ld = make_loader(src.test, batch_size=4)
+        >>> [x.shape[0] for x, y in ld]
+        [4, 4, 2]
+    """
+
+    def __init__(self, dataset, batch_size: int, sampler: EpochSampler, *, drop_last: bool = False,
+                 device: torch.device | str = "cpu", workers: int = 0, channels_last: bool = False):
+        self.dataset, self.batch_size, self.sampler = dataset, int(batch_size), sampler
+        self.drop_last, self.device = drop_last, torch.device(device)
+        self.channels_last = channels_last
+        self._dl = None
+        if not isinstance(dataset, TensorDataset):
+            self._generator = torch.Generator()
+            self._dl = torch.utils.data.DataLoader(
+                dataset, batch_size=self.batch_size, sampler=sampler, num_workers=int(workers),
+                pin_memory=self.device.type == "cuda", drop_last=drop_last, generator=self._generator,
+                persistent_workers=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (and reseed the workers' augmentation RNG).
+
+        Args:
+            epoch: epoch index.
+
+        Example:
+            >>> ld = make_loader(load_data("digits", limit=8).train, 4, shuffle=True); ld.set_epoch(2)
+        """
+        self.sampler.set_epoch(epoch)
+        if self._dl is not None:
+            self._generator.manual_seed(self.sampler.seed * 1000003 + int(epoch))
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _move(self, x: torch.Tensor, y: torch.Tensor):
+        nb = self.device.type == "cuda"
+        x = x.to(self.device, non_blocking=nb)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=nb)
+
+    def __iter__(self):
+        if self._dl is not None:
+            for x, y in self._dl:
+                yield self._move(x, y)
+            return
+        idx = torch.tensor(self.sampler.indices(), dtype=torch.int64)
+        stop = len(self) * self.batch_size
+        for start in range(0, stop, self.batch_size):
+            sl = idx[start:min(start + self.batch_size, idx.numel())]
+            yield self._move(self.dataset.x[sl], self.dataset.y[sl])
+
+
+def make_loader(dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, rank: int = 0,
+                world_size: int = 1, workers: int = 0, device: torch.device | str = "cpu",
+                drop_last: bool | None = None, channels_last: bool = False) -> Loader:
+    """Build a :class:`Loader` over ``dataset`` for one rank.
+
+    Args:
+        dataset: a split of a :class:`DataSource`.
+        batch_size: samples per batch on this rank (positive).
+        shuffle: training order (epoch-seeded shuffle, padded shards) or evaluation order
+            (fixed, disjoint shards).
+        seed: base seed of the shuffle.
+        rank: this process's rank.
+        world_size: number of processes.
+        workers: DataLoader workers for on-disk datasets.
+        device: where batches go.
+        drop_last: default: True when shuffling and the shard has more than one batch.
+        channels_last: move batches to channels-last memory format.
+
+    Returns:
+        The loader; call ``set_epoch(e)`` before each training epoch.
+
+    Raises:
+        ConfigError: non-positive batch size.
+
+    Example:
+        >>> ld = make_loader(load_data("digits").train, 64, shuffle=True, seed=0)
+        >>> ld.set_epoch(0); x, y = next(iter(ld)); x.shape
+        torch.Size([64, 1, 16, 16])
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    if drop_last is None:
+        drop_last = shuffle and len(sampler) > batch_size
+    return Loader(dataset, batch_size, sampler, drop_last=drop_last, device=device, workers=workers,
+                  channels_last=channels_last)
