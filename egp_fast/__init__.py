@@ -5,6 +5,7 @@ layers become affine on the data, then fold those layers away.
 """
 
 from egp_fast import ops
+from egp_fast.budget import allocate
 from egp_fast.errors import (
     BackendError,
     CheckpointError,
@@ -14,7 +15,11 @@ from egp_fast.errors import (
     ModelError,
     NumericsError,
 )
+from egp_fast.graph import Site, SiteGraph, discover_sites, inspect, weight_layers
+from egp_fast.masks import attach_masks, load_pruned_state_dict, masked_layers, sparsity, strip_masks
 from egp_fast.ops import available_backends
+from egp_fast.prune import Pruner, PruneResult, RoundRecord, prune
+from egp_fast.stats import EntropyStats, SiteStats, measure_entropy
 
 __version__ = "0.1.0"
 
@@ -24,9 +29,27 @@ __all__ = [
     "ConfigError",
     "DataError",
     "EGPError",
+    "EntropyStats",
     "ModelError",
     "NumericsError",
+    "PruneResult",
+    "Pruner",
+    "RoundRecord",
+    "Site",
+    "SiteGraph",
+    "SiteStats",
     "__version__",
+    "allocate",
+    "attach_masks",
     "available_backends",
+    "discover_sites",
+    "inspect",
+    "load_pruned_state_dict",
+    "masked_layers",
+    "measure_entropy",
     "ops",
+    "prune",
+    "sparsity",
+    "strip_masks",
+    "weight_layers",
 ]

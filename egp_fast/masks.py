@@ -1,0 +1,215 @@
+"""Pruning masks: storage, enforcement through training, and state_dict round-trips.
+
+Every pruned layer carries a bool buffer ``weight_mask`` (``True`` = kept, the polarity of
+``torch.nn.utils.prune``), so masks travel with ``state_dict()`` under keys such as
+``layer1.0.conv1.weight_mask``, deep-copy and pickle with the model.
+
+Pruned weights stay exactly zero through any training loop, by two mechanisms:
+
+* a gradient hook on the weight zeroes the gradient of pruned entries (installed lazily by a
+  picklable forward pre-hook, so deep copies and unpickled models get it on first forward);
+* a global optimizer step post-hook re-zeroes pruned weights, and the matching entries of
+  tensor optimizer state (momentum, Adam moments), after every ``optimizer.step()``, so
+  momentum and weight decay cannot revive them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from egp_fast.errors import ConfigError, ModelError
+
+MASK = "weight_mask"
+
+# Parameter -> weakref to the module that owns its mask. Weak on both sides: dropping a model
+# drops its entries.
+_REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_optimizer_hook = None
+
+
+class _MaskEnforcer:
+    """Forward pre-hook: make sure the weight's gradient hook exists for this Parameter.
+
+    A top-level class (not a closure) so models with masks pickle and deep-copy.
+    """
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        _ensure_grad_hook(module)
+
+
+def _mask_grad(module_ref: weakref.ref, grad: torch.Tensor) -> torch.Tensor:
+    module = module_ref()
+    mask = getattr(module, MASK, None) if module is not None else None
+    if mask is None:
+        return grad
+    return grad * mask.to(grad.dtype)
+
+
+def _ensure_grad_hook(module: nn.Module) -> None:
+    w = module.weight
+    if w in _REGISTRY:
+        return
+    ref = weakref.ref(module)
+    handle = w.register_hook(lambda g, ref=ref: _mask_grad(ref, g)) if w.requires_grad else None
+    _REGISTRY[w] = (ref, handle)
+    _install_optimizer_hook()
+
+
+def release(model: nn.Module) -> None:
+    """Drop the gradient hooks of weights whose layer no longer carries a mask."""
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w in _REGISTRY and getattr(m, MASK, None) is None:
+            _, handle = _REGISTRY.pop(w)
+            if handle is not None:
+                handle.remove()
+
+
+def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                entry = _REGISTRY.get(p)
+                module = entry[0]() if entry is not None else None
+                mask = getattr(module, MASK, None) if module is not None else None
+                if mask is None or module.weight is not p:
+                    continue
+                keep = mask.to(p.dtype)
+                p.mul_(keep)
+                state = optimizer.state.get(p, {})
+                for v in state.values():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v.is_floating_point():
+                        v.mul_(keep.to(v.dtype))
+
+
+def _install_optimizer_hook() -> None:
+    global _optimizer_hook
+    if _optimizer_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _optimizer_hook = register_optimizer_step_post_hook(_after_step)
+
+
+def _has_enforcer(module: nn.Module) -> bool:
+    return any(isinstance(h, _MaskEnforcer) for h in module._forward_pre_hooks.values())
+
+
+def _resolve(model: nn.Module, name: str) -> nn.Module:
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(f"the model has no layer named {name!r}") from None
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise ModelError(f"layer {name!r} ({type(m).__name__}) has no floating-point weight to prune")
+    return m
+
+
+def attach_masks(model: nn.Module, layer_names: Iterable[str]) -> None:
+    """Give each named layer an all-``True`` ``weight_mask`` buffer and mask enforcement.
+
+    Idempotent: layers that already have a mask keep it.
+
+    Args:
+        model: the network.
+        layer_names: ``model.named_modules()`` names of layers with a ``weight``.
+
+    Example:
+        >>> import torch, egp_fast
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3))
+        >>> egp_fast.attach_masks(net, ["0"]); net[0].weight_mask.all().item()
+        True
+    """
+    for name in layer_names:
+        m = _resolve(model, name)
+        if getattr(m, MASK, None) is None:
+            mask = torch.ones_like(m.weight, dtype=torch.bool)
+            m.register_buffer(MASK, mask)
+        if not _has_enforcer(m):
+            m.register_forward_pre_hook(_MaskEnforcer())
+        _ensure_grad_hook(m)
+
+
+def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` of every layer that carries a pruning mask."""
+    return {n: m for n, m in model.named_modules() if isinstance(getattr(m, MASK, None), torch.Tensor)}
+
+
+def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Replace the masks of the named layers (bool tensors, ``True`` = kept) and zero the weights."""
+    with torch.no_grad():
+        for name, mask in masks.items():
+            m = _resolve(model, name)
+            if getattr(m, MASK, None) is None:
+                attach_masks(model, [name])
+            cur = getattr(m, MASK)
+            if mask.shape != cur.shape or mask.dtype != torch.bool:
+                raise ConfigError(
+                    f"mask for {name!r} must be bool with shape {tuple(cur.shape)}, got "
+                    f"{mask.dtype} {tuple(mask.shape)}"
+                )
+            cur.copy_(mask)
+            m.weight.mul_(cur.to(m.weight.dtype))
+
+
+def enforce(model: nn.Module) -> None:
+    """Zero every pruned weight now (after loading weights by hand, say)."""
+    with torch.no_grad():
+        for m in masked_layers(model).values():
+            m.weight.mul_(getattr(m, MASK).to(m.weight.dtype))
+
+
+def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
+    """Load a pruned model's ``state_dict`` into a fresh (unpruned) model of the same class.
+
+    Creates the masks named in ``state_dict`` (keys ending in ``.weight_mask``), then loads
+    weights and masks, and zeroes the pruned weights.
+
+    Args:
+        model: a model of the same architecture, with or without masks.
+        state_dict: from ``pruned_model.state_dict()`` (or a checkpoint).
+        strict: as in ``nn.Module.load_state_dict``.
+
+    Returns:
+        ``load_state_dict``'s result (missing and unexpected keys).
+
+    Example:
+        >>> fresh = torchvision.models.resnet18()                    # doctest: +SKIP
+        >>> egp_fast.load_pruned_state_dict(fresh, pruned.state_dict())  # doctest: +SKIP
+    """
+    suffix = "." + MASK
+    names = [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
+    if MASK in state_dict:
+        names.append("")
+    attach_masks(model, names)
+    result = model.load_state_dict(state_dict, strict=strict)
+    enforce(model)
+    return result
+
+
+def strip_masks(model: nn.Module) -> nn.Module:
+    """Remove masks and their hooks; pruned weights stay zero. Returns ``model``."""
+    for m in masked_layers(model).values():
+        for k, h in list(m._forward_pre_hooks.items()):
+            if isinstance(h, _MaskEnforcer):
+                del m._forward_pre_hooks[k]
+        del m._buffers[MASK]
+    release(model)
+    return model
+
+
+def sparsity(model: nn.Module, layer_names: Iterable[str] | None = None) -> float:
+    """Fraction of zero weights over the given layers (default: every masked layer)."""
+    names = list(layer_names) if layer_names is not None else list(masked_layers(model))
+    total = zeros = 0
+    for n in names:
+        w = _resolve(model, n).weight
+        total += w.numel()
+        zeros += int((w == 0).sum())
+    return zeros / total if total else 0.0
