@@ -3,9 +3,27 @@
 The reference materialises ``W * M``; the Triton backend skips all-zero weight tiles and
 never builds the masked weight. Gradients: ``dx = dy @ (W * M)``, ``dW = (dy^T x) * M``,
 ``db = sum(dy)``.
+
+Tile maps. Fast backends cut the weight into ``block_n x block_k`` tiles and describe it by a
+:class:`TileMap` (which tiles hold a kept nonzero, which hold a kept entry, whether pruned
+entries still hold nonzero values). Building one reads the whole weight and mask and
+synchronises with the host once, so :class:`~egp_fast.modules.MaskedLinear` keeps a
+:class:`TileMapCache` and makes it visible to the backend for the duration of its call
+(:func:`tile_map_cache_scope`); the map is rebuilt when the weight or the mask changes
+(their ``_version`` counters, storage or identity). A plain call of :func:`masked_linear`
+builds a fresh map every time.
+
+Masked-off entries contribute nothing in the fast backends, even when they hold NaN or inf
+(the reference computes ``NaN * 0 = NaN`` there).
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,3 +79,196 @@ def masked_linear(
         )
     _, fn = pick("masked_linear", backend, x.device)
     return fn(x, weight, mask, bias)
+
+
+@dataclass
+class TileMap:
+    """Which ``block_n x block_k`` weight tiles a masked matmul must visit.
+
+    Attributes:
+        block_n, block_k: the tile shape.
+        occupancy: int8 ``[ceil(N/block_n), ceil(K/block_k)]``, 1 where a kept weight is nonzero.
+        row_ptr, row_idx: int32 CSR lists of ``occupancy`` (per row-tile, its K-tiles).
+        col_ptr, col_idx: int32 CSC lists of ``occupancy`` (per K-tile, its row-tiles).
+        grad_tiles: int32 ``[T, 2]`` tiles holding at least one kept entry (the weight
+            gradient can be nonzero only there).
+        clean: True when the weight is already zero wherever the mask is False, so the
+            kernels need not read the mask.
+        density: fraction of occupied tiles (0 for an empty weight).
+    """
+
+    block_n: int
+    block_k: int
+    occupancy: torch.Tensor
+    row_ptr: torch.Tensor
+    row_idx: torch.Tensor
+    col_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    grad_tiles: torch.Tensor
+    clean: bool
+    density: float
+
+
+def _tile_any(flags: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+    n, k = flags.shape
+    tn, tk = -(-n // block_n), -(-k // block_k)
+    padded = F.pad(flags.to(torch.uint8), (0, tk * block_k - k, 0, tn * block_n - n))
+    return padded.view(tn, block_n, tk, block_k).amax(dim=(1, 3)).to(torch.int8)
+
+
+def reference_tile_occupancy(
+    weight: torch.Tensor, mask: torch.Tensor, block_n: int, block_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch version of the tile maps: ``(occ, occ_mask, dirty)``, int8 per tile.
+
+    Args:
+        weight: ``[N, K]``.
+        mask: bool ``[N, K]``, True = kept.
+        block_n, block_k: tile shape.
+
+    Returns:
+        Any kept nonzero; any kept entry; any nonzero entry under a False mask bit.
+
+    Example:
+        >>> occ, occ_m, dirty = reference_tile_occupancy(torch.eye(4), torch.eye(4) > 0, 2, 2)
+        >>> occ.tolist()
+        [[1, 0], [0, 1]]
+    """
+    nz = weight.detach() != 0
+    return (
+        _tile_any(nz & mask, block_n, block_k),
+        _tile_any(mask, block_n, block_k),
+        _tile_any(nz & ~mask, block_n, block_k),
+    )
+
+
+def build_tile_map(
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    block_n: int,
+    block_k: int,
+    occupancy_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+) -> TileMap:
+    """Build the :class:`TileMap` of ``weight`` under ``mask`` (one host synchronisation).
+
+    Args:
+        weight: ``[N, K]``.
+        mask: bool ``[N, K]``.
+        block_n, block_k: tile shape (the fast kernel's ``BLOCK_N``, ``BLOCK_K``).
+        occupancy_fn: computes ``(occ, occ_mask, dirty)``; default
+            :func:`reference_tile_occupancy` (the Triton backend passes its one-pass kernel).
+
+    Returns:
+        The tile map, on ``weight``'s device.
+
+    Example:
+        >>> tm = build_tile_map(torch.eye(4), torch.eye(4) > 0, 2, 2)
+        >>> tm.row_idx.tolist(), tm.clean, tm.density
+        ([0, 1], True, 0.5)
+    """
+    fn = occupancy_fn or reference_tile_occupancy
+    occ, occ_m, dirty = fn(weight.detach(), mask, block_n, block_k)
+    dev = occ.device
+    zero = torch.zeros(1, dtype=torch.int32, device=dev)
+    row_ptr = torch.cat([zero, occ.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)])
+    col_ptr = torch.cat([zero, occ.sum(0, dtype=torch.int32).cumsum(0, dtype=torch.int32)])
+    # nonzero() lists indices in row-major order: per row-tile, its K-tiles ascending.
+    row_idx = occ.nonzero()[:, 1].to(torch.int32).contiguous()
+    col_idx = occ.t().nonzero()[:, 1].to(torch.int32).contiguous()
+    grad_tiles = occ_m.nonzero().to(torch.int32).contiguous()
+    n_occ = row_idx.numel()
+    total = occ.numel()
+    return TileMap(
+        block_n=block_n,
+        block_k=block_k,
+        occupancy=occ,
+        row_ptr=row_ptr,
+        row_idx=row_idx,
+        col_ptr=col_ptr,
+        col_idx=col_idx,
+        grad_tiles=grad_tiles,
+        clean=not bool(dirty.any()),
+        density=n_occ / total if total else 0.0,
+    )
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+class TileMapCache:
+    """Holds the last :class:`TileMap` built for one (weight, mask) pair.
+
+    The entry is reused while the *same* tensor objects are passed with unchanged
+    ``_version`` counters, storage, shape and dtype, and the same tile shape; anything else
+    rebuilds it. Objects are remembered through weak references, so a freed tensor whose id
+    is reused can never hit the cache. Pickling or deep-copying drops the entry.
+
+    Example:
+        >>> cache = TileMapCache()
+        >>> w, m = torch.eye(4), torch.eye(4) > 0
+        >>> cache.get(w, m, 2, 2) is cache.get(w, m, 2, 2)
+        True
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+        self.builds = 0
+
+    def get(
+        self,
+        weight: torch.Tensor,
+        mask: torch.Tensor,
+        block_n: int,
+        block_k: int,
+        occupancy_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    ) -> TileMap:
+        """The cached map if still valid, else a freshly built one (then cached)."""
+        key = (_tensor_key(weight), _tensor_key(mask), block_n, block_k)
+        e = self._entry
+        if e is not None and e[0]() is weight and e[1]() is mask and e[2] == key:
+            return e[3]
+        tm = build_tile_map(weight, mask, block_n, block_k, occupancy_fn)
+        self._entry = (weakref.ref(weight), weakref.ref(mask), key, tm)
+        self.builds += 1
+        return tm
+
+    def clear(self) -> None:
+        """Forget the cached map."""
+        self._entry = None
+
+    def __getstate__(self) -> dict:
+        return {"builds": 0}
+
+    def __setstate__(self, state: dict) -> None:
+        self._entry = None
+        self.builds = state.get("builds", 0)
+
+    def __deepcopy__(self, memo: dict) -> TileMapCache:
+        return TileMapCache()
+
+
+_ACTIVE_CACHE: contextvars.ContextVar[TileMapCache | None] = contextvars.ContextVar(
+    "egp_fast_tile_map_cache", default=None
+)
+
+
+@contextlib.contextmanager
+def tile_map_cache_scope(cache: TileMapCache) -> Iterator[TileMapCache]:
+    """Let the fast backends reuse ``cache`` for the :func:`masked_linear` calls inside.
+
+    Example:
+        >>> cache = TileMapCache()
+        >>> with tile_map_cache_scope(cache):
+        ...     y = masked_linear(torch.ones(1, 2), torch.eye(2), torch.eye(2) > 0)
+    """
+    token = _ACTIVE_CACHE.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE_CACHE.reset(token)
+
+
+def active_tile_map_cache() -> TileMapCache | None:
+    """The cache installed by the innermost :func:`tile_map_cache_scope`, if any."""
+    return _ACTIVE_CACHE.get()
