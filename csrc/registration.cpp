@@ -1,0 +1,35 @@
+// Schemas of every egp_fast op, and the Python module egp_fast._C that carries them.
+//
+// Kernels live next to their op (csrc/select/select_cpu.cpp, csrc/sign_count/sign_count_cpu.cpp,
+// csrc/cuda_kernels.cu), each ending with its TORCH_LIBRARY_IMPL block. The ops are reached from
+// Python as torch.ops.egp_fast.<op>, so torch.compile and torch.library.opcheck see them; their
+// fake (meta) implementations are registered in egp_fast/ops/_ext_backend.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(egp_fast, m) {
+  // Per layer i, set exactly counts[i] more entries of masks[i] to False: the smallest |w| among
+  // the True entries, ties by lower flat index, NaN after +inf. Returns new contiguous masks.
+  m.def("select_smallest(Tensor[] weights, Tensor[] masks, int[] counts) -> Tensor[]");
+  // The same with one budget over all layers, ranked as if concatenated in list order.
+  m.def("global_smallest(Tensor[] weights, Tensor[] masks, int count) -> Tensor[]");
+  // counts[c] += #(z > threshold) along channel_dim; counts is int64 [C], updated in place.
+  m.def("sign_count_(Tensor z, Tensor(a!) counts, int channel_dim, float threshold) -> ()");
+}
+
+// The outputs are bool masks and in-place integer counts: nothing to differentiate. A
+// fallthrough lets weights that require grad pass through without an autograd kernel.
+TORCH_LIBRARY_IMPL(egp_fast, Autograd, m) {
+  m.impl("select_smallest", torch::CppFunction::makeFallthrough());
+  m.impl("global_smallest", torch::CppFunction::makeFallthrough());
+  m.impl("sign_count_", torch::CppFunction::makeFallthrough());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "egp_fast compiled kernels; the ops are registered as torch.ops.egp_fast.*";
+#ifdef EGP_FAST_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+}

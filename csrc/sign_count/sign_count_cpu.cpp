@@ -1,0 +1,140 @@
+// CPU sign_count_: counts[c] += #(z > threshold) along the channel axis, one read of z, no
+// temporaries the size of z.
+//
+// Layouts:
+//  * contiguous z viewed as [outer, C, inner] with inner > 1 (NCHW, channel_dim=1): one count per
+//    (o, c) plane, planes split over threads, each thread summing into its own C counters;
+//  * channel innermost in memory, i.e. z.movedim(channel_dim, -1) is contiguous (channels-last
+//    NHWC storage of an NCHW tensor, [N, L, C], [N, H, W, C]): rows of C values, each thread
+//    adding a row into its own int32 counters (flushed before they could overflow);
+//  * any other strided layout (rare: sliced or transposed views) is first copied with
+//    .contiguous(): a documented fallback that costs one copy of z.
+// The comparison is done as torch does it: the threshold is first cast to z's dtype (a Python
+// scalar adopts the tensor's dtype), then compared in float (double for fp64). NaN compares false,
+// so it counts as OFF.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+namespace egp_fast {
+namespace {
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Counts of one contiguous run; 32-bit partial sums vectorise, blocks keep them from overflowing.
+template <typename T>
+inline int64_t count_run(const T* p, int64_t n, acc_t<T> thr) {
+  constexpr int64_t kBlock = int64_t{1} << 30;
+  int64_t total = 0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    int32_t s = 0;
+    for (int64_t i = b; i < e; ++i) s += static_cast<acc_t<T>>(p[i]) > thr;
+    total += s;
+  }
+  return total;
+}
+
+template <typename T>
+void planes(const T* z, int64_t outer, int64_t C, int64_t inner, acc_t<T> thr, int64_t* counts,
+            int64_t cstride) {
+  std::mutex mu;
+  const int64_t np = outer * C;
+  // Grain: enough planes that a task reads ~64K elements, so tiny planes do not pay per-task cost.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(inner, 1));
+  at::parallel_for(0, np, grain, [&](int64_t pb, int64_t pe) {
+    std::vector<int64_t> local(C, 0);
+    for (int64_t p = pb; p < pe; ++p) local[p % C] += count_run(z + p * inner, inner, thr);
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t c = 0; c < C; ++c) counts[c * cstride] += local[c];
+  });
+}
+
+template <typename T>
+void rows(const T* z, int64_t nrows, int64_t C, acc_t<T> thr, int64_t* counts, int64_t cstride) {
+  std::mutex mu;
+  constexpr int64_t kFlush = int64_t{1} << 30;  // int32 counters overflow after 2^31 rows
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(C, 1));
+  at::parallel_for(0, nrows, grain, [&](int64_t rb, int64_t re) {
+    std::vector<int32_t> local(C, 0);
+    std::vector<int64_t> wide(C, 0);
+    int32_t* cnt = local.data();
+    for (int64_t b = rb; b < re; b += kFlush) {
+      const int64_t e = std::min(re, b + kFlush);
+      for (int64_t r = b; r < e; ++r) {
+        const T* row = z + r * C;
+        for (int64_t c = 0; c < C; ++c) cnt[c] += static_cast<acc_t<T>>(row[c]) > thr;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        wide[c] += cnt[c];
+        cnt[c] = 0;
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t c = 0; c < C; ++c) counts[c * cstride] += wide[c];
+  });
+}
+
+void sign_count_cpu(const at::Tensor& z, const at::Tensor& counts, int64_t channel_dim, double threshold) {
+  TORCH_CHECK(z.dim() > 0, "sign_count_: z must have a channel dimension; got a 0-d tensor");
+  const int64_t dim = at::maybe_wrap_dim(channel_dim, z.dim());
+  const int64_t C = z.size(dim);
+  TORCH_CHECK(counts.scalar_type() == at::kLong, "sign_count_: counts must be int64, got ",
+              counts.scalar_type());
+  TORCH_CHECK(counts.dim() == 1 && counts.numel() == C, "sign_count_: counts must have shape [", C,
+              "] (channels of z along dim ", channel_dim, "), got ", counts.sizes());
+  TORCH_CHECK(z.device().is_cpu() && counts.device().is_cpu(),
+              "sign_count_: z and counts must be CPU tensors for the CPU kernel");
+  const auto dt = z.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "sign_count_: the CPU kernel takes float32/float64/float16/bfloat16 z, got ", dt);
+  if (z.numel() == 0) return;
+  int64_t* cp = counts.data_ptr<int64_t>();
+  const int64_t cs = counts.stride(0);
+
+  at::Tensor src = z;
+  bool channel_last = false;
+  if (!z.is_contiguous()) {
+    at::Tensor moved = z.movedim(dim, -1);
+    if (moved.is_contiguous()) {
+      src = moved;
+      channel_last = true;
+    } else {
+      src = z.contiguous();  // rare strided view: one copy, documented above
+    }
+  }
+  int64_t inner = 1;
+  if (!channel_last) {
+    for (int64_t d = dim + 1; d < src.dim(); ++d) inner *= src.size(d);
+    channel_last = inner == 1;
+  }
+  const int64_t outer = z.numel() / (C * inner);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sign_count_cpu", [&] {
+    using T = scalar_t;
+    // Cast the threshold to z's dtype first, as `z > threshold` does in torch.
+    const acc_t<T> thr = static_cast<acc_t<T>>(static_cast<T>(threshold));
+    const T* zp = src.data_ptr<T>();
+    if (channel_last) {
+      rows<T>(zp, outer, C, thr, cp, cs);
+    } else {
+      planes<T>(zp, outer, C, inner, thr, cp, cs);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(egp_fast, CPU, m) {
+  m.impl("sign_count_", &sign_count_cpu);
+}
+
+}  // namespace egp_fast
