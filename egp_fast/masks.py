@@ -48,7 +48,8 @@ def _mask_grad(module_ref: weakref.ref, grad: torch.Tensor) -> torch.Tensor:
     mask = getattr(module, MASK, None) if module is not None else None
     if mask is None:
         return grad
-    return grad * mask.to(grad.dtype)
+    # where(), not a product: a NaN/Inf gradient must not leak into pruned entries (NaN*0=NaN).
+    return grad.masked_fill(~mask, 0)
 
 
 def _ensure_grad_hook(module: nn.Module) -> None:
@@ -80,12 +81,12 @@ def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Non
                 mask = getattr(module, MASK, None) if module is not None else None
                 if mask is None or module.weight is not p:
                     continue
-                keep = mask.to(p.dtype)
-                p.mul_(keep)
+                pruned = ~mask
+                p.masked_fill_(pruned, 0)
                 state = optimizer.state.get(p, {})
                 for v in state.values():
                     if isinstance(v, torch.Tensor) and v.shape == p.shape and v.is_floating_point():
-                        v.mul_(keep.to(v.dtype))
+                        v.masked_fill_(pruned, 0)
 
 
 def _install_optimizer_hook() -> None:
@@ -155,14 +156,14 @@ def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
                     f"{mask.dtype} {tuple(mask.shape)}"
                 )
             cur.copy_(mask)
-            m.weight.mul_(cur.to(m.weight.dtype))
+            m.weight.masked_fill_(~cur, 0)
 
 
 def enforce(model: nn.Module) -> None:
     """Zero every pruned weight now (after loading weights by hand, say)."""
     with torch.no_grad():
         for m in masked_layers(model).values():
-            m.weight.mul_(getattr(m, MASK).to(m.weight.dtype))
+            m.weight.masked_fill_(~getattr(m, MASK), 0)
 
 
 def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> Any:

@@ -1,0 +1,127 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import egp_fast
+from egp_fast.errors import DataError, ModelError
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 8)
+        self.fc4 = nn.Linear(8, 8)
+        self.fc5 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        x = self.fc3(x).relu()
+        x = F.gelu(self.fc4(x))
+        return self.fc5(x)
+
+
+def test_resnet18_reused_relu_is_two_sites_with_block_producers():
+    g = egp_fast.discover_sites(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+    names = [s.name for s in g.sites]
+    assert len(names) == 17
+    assert names[1:3] == ["layer1.0.relu", "layer1.0.relu:1"]
+    # relu after the residual add maps to the block's last conv, not the shortcut
+    assert g.site("layer1.0.relu:1").producers == ["layer1.0.conv2"]
+    assert g.site("layer2.0.relu:1").producers == ["layer2.0.conv2"]  # not downsample.0
+    assert g.site("relu").producers == ["conv1"]
+    assert all(s.channel_dim == 1 for s in g.sites)
+    assert g.site("layer4.1.relu").channels == 512
+
+
+def test_functional_activations_are_sites():
+    g = egp_fast.discover_sites(Functional(), torch.randn(4, 6))
+    kinds = [s.kind for s in g.sites]
+    assert kinds == ["relu", "relu", "relu", "gelu"]
+    assert [s.producers for s in g.sites] == [["fc1"], ["fc2"], ["fc3"], ["fc4"]]
+    assert [s.module for s in g.sites] == [None] * 4
+    assert g.sites[3].exact is False
+
+
+def test_inplace_relu_and_bn_between():
+    net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(inplace=True), nn.Conv2d(5, 2, 1))
+    g = egp_fast.discover_sites(net, torch.randn(2, 3, 8, 8))
+    assert [(s.name, s.producers, s.channels) for s in g.sites] == [("2", ["0"], 5)]
+
+
+@pytest.mark.parametrize(
+    "act,kind,bps",
+    [
+        (nn.ReLU6(), "relu6", (0.0, 6.0)),
+        (nn.Hardtanh(-2.0, 3.0), "hardtanh", (-2.0, 3.0)),
+        (nn.LeakyReLU(0.1), "leaky_relu", (0.0,)),
+        (nn.PReLU(4), "prelu", (0.0,)),
+        (nn.SiLU(), "silu", (0.0,)),
+        (nn.GELU(), "gelu", (0.0,)),
+    ],
+)
+def test_supported_activations(act, kind, bps):
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), act)
+    (s,) = egp_fast.discover_sites(net, torch.randn(2, 3, 4, 4)).sites
+    assert (s.kind, s.breakpoints) == (kind, bps)
+
+
+def test_token_layouts_use_last_dim():
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return x + self.fc2(self.act(self.fc1(x)))
+
+    for shape in [(2, 5, 8), (2, 3, 3, 8)]:
+        (s,) = egp_fast.discover_sites(Mlp(), torch.randn(*shape)).sites
+        assert (s.channel_dim, s.channels, s.producers) == (-1, 16, ["fc1"])
+
+
+def test_swin_and_vit_sites():
+    g = egp_fast.discover_sites(torchvision.models.swin_t(), torch.randn(1, 3, 64, 64))
+    assert len(g.sites) == 12 and all(s.kind == "gelu" and s.channel_dim == -1 for s in g.sites)
+    assert g.sites[0].producers == ["features.1.0.mlp.0"]
+
+
+def test_untraceable_model_falls_back_to_hooks():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
+                x = x * 2
+            return self.act(self.fc(x))
+
+    with pytest.warns(UserWarning, match="falling back to module hooks"):
+        g = egp_fast.discover_sites(Dynamic(), torch.randn(3, 4))
+    assert not g.traced
+    assert [(s.name, s.producers) for s in g.sites] == [("act", ["fc"])]
+
+
+def test_no_activation_is_a_model_error():
+    with pytest.raises(ModelError, match="no supported activation"):
+        egp_fast.discover_sites(nn.Linear(3, 3), torch.randn(2, 3))
+
+
+def test_rejected_example_inputs_is_a_data_error_and_mode_restored():
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    net.train()
+    with pytest.raises(DataError, match="failed on example_inputs"):
+        egp_fast.discover_sites(net, torch.randn(2, 7))
+    assert net.training
+
+
+def test_inspect_prints_table(capsys):
+    text = egp_fast.inspect(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+    out = capsys.readouterr().out
+    assert out == text
+    assert "layer1.0.relu:1" in text and "layer1.0.conv2" in text and "17 sites" in text

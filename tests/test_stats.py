@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import egp_fast
+from egp_fast.errors import ConfigError, DataError, NumericsError
+
+
+class Identityish(nn.Module):
+    """conv 1x1 with identity weights, so the site sees exactly the input."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+def test_counts_match_a_hand_computed_example():
+    x1 = torch.tensor([[[[1.0, -1.0]], [[0.0, 0.0]], [[2.0, 3.0]]]])  # [1, 3, 1, 2]
+    x2 = torch.tensor([[[[-5.0, 4.0]], [[-0.0, 1.0]], [[1.0, 1.0]]]])
+    stats = egp_fast.measure_entropy(Identityish(), [x1, x2], progress=False)
+    s = stats.sites["act"]
+    assert s.observations == 4
+    assert s.on_counts.tolist() == [2, 1, 4]  # zero and -0.0 are OFF
+    assert s.p_on.tolist() == [0.5, 0.25, 1.0]
+    h25 = -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))
+    assert s.channel_entropy.tolist() == pytest.approx([1.0, h25, 0.0], abs=1e-12)
+    assert s.entropy == pytest.approx((1.0 + h25) / 2, abs=1e-12)  # constant channel excluded
+    assert s.entropy_all == pytest.approx((1.0 + h25) / 3, abs=1e-12)
+    assert s.piece.tolist() == [-1, -1, 1]
+    assert not s.collapsible
+
+
+def test_paper_mode_averages_per_batch_clamped_entropies():
+    x1 = torch.tensor([[[[1.0, -1.0]], [[1.0, 1.0]], [[1.0, 1.0]]]])
+    x2 = torch.tensor([[[[1.0, 1.0]], [[1.0, 1.0]], [[1.0, 1.0]]]])
+    stats = egp_fast.measure_entropy(Identityish(), [x1, x2], mode="paper", progress=False)
+    s = stats.sites["act"]
+
+    def h(p):
+        p = min(max(p, 1e-5), 1 - 1e-5)
+        return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+    b1 = (h(0.5) + h(1.0) + h(1.0)) / 3
+    b2 = (h(1.0) + h(1.0) + h(1.0)) / 3
+    assert s.entropy == pytest.approx((b1 + b2) / 2, rel=1e-9)
+    assert s.exact_entropy == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+
+
+def test_multi_piece_relu6_states():
+    net = nn.Sequential(nn.Identity(), nn.ReLU6())
+    x = torch.tensor([[-1.0, 3.0, 7.0, 3.0], [-2.0, 8.0, 9.0, 1.0]])  # [N=2, C=4]
+    s = egp_fast.measure_entropy(net, [x], progress=False).sites["1"]
+    assert s.piece_counts.tolist() == [[2, 0, 0, 0], [0, 1, 0, 2], [0, 1, 2, 0]]
+    assert s.piece.tolist() == [0, -1, 2, 1]
+    assert s.entropy == pytest.approx(1.0)
+
+
+def test_data_formats_tuple_dict_and_max_batches():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.act = nn.ReLU()
+
+        def forward(self, pixel_values):
+            return self.act(self.fc(pixel_values))
+
+    x = torch.randn(5, 2)
+    tup = egp_fast.measure_entropy(KW(), [(x, torch.zeros(5))] * 3, max_batches=2, progress=False)
+    assert tup.batches == 2 and tup.sites["act"].observations == 10
+    net = KW()
+    d = egp_fast.measure_entropy(net, [{"pixel_values": x, "labels": torch.zeros(5)}], progress=False)
+    assert d.sites["act"].observations == 5
+
+
+def test_mode_restored_and_no_hooks_left():
+    net = Identityish()
+    net.train()
+    egp_fast.measure_entropy(net, [torch.randn(2, 3, 2, 2)], progress=False)
+    assert net.training and all(m.training for m in net.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
+
+
+def test_bad_inputs():
+    net = Identityish()
+    with pytest.raises(DataError, match="no batches"):
+        egp_fast.measure_entropy(net, [], progress=False)
+    with pytest.raises(ConfigError, match="mode="):
+        egp_fast.measure_entropy(net, [torch.randn(1, 3, 2, 2)], mode="bogus", progress=False)
+    with pytest.raises(DataError, match="failed on"):
+        egp_fast.measure_entropy(net, [torch.randn(1, 3, 2, 2), torch.randn(1, 5, 2, 2)], progress=False)
+    with pytest.raises(DataError, match="is on meta but the model is on cpu"):
+        egp_fast.measure_entropy(net, [torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2, device="meta")],
+                                 progress=False)
+
+
+def test_nan_names_the_site():
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.ReLU())
+    with torch.no_grad():
+        net[2].weight[0, 0] = float("nan")
+    with pytest.raises(NumericsError, match="site '3'"):
+        egp_fast.measure_entropy(net, [torch.randn(3, 2)], progress=False)
+    assert all(not m._forward_pre_hooks for m in net.modules())
+
+
+def test_forced_zero_entropy_is_collapsible():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        net[1].bias.copy_(torch.tensor([50.0, -50.0, 50.0, -50.0]))
+    s = egp_fast.measure_entropy(net, [torch.randn(4, 3, 5, 5)], progress=False)
+    assert s.zero_entropy_sites() == ["2"]
+    assert s.sites["2"].piece.tolist() == [1, 0, 1, 0]
+    assert s.layer_entropy() == {"0": 0.0}
