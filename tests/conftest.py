@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import egp_fast  # noqa: E402  (after TRITON_INTERPRET is settled)
-from egp_fast import _ext_state  # noqa: E402
+from egp_fast import _ext  # noqa: E402
 
 
 def _triton_usable() -> bool:
@@ -27,7 +27,7 @@ def _triton_usable() -> bool:
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 requires_triton = pytest.mark.skipif(not _triton_usable(), reason="needs Triton (GPU or interpreter)")
-requires_ext = pytest.mark.skipif(not _ext_state.has_cpp(), reason="needs the compiled extension egp_fast._C")
+requires_ext = pytest.mark.skipif(not _ext.HAS_CPP, reason="needs the compiled extension egp_fast._C")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if item.get_closest_marker("requires_triton") and not _triton_usable():
             item.add_marker(pytest.mark.skip(reason="needs Triton (GPU or interpreter)"))
-        if item.get_closest_marker("requires_ext") and not _ext_state.has_cpp():
+        if item.get_closest_marker("requires_ext") and not _ext.HAS_CPP:
             item.add_marker(pytest.mark.skip(reason="needs the compiled extension egp_fast._C"))
 
 
