@@ -62,6 +62,17 @@ def _ensure_grad_hook(module: nn.Module) -> None:
     _install_optimizer_hook()
 
 
+def rebind(module: nn.Module) -> None:
+    """Point the weight's mask enforcement at ``module`` (after swapping it in for another
+    module that shares the same weight Parameter, e.g. ``MaskedLinear.from_linear``)."""
+    entry = _REGISTRY.pop(module.weight, None)
+    if entry is not None and entry[1] is not None:
+        entry[1].remove()
+    if not _has_enforcer(module):
+        module.register_forward_pre_hook(_MaskEnforcer())
+    _ensure_grad_hook(module)
+
+
 def release(model: nn.Module) -> None:
     """Drop the gradient hooks of weights whose layer no longer carries a mask."""
     for m in model.modules():

@@ -183,6 +183,8 @@ class Pruner:
         backend: force a compute backend for the ops (``None``: automatic).
         entropy_mode: ``"exact"`` or ``"paper"`` (see :func:`measure_entropy`).
         progress: show progress bars.
+        masked_linear: swap each pruned ``nn.Linear`` for :class:`egp_fast.modules.MaskedLinear`
+            (same Parameters), whose forward skips all-zero weight tiles on a GPU.
 
     Example:
         >>> pruner = egp_fast.Pruner(model, x)             # doctest: +SKIP
@@ -202,6 +204,7 @@ class Pruner:
         backend: str | None = None,
         entropy_mode: str = "exact",
         progress: bool = True,
+        masked_linear: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -214,6 +217,7 @@ class Pruner:
         self.linearize = bool(linearize)
         self.backend = backend
         self.progress = progress
+        self.masked_linear = bool(masked_linear)
         self.example_inputs = example_inputs
         self._layers = list(layers) if layers is not None else None
         self._graph: SiteGraph | None = None
@@ -238,7 +242,25 @@ class Pruner:
             self.example_inputs = example_inputs
             self._graph = discover_sites(self.model, example_inputs)
             _masks.attach_masks(self.model, self._default_layers())
+            if self.masked_linear and self._swap_masked_linear():
+                self._graph = discover_sites(self.model, example_inputs)  # new module objects
         return self._graph
+
+    def _swap_masked_linear(self) -> bool:
+        from egp_fast.modules import MaskedLinear
+
+        swapped = False
+        for name in self._default_layers():
+            layer = self.model.get_submodule(name)
+            if type(layer) is not nn.Linear:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            new = MaskedLinear.from_linear(layer, backend=self.backend)
+            setattr(parent, child, new)
+            _masks.rebind(new)
+            swapped = True
+        return swapped
 
     def _default_layers(self) -> list[str]:
         if self._layers is not None:
@@ -420,6 +442,7 @@ def prune(
     backend: str | None = None,
     linearize: bool = False,
     entropy_mode: str = "exact",
+    masked_linear: bool = False,
 ) -> PruneResult:
     """Prune ``model`` in rounds with EGP (or IMP), fine-tuning after each round.
 
@@ -444,6 +467,8 @@ def prune(
         backend: force a compute backend (``None``: automatic).
         linearize: replace zero-entropy sites by affine maps between rounds.
         entropy_mode: ``"exact"`` or ``"paper"``.
+        masked_linear: swap pruned ``nn.Linear`` layers for tile-skipping
+            :class:`~egp_fast.modules.MaskedLinear` modules.
 
     Returns:
         :class:`PruneResult`.
@@ -470,6 +495,7 @@ def prune(
         "linearize": linearize,
         "entropy_mode": entropy_mode,
         "backend": backend,
+        "masked_linear": masked_linear,
     }
     target = _unwrap(model)
     snapshot = _Snapshot(target)
@@ -483,6 +509,7 @@ def prune(
             backend=backend,
             entropy_mode=entropy_mode,
             progress=progress,
+            masked_linear=masked_linear,
         )
         rounds: list[RoundRecord] = []
         for i in range(iterations):

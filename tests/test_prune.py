@@ -141,3 +141,21 @@ def test_no_activation_empty_data_and_bad_batches():
     with pytest.raises(DataError):
         egp_fast.prune(model, [torch.randn(2, 9)], progress=False)
     assert not egp_fast.masked_layers(model)
+
+
+def test_masked_linear_swap_shares_parameters_and_keeps_masks():
+    from egp_fast.modules import MaskedLinear
+
+    model = TokenMLP()
+    fc1 = model.blocks[0]["fc1"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    res = egp_fast.prune(model, [torch.randn(4, 7, 4)], iterations=1, progress=False, masked_linear=True)
+    new = model.blocks[0]["fc1"]
+    assert isinstance(new, MaskedLinear) and new.weight is fc1.weight
+    assert res.rounds[0].sparsity == pytest.approx(0.5, abs=2e-3)
+    pruned = ~new.weight_mask
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 7, 4)).sum().backward()
+        opt.step()
+    assert (new.weight[pruned] == 0).all()
