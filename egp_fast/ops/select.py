@@ -69,7 +69,9 @@ def reference_select_smallest(
     """Reference: per layer, a stable sort of ``|w|`` over the kept entries."""
     out = []
     for w, m, k in zip(weights, masks, counts):
-        new = m.clone()
+        # contiguous_format: clone() keeps a channels-last/transposed mask's strides, and
+        # reshape(-1) of such a mask is a copy, so the writes below would be lost.
+        new = m.clone(memory_format=torch.contiguous_format)
         if k > 0:
             flat = new.reshape(-1)
             idx = flat.nonzero().squeeze(1)
@@ -84,7 +86,8 @@ def reference_global_smallest(
     weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], count: int
 ) -> list[torch.Tensor]:
     """Reference: one stable sort over the kept entries of all layers, concatenated."""
-    out = [m.clone() for m in masks]
+    # contiguous_format: reshape(-1) must be a view for the writes below to land (see above).
+    out = [m.clone(memory_format=torch.contiguous_format) for m in masks]
     if count == 0 or not out:
         return out
     idxs = [m.reshape(-1).nonzero().squeeze(1) for m in out]
