@@ -40,6 +40,32 @@ def _check(entropy, magnitude, remaining, budget) -> None:
         raise ConfigError(f"allocate: budget={budget} must be finite and >= 0")
 
 
+def _softmax_weights(entropy: Mapping[str, float], magnitude: Mapping[str, float], pool: list[str]) -> dict:
+    """``exp(I_k - max I)`` for the layers in ``pool``, ``I_k = sum_j s_j / s_k``, ``s = H * mean|w|``."""
+    s = {k: entropy[k] * magnitude[k] for k in pool}
+    total = math.fsum(s.values())
+    if all(v > 0 for v in s.values()) and math.isfinite(total):
+        irr = {k: total / s[k] for k in pool}
+        top = max(irr.values())
+        if math.isfinite(top):
+            return {k: math.exp(irr[k] - top) for k in pool}
+    # A product s underflowed to 0 (tiny entropy times tiny weights), the sum overflowed, or
+    # some I_k overflowed: the plain formula would divide by zero or give inf - inf = NaN.
+    # Work with log s instead (H and |w| are > 0 and finite here).
+    logs = {k: math.log(entropy[k]) + math.log(magnitude[k]) for k in pool}
+    big = max(logs.values())
+    log_total = big + math.log(math.fsum(math.exp(v - big) for v in logs.values()))
+    log_irr = {k: log_total - logs[k] for k in pool}
+    top = max(log_irr.values())
+    if top < 700.0:  # every I_k fits a float: the ordinary softmax
+        irr = {k: math.exp(v) for k, v in log_irr.items()}
+        peak = max(irr.values())
+        return {k: math.exp(irr[k] - peak) for k in pool}
+    # max I > 1e304: a layer whose log I differs from the top by even one ulp lies more than
+    # 1e290 below it, so its softmax weight is exactly 0; ties with the top share equally.
+    return {k: 1.0 if log_irr[k] == top else 0.0 for k in pool}
+
+
 def allocate(
     entropy: Mapping[str, float],
     magnitude: Mapping[str, float],
@@ -72,11 +98,7 @@ def allocate(
     )
     left = float(min(budget, math.fsum(remaining[k] for k in pool)))
     while pool and left > 0:
-        s = {k: entropy[k] * magnitude[k] for k in pool}
-        total = math.fsum(s.values())
-        irr = {k: total / s[k] for k in pool}
-        top = max(irr.values())
-        e = {k: math.exp(irr[k] - top) for k in pool}
+        e = _softmax_weights(entropy, magnitude, pool)
         z = math.fsum(e.values())
         share = {k: left * e[k] / z for k in pool}
         capped = [k for k in pool if share[k] >= remaining[k]]
