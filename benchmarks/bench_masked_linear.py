@@ -158,5 +158,45 @@ def _sweep() -> None:
     print(f"fwd+bwd tiles90: ref {t_ref:.3f} ms, module {t_mod:.3f} ms ({t_ref / t_mod:.2f}x)")
 
 
+@torch.no_grad()
+def _sweep_configs() -> None:
+    """Kernel-only times (tile map prebuilt) of tile configurations at densities 1, 0.5, 0.1."""
+    import triton.testing
+    from egp_fast.kernels.masked_linear import masked_linear_triton
+
+    from egp_fast.ops.masked_linear import build_tile_map
+
+    global _tile_shape
+    configs = [
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
+    ]
+    saved = _tile_shape
+    try:
+        for cfg in configs:
+            _tile_shape = lambda cfg=cfg: (cfg["BLOCK_N"], cfg["BLOCK_K"])  # noqa: E731
+            row = []
+            for zero_tiles in (0.0, 0.5, 0.9):
+                x, w, m, b = make_problem(0.0, zero_tiles)
+                tm = build_tile_map(w, m, cfg["BLOCK_N"], cfg["BLOCK_K"])
+                t = triton.testing.do_bench(
+                    lambda x=x, w=w, b=b, tm=tm, cfg=cfg: masked_linear_triton(
+                        x, w, None, b, tm.row_ptr, tm.row_idx, cfg
+                    ),
+                    warmup=25,
+                    rep=150,
+                    return_mode="median",
+                )
+                row.append(f"d={tm.density:.2f} {t:.3f} ms")
+            print(cfg, " | ".join(row))
+    finally:
+        _tile_shape = saved
+
+
 if __name__ == "__main__":
-    _sweep()
+    import sys
+
+    _sweep_configs() if "configs" in sys.argv[1:] else _sweep()

@@ -99,16 +99,16 @@ def _sweep() -> None:
         if layout == "nchw":
             configs += [
                 {"block_c": bc, "block_p": bp, "num_warps": w, "programs": p}
-                for bc, bp in ((1, 1024), (2, 1024), (4, 1024), (4, 512), (8, 512), (2, 2048))
+                for bc, bp in ((2, 2048), (4, 2048), (1, 4096), (2, 4096), (4, 4096))
                 for w in (4, 8)
-                for p in (132 * 4, 132 * 8, 132 * 16)
+                for p in (132 * 8, 132 * 16)
             ]
         else:
             configs += [
                 {"block_c": bc, "block_p": bp, "num_warps": w, "programs": p}
-                for bc, bp in ((64, 64), (128, 32), (128, 64), (256, 16), (256, 32))
+                for bc, bp in ((128, 64), (128, 128), (64, 256), (64, 128))
                 for w in (4, 8)
-                for p in (132 * 4, 132 * 8, 132 * 16)
+                for p in (132 * 8, 132 * 16)
             ]
         for cfg in configs:
             t = triton.testing.do_bench(

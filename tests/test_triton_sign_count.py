@@ -137,6 +137,7 @@ def test_threshold(threshold, dtype):
         {"block_c": 2, "block_p": 16, "programs": 5},  # many chunks, ragged last chunk
         {"block_c": 1, "block_p": 16, "programs": 64},  # one chunk per program
         {"block_c": 8, "block_p": 32, "programs": 1},  # a single program loops over all
+        {"block_c": 2, "block_p": 16, "programs": 3, "force_wide": True},  # 64-bit offsets
     ],
 )
 @pytest.mark.parametrize("transform", [None, "channels_last"])

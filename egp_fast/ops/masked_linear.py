@@ -10,8 +10,9 @@ entries still hold nonzero values). Building one reads the whole weight and mask
 synchronises with the host once, so :class:`~egp_fast.modules.MaskedLinear` keeps a
 :class:`TileMapCache` and makes it visible to the backend for the duration of its call
 (:func:`tile_map_cache_scope`); the map is rebuilt when the weight or the mask changes
-(their ``_version`` counters, storage or identity). A plain call of :func:`masked_linear`
-builds a fresh map every time.
+(their ``_version`` counters, storage or identity). Plain calls of :func:`masked_linear`
+share a small least-recently-used set of such caches (:func:`default_tile_map_cache`), so
+calling it repeatedly on the same weight and mask tensors builds the map once too.
 
 Masked-off entries contribute nothing in the fast backends, even when they hold NaN or inf
 (the reference computes ``NaN * 0 = NaN`` there).
@@ -167,26 +168,33 @@ def build_tile_map(
         ([0, 1], True, 0.5)
     """
     fn = occupancy_fn or reference_tile_occupancy
-    occ, occ_m, dirty = fn(weight.detach(), mask, block_n, block_k)
-    dev = occ.device
-    zero = torch.zeros(1, dtype=torch.int32, device=dev)
+    occ_d, occ_m_d, dirty_d = fn(weight.detach(), mask, block_n, block_k)
+    dev = occ_d.device
+    # The maps are tiny (one byte per tile): one copy to the host, lists built there, one
+    # copy back. Building them on the device would cost a host sync per nonzero() anyway.
+    host = torch.stack([occ_d, occ_m_d, dirty_d]).cpu()
+    occ, occ_m, dirty = host[0], host[1], host[2]
+    zero = torch.zeros(1, dtype=torch.int32)
     row_ptr = torch.cat([zero, occ.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32)])
     col_ptr = torch.cat([zero, occ.sum(0, dtype=torch.int32).cumsum(0, dtype=torch.int32)])
     # nonzero() lists indices in row-major order: per row-tile, its K-tiles ascending.
-    row_idx = occ.nonzero()[:, 1].to(torch.int32).contiguous()
-    col_idx = occ.t().nonzero()[:, 1].to(torch.int32).contiguous()
-    grad_tiles = occ_m.nonzero().to(torch.int32).contiguous()
+    row_idx = occ.nonzero()[:, 1].to(torch.int32)
+    col_idx = occ.t().nonzero()[:, 1].to(torch.int32)
+    grad_tiles = occ_m.nonzero().to(torch.int32)
+    parts = [row_ptr, row_idx, col_ptr, col_idx, grad_tiles.reshape(-1)]
+    packed = torch.cat(parts).to(dev)
+    views = list(packed.split([p.numel() for p in parts]))
     n_occ = row_idx.numel()
     total = occ.numel()
     return TileMap(
         block_n=block_n,
         block_k=block_k,
-        occupancy=occ,
-        row_ptr=row_ptr,
-        row_idx=row_idx,
-        col_ptr=col_ptr,
-        col_idx=col_idx,
-        grad_tiles=grad_tiles,
+        occupancy=occ_d,
+        row_ptr=views[0],
+        row_idx=views[1],
+        col_ptr=views[2],
+        col_idx=views[3],
+        grad_tiles=views[4].view(-1, 2),
         clean=not bool(dirty.any()),
         density=n_occ / total if total else 0.0,
     )
@@ -272,3 +280,28 @@ def tile_map_cache_scope(cache: TileMapCache) -> Iterator[TileMapCache]:
 def active_tile_map_cache() -> TileMapCache | None:
     """The cache installed by the innermost :func:`tile_map_cache_scope`, if any."""
     return _ACTIVE_CACHE.get()
+
+
+# Plain calls outside any scope share these caches, one per (weight, mask) object pair, least
+# recently used dropped first. Entries hold only weak references to the tensors, and a hit
+# needs the same live objects with unchanged versions, so a stale map is never served.
+_DEFAULT_CACHES: dict[tuple[int, int], TileMapCache] = {}
+_DEFAULT_CACHE_SIZE = 32
+
+
+def default_tile_map_cache(weight: torch.Tensor, mask: torch.Tensor) -> TileMapCache:
+    """The shared cache slot for plain :func:`masked_linear` calls on this (weight, mask) pair.
+
+    Example:
+        >>> w, m = torch.eye(2), torch.eye(2) > 0
+        >>> default_tile_map_cache(w, m) is default_tile_map_cache(w, m)
+        True
+    """
+    key = (id(weight), id(mask))
+    cache = _DEFAULT_CACHES.pop(key, None)
+    if cache is None:
+        cache = TileMapCache()
+        if len(_DEFAULT_CACHES) >= _DEFAULT_CACHE_SIZE:
+            _DEFAULT_CACHES.pop(next(iter(_DEFAULT_CACHES)))
+    _DEFAULT_CACHES[key] = cache  # re-insert: most recently used last
+    return cache
