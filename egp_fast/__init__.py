@@ -17,6 +17,7 @@ from egp_fast.errors import (
 )
 from egp_fast.graph import Site, SiteGraph, discover_sites, inspect, weight_layers
 from egp_fast.masks import attach_masks, load_pruned_state_dict, masked_layers, sparsity, strip_masks
+from egp_fast.modules import MaskedLinear
 from egp_fast.ops import available_backends
 from egp_fast.prune import Pruner, PruneResult, RoundRecord, prune
 from egp_fast.stats import EntropyStats, SiteStats, measure_entropy
@@ -30,6 +31,7 @@ __all__ = [
     "DataError",
     "EGPError",
     "EntropyStats",
+    "MaskedLinear",
     "ModelError",
     "NumericsError",
     "PruneResult",
