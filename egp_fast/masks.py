@@ -154,20 +154,54 @@ def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
-    """Replace the masks of the named layers (bool tensors, ``True`` = kept) and zero the weights."""
+    """Replace the masks of the named layers (bool tensors, ``True`` = kept) and zero the weights.
+
+    All or nothing: every mask is checked before any layer changes, and if anything fails
+    while the layers are written (an interrupt, an out-of-memory error), the layers already
+    written get their old masks, weights and hooks back before the exception propagates.
+    """
+    todo = []
+    for name, mask in masks.items():
+        m = _resolve(model, name)
+        shape = tuple(m.weight.shape)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ConfigError(f"mask for {name!r} must be bool with shape {shape}, got {got}")
+        todo.append((name, m, mask))
+    # Per written layer: (module, mask attached here?, old mask, entries zeroed, their values).
+    # Only the nonzero weights that get zeroed are kept, not a copy of every weight.
+    undo: list[tuple[nn.Module, bool, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for name, m, mask in todo:
+                mask = mask.to(m.weight.device)
+                cur = getattr(m, MASK, None)
+                lost = ~mask & (m.weight != 0)
+                undo.append((m, cur is None, None if cur is None else cur.clone(), lost, m.weight[lost]))
+                if cur is None:
+                    attach_masks(model, [name])
+                    cur = getattr(m, MASK)
+                cur.copy_(mask)
+                m.weight.masked_fill_(~mask, 0)
+    except BaseException:
+        _undo_set_masks(undo)
+        raise
+
+
+def _undo_set_masks(undo: list) -> None:
     with torch.no_grad():
-        for name, mask in masks.items():
-            m = _resolve(model, name)
-            if getattr(m, MASK, None) is None:
-                attach_masks(model, [name])
-            cur = getattr(m, MASK)
-            if mask.shape != cur.shape or mask.dtype != torch.bool:
-                raise ConfigError(
-                    f"mask for {name!r} must be bool with shape {tuple(cur.shape)}, got "
-                    f"{mask.dtype} {tuple(mask.shape)}"
-                )
-            cur.copy_(mask)
-            m.weight.masked_fill_(~cur, 0)
+        for m, attached, old, lost, values in reversed(undo):
+            m.weight[lost] = values
+            if attached:
+                for k, h in list(m._forward_pre_hooks.items()):
+                    if isinstance(h, _MaskEnforcer):
+                        del m._forward_pre_hooks[k]
+                m._buffers.pop(MASK, None)
+                entry = _REGISTRY.pop(m.weight, None)
+                if entry is not None and entry[1] is not None:
+                    entry[1].remove()
+            elif old is not None:
+                getattr(m, MASK).copy_(old)
 
 
 def enforce(model: nn.Module) -> None:
