@@ -1,0 +1,812 @@
+"""The ``egp-fast`` command: train, prune in rounds with fine-tuning, collapse, report.
+
+Subcommands:
+
+* ``egp-fast prune [options]`` — one run directory per run (``--out DIR``, default
+  ``runs/<method>-<data>-<timestamp>``). With no options it is the demo: a CIFAR-style
+  ResNet-18 of width 16 trained on scikit-learn's digits (16x16), 4 EGP rounds of 50 % with
+  8 fine-tune epochs each, then collapse. ``--method imp`` runs the IMP baseline the same way.
+* ``egp-fast demo [options]`` — the same command under a memorable name.
+* ``egp-fast report RUN_DIR [RUN_DIR ...]`` — re-render tables and plots; several runs are
+  compared side by side (EGP vs IMP).
+
+Distributed: ``torchrun --nproc_per_node=N egp-fast prune ...`` (NCCL on GPU, gloo on the
+CPU). ``--batch-size`` is the global batch, split over the ranks; entropy counts are summed
+over ranks; every rank applies identical masks (checked); only rank 0 writes files.
+
+Checkpoints (``checkpoint.pt``) are written atomically after every epoch and every round;
+``--resume RUN_DIR`` continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import torch
+
+from egp_fast.errors import CheckpointError, ConfigError, EGPError
+
+PROG = "egp-fast"
+
+#: every option of ``prune``/``demo`` with its default (None = derived from the data)
+DEFAULTS: dict[str, Any] = {
+    "model": "cifar_resnet18", "width": None, "weights": None,
+    "data": "digits", "image_size": None, "limit": None,
+    "method": "egp", "rounds": 4, "step": 0.5, "dense_epochs": 15, "epochs": 8,
+    "optimizer": "sgd", "dense_lr": 0.1, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+    "schedule": "cosine", "milestones": [0.5, 0.75], "gamma": 0.1,
+    "batch_size": 64, "eval_batch_size": 256, "amp": False, "channels_last": False, "seed": 0,
+    "collapse": True, "approx_collapse": False, "measure_batches": None, "entropy_mode": "exact",
+    "workers": 4, "device": "auto", "out": None, "name": None, "runs_root": "runs",
+    "resume": None, "progress": True, "latency": True,
+}
+#: options that may differ when resuming (they do not change the results)
+RUNTIME_OPTIONS = frozenset({"workers", "progress", "resume", "out", "name", "runs_root", "latency"})
+
+
+class _UsageError(Exception):
+    """A command-line error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit; we want one line
+        raise _UsageError(message)
+
+
+def _milestones(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one milestone")
+    return values
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS  # defaults are filled in later, so we know which options were given
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=S, help="cifar_resnet18 (3x3 stem, for small images), a torchvision "
+                   "name (resnet50, swin_t, ...) or timm:<name> (default: cifar_resnet18)")
+    g.add_argument("--width", type=int, default=S, help="cifar_resnet18 first-stage width (default: 16 on "
+                   "digits, 64 otherwise)")
+    g.add_argument("--weights", default=S, metavar="PATH", help="load this local state_dict before training "
+                   "(weights_only=True)")
+    g.add_argument("--data", default=S, help="digits (embedded), cifar10:PATH, imagefolder:PATH or "
+                   "imagenet:PATH (default: digits)")
+    g.add_argument("--image-size", type=int, default=S, help="image side (default: 16 digits, 32 cifar10, "
+                   "224 folders)")
+    g.add_argument("--limit", type=int, default=S, help="use at most N samples of each split (quick runs)")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", choices=("egp", "imp"), default=S, help="egp (default) or the imp baseline")
+    g.add_argument("--rounds", type=int, default=S, help="pruning rounds (default 4)")
+    g.add_argument("--step", type=float, default=S, help="zeta: fraction of the remaining eligible weights "
+                   "pruned per round, in (0, 1) (default 0.5)")
+    g.add_argument("--measure-batches", type=int, default=S, help="cap on entropy measurement batches "
+                   "(default: the whole training split)")
+    g.add_argument("--entropy-mode", choices=("exact", "paper"), default=S, help="exact counts (default) "
+                   "or the reference scripts' per-batch average")
+    g.add_argument("--no-collapse", dest="collapse", action="store_false", default=S,
+                   help="skip collapsing zero-entropy sites at the end")
+    g.add_argument("--approx-collapse", action="store_true", default=S, help="allow approximate collapse "
+                   "(GELU/SiLU sites, padded conv compositions)")
+    g = p.add_argument_group("training")
+    g.add_argument("--dense-epochs", type=int, default=S, help="dense training epochs before pruning "
+                   "(default 15; 0 with --weights)")
+    g.add_argument("--epochs", type=int, default=S, help="fine-tune epochs per round (default 8)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=S, help="default sgd (momentum 0.9)")
+    g.add_argument("--dense-lr", type=float, default=S, help="learning rate of dense training (default 0.1)")
+    g.add_argument("--lr", type=float, default=S, help="learning rate of each fine-tune round (default 0.01)")
+    g.add_argument("--momentum", type=float, default=S, help="SGD momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=float, default=S, help="default 5e-4")
+    g.add_argument("--schedule", choices=("cosine", "multistep", "constant"), default=S,
+                   help="per-phase schedule: cosine (default) or multistep as in EGP's reference (x gamma "
+                   "at the milestones)")
+    g.add_argument("--milestones", type=_milestones, default=S, help="multistep milestones, fractions of "
+                   "the phase's epochs or epoch numbers (default 0.5,0.75)")
+    g.add_argument("--gamma", type=float, default=S, help="multistep decay (default 0.1)")
+    g.add_argument("--batch-size", type=int, default=S, help="global training batch, split over ranks "
+                   "(default 64)")
+    g.add_argument("--eval-batch-size", type=int, default=S, help="evaluation/measurement batch per rank "
+                   "(default 256)")
+    g.add_argument("--amp", action="store_true", default=S, help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    g.add_argument("--channels-last", action="store_true", default=S, help="channels-last memory format")
+    g.add_argument("--seed", type=int, default=S, help="seed of initialisation and shuffling (default 0)")
+    g.add_argument("--workers", type=int, default=S, help="DataLoader workers for on-disk data (default 4)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help="default auto")
+    g = p.add_argument_group("run directory")
+    g.add_argument("--out", default=S, metavar="DIR", help="run directory (default runs/<method>-<data>-<time>)")
+    g.add_argument("--name", default=S, help="run directory name under --runs-root")
+    g.add_argument("--runs-root", default=S, metavar="DIR", help="parent of default run directories "
+                   "(default runs)")
+    g.add_argument("--resume", default=S, metavar="RUN_DIR", help="continue this run where it stopped")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S,
+                   help="no progress bars")
+    g.add_argument("--no-latency", dest="latency", action="store_false", default=S,
+                   help="skip the latency measurements of the summary (a few seconds)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``egp-fast`` argument parser (errors raise instead of exiting).
+
+    Returns:
+        The parser with subcommands ``prune``, ``demo`` and ``report``.
+
+    Example:
+        >>> ns = build_parser().parse_args(["prune", "--step", "0.25"])
+        >>> ns.step
+        0.25
+    """
+    from egp_fast import __version__
+
+    parser = _Parser(prog=PROG, description="Entropy Guided Pruning: prune until layers become affine, "
+                     "then fold them away.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    for name, text in (("prune", "train (or load), prune in rounds with fine-tuning, collapse"),
+                       ("demo", "the prune command's default run: a small ResNet on digits, on the CPU")):
+        sp = sub.add_parser(name, help=text, description=text)
+        _add_run_options(sp)
+    rp = sub.add_parser("report", help="re-render tables and plots of runs and compare them",
+                        description="re-render tables and plots of runs and compare them side by side")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", default=None, metavar="DIR", help="where the comparison plot goes (several "
+                    "runs; default: <parent of the first run>/compare-<time>)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``egp-fast`` console script.
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        Exit status: 0 on success, 2 for a usage or option error, 1 for other errors (each
+        printed as one line ``egp-fast: error: ...``), 130 when interrupted.
+
+    Example:
+        >>> main(["report", "runs/egp-digits"])  # doctest: +SKIP
+        0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        ns = build_parser().parse_args(argv)
+        if ns.command is None:
+            raise _UsageError("choose a command: prune, demo or report (egp-fast -h for help)")
+        if ns.command == "report":
+            return _cmd_report(ns.runs, ns.out)
+        given = {k: v for k, v in vars(ns).items() if k != "command"}
+        return _cmd_prune(given)
+    except _UsageError as e:
+        _error(str(e))
+        return 2
+    except ConfigError as e:
+        _error(str(e))
+        return 2
+    except EGPError as e:
+        _error(str(e))
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted; resume with --resume RUN_DIR")
+        return 130
+
+
+def _error(msg: str) -> None:
+    line = " ".join(str(msg).split())  # one line, whatever the message
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# options
+def _validate(cfg: dict) -> None:
+    from egp_fast.data import parse_data_spec
+    from egp_fast.models import resolve_model_name
+
+    step = cfg["step"]
+    if not (isinstance(step, (int, float)) and 0 < step < 1):
+        raise ConfigError(f"--step (zeta) must be strictly between 0 and 1, got {step}; EGP uses 0.5")
+    for key in ("rounds", "dense_epochs", "epochs", "workers"):
+        if cfg[key] < 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    for key in ("batch_size", "eval_batch_size", "measure_batches", "limit", "width", "image_size"):
+        if cfg[key] is not None and cfg[key] < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {cfg[key]}")
+    for key in ("lr", "dense_lr"):
+        if not cfg[key] > 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be > 0, got {cfg[key]}")
+    if cfg["weight_decay"] < 0 or cfg["momentum"] < 0 or not 0 < cfg["gamma"] <= 1:
+        raise ConfigError("--weight-decay and --momentum must be >= 0 and --gamma in (0, 1]")
+    if any(m <= 0 for m in cfg["milestones"]):
+        raise ConfigError(f"--milestones must be > 0, got {cfg['milestones']}")
+    parse_data_spec(cfg["data"])
+    try:
+        resolve_model_name(cfg["model"])
+    except EGPError as e:
+        raise ConfigError(f"--model: {e}") from None
+    if cfg["weights"] is not None and not os.path.isfile(cfg["weights"]):
+        raise ConfigError(f"--weights {cfg['weights']}: no such file")
+    name = cfg["name"]
+    if name is not None and (not name or name in (".", "..") or os.sep in name or "/" in name
+                             or (os.altsep and os.altsep in name)):
+        raise ConfigError(f"--name {name!r} must be a plain directory name (no '/', not '..'); "
+                          "use --out DIR for another location")
+
+
+def _resolve_derived(cfg: dict) -> dict:
+    from egp_fast.data import parse_data_spec
+
+    kind, _ = parse_data_spec(cfg["data"])
+    cfg = dict(cfg)
+    if cfg["width"] is None:
+        cfg["width"] = 16 if kind == "digits" else 64
+    if cfg["image_size"] is None:
+        cfg["image_size"] = {"digits": 16, "cifar10": 32}.get(kind, 224)
+    return cfg
+
+
+def _options_hash(cfg: dict) -> str:
+    keys = sorted(k for k in DEFAULTS if k not in RUNTIME_OPTIONS)
+    blob = json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_nonempty_dir(path: str) -> bool:
+    return os.path.isdir(path) and any(True for _ in os.scandir(path))
+
+
+def _prepare_run_dir(cfg: dict, given: dict) -> tuple[str, dict, bool]:
+    """Pick and check the run directory. Returns (run_dir, config, resuming); writes nothing."""
+    if cfg["resume"] is not None:
+        run_dir = os.path.abspath(cfg["resume"])
+        cfg_path = os.path.join(run_dir, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise ConfigError(f"--resume {cfg['resume']}: not an egp-fast run directory (no config.json)")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                stored = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--resume {cfg['resume']}: config.json is unreadable ({e})") from None
+        stored_opts = stored.get("options", {})
+        for key, value in given.items():
+            if key in RUNTIME_OPTIONS:
+                continue
+            if key not in stored_opts or stored_opts[key] != value:
+                raise ConfigError(
+                    f"--resume {cfg['resume']}: --{key.replace('_', '-')} {value} differs from the run's config "
+                    f"({stored_opts.get(key)}); resume with the run's own options or start a new run")
+        opts = {**DEFAULTS, **stored_opts, **{k: v for k, v in given.items() if k in RUNTIME_OPTIONS}}
+        if stored.get("options_hash") != _options_hash(opts):
+            raise ConfigError(f"--resume {cfg['resume']}: config.json was written by another version or edited "
+                              "by hand; start a new run")
+        if not os.access(run_dir, os.W_OK):
+            raise ConfigError(f"--resume {cfg['resume']}: run directory is not writable")
+        return run_dir, opts, True
+    if cfg["out"] is not None:
+        run_dir = os.path.abspath(cfg["out"])
+    else:
+        root = os.path.abspath(cfg["runs_root"])
+        if cfg["name"] is not None:
+            run_dir = os.path.join(root, cfg["name"])
+        else:
+            from egp_fast.data import parse_data_spec
+
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            base = os.path.join(root, f"{cfg['method']}-{parse_data_spec(cfg['data'])[0]}-{stamp}")
+            run_dir, i = base, 1
+            while os.path.exists(run_dir):
+                i += 1
+                run_dir = f"{base}-{i}"
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError(f"run directory {run_dir} exists and is a file; choose another --out")
+    if _is_nonempty_dir(run_dir):
+        raise ConfigError(f"run directory {run_dir} already exists and is not empty; pass --resume {run_dir} "
+                          "to continue it, or choose another --out/--name")
+    parent = run_dir
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write run directory {run_dir}: {parent} is not a writable directory")
+    return run_dir, cfg, False
+
+
+def _cmd_prune(given: dict) -> int:
+    cfg = {**DEFAULTS, **given}
+    _validate(cfg)
+    cfg = _resolve_derived(cfg)
+    from egp_fast.train import cleanup_distributed, init_distributed
+
+    info = init_distributed(cfg["device"])
+    try:
+        run_dir, cfg, resuming = _agree_on_run_dir(cfg, given, info)
+        return _Run(cfg, run_dir, resuming, info).run()
+    finally:
+        cleanup_distributed(info)
+
+
+def _agree_on_run_dir(cfg: dict, given: dict, info) -> tuple[str, dict, bool]:
+    """Rank 0 picks and creates the run directory; the other ranks get its choice (or its error)."""
+    result: list[Any] = [None]
+    if info.is_main:
+        try:
+            run_dir, cfg2, resuming = _prepare_run_dir(cfg, given)
+            if not resuming:
+                try:
+                    os.makedirs(run_dir, exist_ok=True)
+                except OSError as e:
+                    raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
+            result[0] = ("ok", run_dir, cfg2, resuming)
+        except EGPError as e:
+            result[0] = ("error", type(e).__name__, str(e), None)
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(result, src=0)
+    status, a, b, c = result[0]
+    if status == "error":
+        from egp_fast import errors
+
+        raise getattr(errors, a)(b)
+    return a, b, c
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+def _versions(device: torch.device) -> dict:
+    from egp_fast import __version__
+
+    out = {"egp_fast": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "device": str(device), "platform": platform.platform()}
+    try:
+        import torchvision
+
+        out["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+class _Run:
+    """One ``egp-fast prune`` run: dense training, rounds of prune + fine-tune, collapse, report."""
+
+    def __init__(self, cfg: dict, run_dir: str, resuming: bool, info) -> None:
+        self.cfg, self.run_dir, self.resuming, self.info = cfg, run_dir, resuming, info
+        self.show = info.is_main and cfg["progress"]
+        self.device = info.device
+        self.ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+        self.stats = None  # the latest entropy measurement, valid while the model is unchanged
+
+    # -- output helpers ---------------------------------------------------------------------
+    def _say(self, text: str = "") -> None:
+        if self.info.is_main:
+            print(text, flush=True)
+
+    def _setup(self) -> None:
+        import egp_fast
+        from egp_fast.data import load_data, make_loader
+        from egp_fast.models import build_model, load_weights, model_in_channels
+        from egp_fast.train import wrap_ddp
+
+        cfg, info = self.cfg, self.info
+        torch.manual_seed(cfg["seed"])
+        natural = 1 if cfg["data"].lower() == "digits" else 3
+        self.src = load_data(cfg["data"], image_size=cfg["image_size"],
+                             channels=model_in_channels(cfg["model"], natural), limit=cfg["limit"])
+        model = build_model(cfg["model"], self.src.num_classes, in_channels=self.src.channels, width=cfg["width"])
+        if cfg["weights"]:
+            load_weights(model, cfg["weights"])
+        model.to(self.device)
+        if cfg["channels_last"]:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        if cfg["batch_size"] % info.world_size:
+            raise ConfigError(f"--batch-size {cfg['batch_size']} must be divisible by the number of processes "
+                              f"({info.world_size})")
+        common = {"rank": info.rank, "world_size": info.world_size, "workers": cfg["workers"],
+                  "device": self.device, "channels_last": cfg["channels_last"]}
+        self.train_loader = make_loader(self.src.train, cfg["batch_size"] // info.world_size, shuffle=True,
+                                        seed=cfg["seed"], **common)
+        self.test_loader = make_loader(self.src.test, cfg["eval_batch_size"], **common)
+        self.measure_loader = make_loader(self.src.train_eval, cfg["eval_batch_size"], **common)
+        example = next(iter(make_loader(self.src.test, 2, **{**common, "rank": 0, "world_size": 1})))[0]
+        self.example = example
+        # Masks are attached now (all kept), before DDP wraps the model, so every checkpoint has
+        # the same keys and DDP sees the final set of buffers.
+        self.pruner = egp_fast.Pruner(model, example, step=cfg["step"], method=cfg["method"],
+                                      entropy_mode=cfg["entropy_mode"], progress=self.show)
+        self.ddp = wrap_ddp(model, info)
+        self.scaler = None
+
+    def _optim(self, phase: str):
+        from egp_fast.train import build_optimizer, build_scheduler, make_grad_scaler
+
+        cfg = self.cfg
+        lr, epochs = (cfg["dense_lr"], cfg["dense_epochs"]) if phase == "dense" else (cfg["lr"], cfg["epochs"])
+        opt = build_optimizer(self.model, cfg["optimizer"], lr=lr, momentum=cfg["momentum"],
+                              weight_decay=cfg["weight_decay"])
+        sch = build_scheduler(opt, cfg["schedule"], epochs=epochs, milestones=cfg["milestones"],
+                              gamma=cfg["gamma"])
+        self.scaler = make_grad_scaler(self.device, cfg["amp"])
+        return opt, sch
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        dt = now - self._mark
+        self._mark = now
+        self.state["elapsed"] += dt
+        self.state["round_seconds"] += dt
+
+    def _checkpoint(self, opt=None, sch=None) -> None:
+        from egp_fast.report import write_metrics_csv
+        from egp_fast.train import capture_rng_state, save_checkpoint
+
+        self._tick()
+        if not self.info.is_main:
+            return
+        state = {
+            "options_hash": _options_hash(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": opt.state_dict() if opt is not None else None,
+            "scheduler": sch.state_dict() if sch is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": capture_rng_state(),
+            "state": json.dumps(self.state),
+        }
+        save_checkpoint(self.ckpt_path, state)
+        write_metrics_csv(os.path.join(self.run_dir, "metrics.csv"), self.state["history"]["epochs"])
+        self._write_report()
+
+    def _restore(self):
+        from egp_fast import load_pruned_state_dict
+        from egp_fast.train import load_checkpoint, restore_rng_state
+
+        ck = load_checkpoint(self.ckpt_path, map_location=self.device)
+        if ck.get("options_hash") != _options_hash(self.cfg):
+            raise CheckpointError(f"{self.ckpt_path} was written by a run with another config; "
+                                  "it cannot be resumed with this config.json")
+        load_pruned_state_dict(self.model, ck["model"])
+        self.state = json.loads(ck["state"])
+        restore_rng_state(ck["rng"])
+        return ck
+
+    # -- one epoch --------------------------------------------------------------------------
+    def _epoch(self, phase: str, rnd: int, e: int, opt, sch) -> None:
+        from egp_fast.train import broadcast_buffers, evaluate, train_epoch
+
+        cfg = self.cfg
+        g = e if phase == "dense" else cfg["dense_epochs"] + (rnd - 1) * cfg["epochs"] + e
+        self.train_loader.set_epoch(g)
+        lr = opt.param_groups[0]["lr"]
+        label = "dense" if phase == "dense" else f"round {rnd}"
+        tr = train_epoch(self.ddp, self.train_loader, opt, device=self.device, amp=cfg["amp"],
+                         scaler=self.scaler, progress=self.show, desc=f"{label} epoch {e + 1}", dist=self.info)
+        sch.step()
+        broadcast_buffers(self.model, self.info)
+        ev = evaluate(self.model, self.test_loader, device=self.device, amp=cfg["amp"], progress=self.show,
+                      desc="eval", dist=self.info)
+        self.state["history"]["epochs"].append({
+            "phase": phase, "round": rnd, "epoch": e + 1, "global_epoch": g + 1, "lr": lr,
+            "train_loss": tr["loss"], "train_acc": tr["acc"], "test_loss": ev["loss"], "test_acc": ev["acc"],
+            "sparsity": self.pruner.sparsity(), "seconds": tr["seconds"]})
+        self.stats = None
+
+    def _measure(self):
+        if self.stats is None:
+            self.stats = self.pruner.measure(self.measure_loader, max_batches=self.cfg["measure_batches"])
+        return self.stats
+
+    def _check_masks_agree(self) -> None:
+        # Every rank derived its masks from the same summed counts and the same weights; verify it,
+        # because silently diverging masks would make DDP average gradients of different networks.
+        if not self.info.distributed:
+            return
+        import torch.distributed as dist
+
+        from egp_fast import masked_layers
+
+        kept = torch.tensor([float(m.weight_mask.sum()) for m in masked_layers(self.model).values()]
+                            + [float(m.weight_mask.flatten().nonzero().sum())
+                               for m in masked_layers(self.model).values()], dtype=torch.float64,
+                            device=self.device)
+        lo, hi = kept.clone(), kept.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise CheckpointError("ranks derived different pruning masks; check that every rank sees the same "
+                                  "data and weights (same --seed, same files)")
+
+    def _round_record(self, rnd: int, stats, ev: dict, plan: dict | None, seconds: float) -> dict:
+        from egp_fast import masked_layers, weight_layers
+        from egp_fast.masks import sparsity as _sparsity
+
+        zero = stats.zero_entropy_sites()
+        layer_h = stats.layer_entropy()
+        sites_of: dict[str, list[str]] = {}
+        for s in stats.sites.values():
+            for p in s.producers:
+                sites_of.setdefault(p, []).append(s.name)
+        layers = []
+        masked = masked_layers(self.model)
+        for n in self.pruner.prunable:
+            mask = masked[n].weight_mask
+            layers.append({"name": n, "sites": sites_of.get(n, []), "entropy": layer_h.get(n),
+                           "kept": int(mask.sum()), "total": mask.numel(),
+                           "sparsity": 1.0 - float(mask.sum()) / mask.numel(),
+                           "pruned": int((plan or {}).get(n, 0))})
+        return {
+            "round": rnd, "sparsity": self.pruner.sparsity(),
+            "sparsity_all": _sparsity(self.model, weight_layers(self.model)),
+            "accuracy": ev["acc"], "loss": ev["loss"], "n_sites": len(stats.sites), "n_zero": len(zero),
+            "zero_entropy_sites": zero, "entropy": {n: s.entropy for n, s in stats.sites.items()},
+            "allocation": {k: int(v) for k, v in (plan or {}).items() if v}, "pruned": int(sum((plan or {}).values())),
+            "layers": layers, "seconds": seconds, "stats": stats.to_dict(channels=True),
+        }
+
+    def _finish_round(self, rnd: int, plan: dict | None) -> None:
+        from egp_fast.report import round_table
+        from egp_fast.train import evaluate
+
+        ev = evaluate(self.model, self.test_loader, device=self.device, amp=self.cfg["amp"], progress=self.show,
+                      desc="eval", dist=self.info)
+        stats = self._measure()
+        self._tick()
+        rec = self._round_record(rnd, stats, ev, plan, self.state["round_seconds"])
+        self.state["history"]["rounds"].append(rec)
+        table = round_table([rec]).splitlines()
+        if rnd == 0:
+            self._say(table[0])
+        self._say(table[1])
+
+    # -- report -----------------------------------------------------------------------------
+    def _write_report(self, extra: dict | None = None) -> None:
+        from egp_fast.report import write_json
+
+        if not self.info.is_main:
+            return
+        rep = {"config": self.cfg, "versions": self.versions, "data": self.src.describe(),
+               "model": {"name": self.cfg["model"], "params": sum(p.numel() for p in self.model.parameters()),
+                         "sites": [s.name for s in self.pruner.graph.sites], "prunable": self.pruner.prunable},
+               "rounds": self.state["history"]["rounds"], "complete": False}
+        if extra:
+            rep.update(extra)
+        self.report = rep
+        write_json(os.path.join(self.run_dir, "report.json"), rep)
+
+    def _write_config(self) -> None:
+        from egp_fast.report import write_json
+
+        if self.info.is_main:
+            write_json(os.path.join(self.run_dir, "config.json"),
+                       {"options": self.cfg, "options_hash": _options_hash(self.cfg), "versions": self.versions,
+                        "world_size": self.info.world_size, "command": [PROG, *sys.argv[1:]]})
+
+    # -- main -------------------------------------------------------------------------------
+    def run(self) -> int:
+        from egp_fast.report import round_table
+
+        cfg = self.cfg
+        t_setup = time.perf_counter()
+        self._setup()
+        self.versions = _versions(self.device)
+        self.state = {"phase": "dense", "round": 0, "epoch": 0, "plan": None, "elapsed": 0.0,
+                      "round_seconds": 0.0, "history": {"epochs": [], "rounds": []}}
+        ck = None
+        if self.resuming and os.path.isfile(self.ckpt_path):
+            ck = self._restore()
+            self._say(f"resuming {self.run_dir}: {self.state['phase']} round {self.state['round']}, "
+                      f"epoch {max(self.state['epoch'], 0)}")
+        elif not self.resuming:
+            self._write_config()
+        if self.resuming and self.info.is_main:
+            for entry in os.scandir(self.run_dir):  # leftovers of a write cut short by the kill
+                if ".tmp-" in entry.name and entry.is_file():
+                    os.unlink(entry.path)
+        self._mark = t_setup  # setup (data, model, tracing) counts towards the wall time
+        st = self.state
+        if st["history"]["rounds"]:
+            self._say(round_table(st["history"]["rounds"]))
+        else:
+            self._say(f"run directory: {self.run_dir}")
+        if st["phase"] == "dense":
+            if st["epoch"] < cfg["dense_epochs"]:
+                opt, sch = self._optim("dense")
+                if ck is not None and ck["optimizer"] is not None:
+                    opt.load_state_dict(ck["optimizer"])
+                    sch.load_state_dict(ck["scheduler"])
+                    if self.scaler is not None and ck["scaler"] is not None:
+                        self.scaler.load_state_dict(ck["scaler"])
+                for e in range(st["epoch"], cfg["dense_epochs"]):
+                    self._epoch("dense", 0, e, opt, sch)
+                    st["epoch"] = e + 1
+                    self._checkpoint(opt, sch)
+            self._finish_round(0, None)
+            st.update(phase="round", round=1, epoch=-1, plan=None, round_seconds=0.0)
+            self._checkpoint()
+            ck = None
+        while st["phase"] == "round" and st["round"] <= cfg["rounds"]:
+            rnd = st["round"]
+            opt, sch = self._optim("round")
+            if st["epoch"] < 0:
+                plan = self.pruner.plan(self._measure())
+                self.pruner.apply(plan)
+                self._check_masks_agree()
+                self.stats = None
+                st.update(epoch=0, plan={k: int(v) for k, v in plan.items()})
+                self._checkpoint(opt, sch)
+            elif ck is not None and ck["optimizer"] is not None:
+                opt.load_state_dict(ck["optimizer"])
+                sch.load_state_dict(ck["scheduler"])
+                if self.scaler is not None and ck["scaler"] is not None:
+                    self.scaler.load_state_dict(ck["scaler"])
+            ck = None
+            for e in range(st["epoch"], cfg["epochs"]):
+                self._epoch("finetune", rnd, e, opt, sch)
+                st["epoch"] = e + 1
+                self._checkpoint(opt, sch)
+            self._finish_round(rnd, st["plan"])
+            st.update(round=rnd + 1, epoch=-1, plan=None, round_seconds=0.0)
+            self._checkpoint()
+        st["phase"] = "done"
+        return self._final()
+
+    def _collapse(self, stats) -> tuple[dict, dict]:
+        """Collapse the zero-entropy sites, evaluate and save the collapsed model (rank 0)."""
+        from egp_fast.collapse import collapse
+        from egp_fast.train import evaluate
+
+        cfg = self.cfg
+        res = collapse(self.model, stats, self.example, exact=not cfg["approx_collapse"],
+                       measure_latency=self.info.is_main and cfg["latency"])
+        cmodel = res.model.to(self.device).eval()
+        ev = evaluate(cmodel, self.test_loader, device=self.device, amp=cfg["amp"], progress=self.show,
+                      desc="eval collapsed", dist=self.info)
+        b, a = res.before, res.after
+        summary = {"acc_collapsed": ev["acc"], "sites_before": b.get("sites"), "sites_after": a.get("sites"),
+                   "depth_before": b.get("longest_path"), "depth_after": a.get("longest_path"),
+                   "params_before": b.get("params"), "params_after": a.get("params"),
+                   "flops_before": b.get("flops"), "flops_after": a.get("flops"),
+                   "removed_sites": res.removed_sites, "collapse_exact": res.exact,
+                   "max_deviation": res.max_deviation}
+        if b.get("latency_ms_b64") is not None and a.get("latency_ms_b64") is not None:
+            summary.update(latency_batch=64, latency_pruned_ms=b["latency_ms_b64"],
+                           latency_collapsed_ms=a["latency_ms_b64"], latency_b1_pruned_ms=b.get("latency_ms_b1"),
+                           latency_b1_collapsed_ms=a.get("latency_ms_b1"))
+        rep = {**res.to_dict(), "accuracy": ev["acc"], "loss": ev["loss"]}
+        if self.info.is_main:
+            rep["saved"] = _save_collapsed(cmodel, self.example, self.run_dir)
+        return summary, rep
+
+    def _final(self) -> int:
+        from egp_fast.report import render_run, summary_text
+        from egp_fast.train import atomic_write_bytes, measure_latency
+
+        cfg, st = self.cfg, self.state
+        rounds = st["history"]["rounds"]
+        stats = self._measure()
+        summary = {"acc_dense": rounds[0]["accuracy"], "acc_pruned": rounds[-1]["accuracy"],
+                   "sparsity": rounds[-1]["sparsity"], "zero_sites": rounds[-1]["n_zero"],
+                   "sites_before": rounds[-1]["n_sites"], "device": str(self.device),
+                   "world_size": self.info.world_size}
+        if self.info.is_main:
+            buf = io.BytesIO()
+            torch.save(self.model.state_dict(), buf)
+            atomic_write_bytes(os.path.join(self.run_dir, "model.pt"), buf.getvalue())
+        extra: dict[str, Any] = {}
+        if cfg["collapse"]:
+            try:
+                col_summary, extra["collapse"] = self._collapse(stats)
+                summary.update(col_summary)
+            except EGPError as e:  # the pruned run stands; say why the collapse did not
+                extra["collapse"] = {"error": str(e)}
+                self._say(f"collapse skipped: {e}")
+        if self.info.is_main and cfg["latency"] and summary.get("latency_pruned_ms") is None:
+            xb = next(iter(self.test_loader))[0] if len(self.test_loader) else self.example
+            summary.update(latency_batch=int(xb.shape[0]), latency_pruned_ms=measure_latency(self.model, xb))
+        self._tick()
+        summary["wall_seconds"] = st["elapsed"]
+        extra["summary"] = summary
+        extra["complete"] = True
+        self._write_report(extra)
+        if self.info.is_main:
+            try:
+                render_run({"dir": self.run_dir, "name": os.path.basename(self.run_dir), "config": self.cfg,
+                            "report": self.report})
+            except ConfigError as e:  # matplotlib missing: the run itself succeeded
+                self._say(f"(plots skipped: {e})")
+            self._say()
+            self._say(summary_text(self.report))
+            self._say(f"outputs: {self.run_dir}")
+        return 0
+
+
+def _save_collapsed(model: torch.nn.Module, example: torch.Tensor, run_dir: str) -> dict:
+    """Save the collapsed model so it reloads without egp_fast's classes.
+
+    ``collapsed.pt2`` (``torch.export``; reload with ``torch.export.load(p).module()``) when the
+    model exports, else ``collapsed.ts`` (TorchScript trace; ``torch.jit.load(p)``). The state_dict
+    goes to ``collapsed_state_dict.pt`` either way.
+    """
+    from egp_fast.train import atomic_write_bytes
+
+    model = model.eval()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(os.path.join(run_dir, "collapsed_state_dict.pt"), buf.getvalue())
+    x = example.detach()
+    try:
+        ep = torch.export.export(model, (x,))
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+        atomic_write_bytes(os.path.join(run_dir, "collapsed.pt2"), buf.getvalue())
+        return {"file": "collapsed.pt2", "format": "torch.export", "load": "torch.export.load(path).module()"}
+    except Exception as export_error:  # export is strict about dynamic Python; TorchScript is not
+        with torch.no_grad():
+            traced = torch.jit.trace(model, (x,), check_trace=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        atomic_write_bytes(os.path.join(run_dir, "collapsed.ts"), buf.getvalue())
+        return {"file": "collapsed.ts", "format": "torchscript", "load": "torch.jit.load(path)",
+                "export_error": f"{type(export_error).__name__}: {str(export_error)[:300]}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+def _cmd_report(run_dirs: list[str], out: str | None) -> int:
+    from egp_fast.report import (
+        compare_table,
+        load_run,
+        plot_sparsity_curves,
+        render_run,
+        round_table,
+        summary_text,
+    )
+
+    runs = []
+    for d in run_dirs:
+        try:
+            runs.append(load_run(d))
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+    for run in runs:
+        print(f"== {run['dir']}")
+        rep = run.get("report")
+        if not rep or not rep.get("rounds"):
+            print("(no rounds recorded yet)")
+            continue
+        print(round_table(rep["rounds"]))
+        if rep.get("summary"):
+            print(summary_text(rep))
+        for p in render_run(run):
+            print(f"wrote {p}")
+    if len(runs) > 1:
+        print("== comparison")
+        print(compare_table(runs))
+        if out is None:
+            parent = os.path.dirname(os.path.abspath(runs[0]["dir"]))
+            out = os.path.join(parent, f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = os.path.abspath(out)
+        if os.path.isfile(os.path.join(out, "config.json")):
+            raise ConfigError(f"--out {out} is a run directory; pick another directory for the comparison")
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create --out {out}: {e.strerror or e}") from None
+        path = os.path.join(out, "compare.png")
+        plot_sparsity_curves(runs, path)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

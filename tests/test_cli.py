@@ -1,0 +1,239 @@
+"""The egp-fast command in-process: option errors, a tiny end-to-end run and its outputs, resume checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from egp_fast import load_pruned_state_dict
+from egp_fast.cli import build_parser, main
+from egp_fast.data import load_data, make_loader
+from egp_fast.models import build_model
+from egp_fast.train import evaluate
+
+TINY = ["--width", "4", "--image-size", "8", "--limit", "120", "--dense-epochs", "1", "--epochs", "1",
+        "--rounds", "2", "--batch-size", "32", "--eval-batch-size", "64", "--no-progress", "--no-latency"]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("egp-fast: error: ")
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def _snapshot(d):
+    return {e.name: (e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(d)}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny EGP run shared by the output checks."""
+    out = tmp_path_factory.mktemp("runs") / "egp"
+    assert main(["prune", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+# ------------------------------------------------------------------ usage and option errors
+def test_parser_defaults_are_the_demo():
+    ns = build_parser().parse_args(["prune"])
+    assert vars(ns) == {"command": "prune"}  # defaults are filled later, so explicit options are known
+    from egp_fast.cli import DEFAULTS
+
+    assert (DEFAULTS["data"], DEFAULTS["model"], DEFAULTS["rounds"], DEFAULTS["step"]) == (
+        "digits", "cifar_resnet18", 4, 0.5)
+
+
+@pytest.mark.parametrize("argv", [[], ["prune", "--bogus"], ["prune", "--rounds", "x"], ["frobnicate"],
+                                  ["prune", "--method", "random"], ["report"]])
+def test_usage_errors_are_one_line_exit_2(argv, capsys):
+    assert main(argv) == 2
+    _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("opts, words", [
+    (["--model", "resnet_nope"], "unknown model"),
+    (["--step", "1.0"], "--step"),
+    (["--step", "1.5"], "--step"),
+    (["--step", "0"], "--step"),
+    (["--rounds", "-1"], "--rounds"),
+    (["--data", "mnist"], "unknown data kind"),
+    (["--name", "../x"], "--name"),
+    (["--name", "a/b"], "--name"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--weights", "/nonexistent/w.pt"], "--weights"),
+])
+def test_bad_options_one_line_nothing_written(opts, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", *TINY, "--runs-root", str(tmp_path / "runs"), *opts]) == 2
+    assert words in _one_line_error(capsys)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_data_path_fails_fast_with_layout(tmp_path, capsys):
+    rc = main(["prune", *TINY, "--data", f"cifar10:{tmp_path / 'none'}", "--out", str(tmp_path / "r")])
+    assert rc == 1
+    assert "cifar-10-batches-py" in _one_line_error(capsys)
+
+
+def test_unwritable_run_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["prune", *TINY, "--out", str(blocker / "run")]) == 2
+    assert "cannot write run directory" in _one_line_error(capsys)
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_parent(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main(["prune", *TINY, "--out", str(ro / "run")]) == 2
+        assert "cannot write" in _one_line_error(capsys)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_refuses_existing_nonempty_run_dir(tiny_run, capsys):
+    before = _snapshot(tiny_run)
+    assert main(["prune", *TINY, "--out", str(tiny_run)]) == 2
+    assert "--resume" in _one_line_error(capsys)
+    assert _snapshot(tiny_run) == before
+
+
+def test_resume_with_another_config_refused(tiny_run, capsys):
+    before = _snapshot(tiny_run)
+    assert main(["prune", "--resume", str(tiny_run), "--step", "0.25"]) == 2
+    line = _one_line_error(capsys)
+    assert "--step 0.25 differs" in line
+    assert main(["prune", "--resume", str(tiny_run), "--method", "imp"]) == 2
+    _one_line_error(capsys)
+    assert _snapshot(tiny_run) == before
+
+
+def test_resume_of_non_run_dir(tmp_path, capsys):
+    assert main(["prune", "--resume", str(tmp_path)]) == 2
+    assert "not an egp-fast run directory" in _one_line_error(capsys)
+
+
+def test_resume_of_edited_config_refused(tiny_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["options"]["seed"] = 1234
+    (copy / "config.json").write_text(json.dumps(cfg))
+    before = _snapshot(copy)
+    assert main(["prune", "--resume", str(copy)]) == 2
+    assert "edited" in _one_line_error(capsys)
+    assert _snapshot(copy) == before
+
+
+def test_truncated_checkpoint_on_resume(tiny_run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    data = (copy / "checkpoint.pt").read_bytes()
+    (copy / "checkpoint.pt").write_bytes(data[: len(data) // 3])
+    assert main(["prune", "--resume", str(copy)]) == 1
+    assert "truncated or corrupt" in _one_line_error(capsys)
+
+
+# ------------------------------------------------------------------ a run's outputs
+def test_run_outputs(tiny_run, capsys):
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    opts = cfg["options"]
+    assert opts["step"] == 0.5 and opts["method"] == "egp" and opts["width"] == 4 and opts["rounds"] == 2
+    assert cfg["versions"]["torch"] == torch.__version__ and cfg["versions"]["device"] == "cpu"
+    assert "egp_fast" in cfg["versions"]
+
+    with open(tiny_run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["phase"], r["round"], r["epoch"]) for r in rows] == [
+        ("dense", "0", "1"), ("finetune", "1", "1"), ("finetune", "2", "1")]
+    assert float(rows[2]["sparsity"]) == pytest.approx(0.75, abs=1e-3)
+
+    rep = json.loads((tiny_run / "report.json").read_text())
+    assert rep["complete"] is True and [r["round"] for r in rep["rounds"]] == [0, 1, 2]
+    r1 = rep["rounds"][1]
+    assert r1["sparsity"] == pytest.approx(0.5, abs=1e-3) and r1["n_sites"] == 17
+    assert set(r1["entropy"]) == set(rep["model"]["sites"]) and len(r1["layers"]) == len(rep["model"]["prunable"])
+    assert sum(r1["allocation"].values()) == r1["pruned"] > 0
+    assert all(r1["entropy"][s] == 0 for s in r1["zero_entropy_sites"])
+    assert len(r1["stats"]["sites"][0]["p_on"]) == r1["stats"]["sites"][0]["channels"]
+    summ = rep["summary"]
+    assert summ["acc_dense"] == rep["rounds"][0]["accuracy"] and summ["acc_pruned"] == rep["rounds"][-1]["accuracy"]
+    assert "acc_collapsed" in summ and summ["sites_after"] <= summ["sites_before"]
+    assert summ["sites_after"] == summ["sites_before"] - len(summ["removed_sites"])
+    for png in ("entropy_heatmap.png", "sparsity_curves.png"):
+        assert (tiny_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [n for n in os.listdir(tiny_run) if ".tmp-" in n]
+
+
+def test_pruned_model_reloads(tiny_run):
+    rep = json.loads((tiny_run / "report.json").read_text())
+    sd = torch.load(tiny_run / "model.pt", weights_only=True)
+    assert any(k.endswith(".weight_mask") for k in sd)
+    model = build_model("cifar_resnet18", 10, in_channels=1, width=4)
+    load_pruned_state_dict(model, sd)
+    src = load_data("digits", image_size=8, limit=120)
+    acc = evaluate(model, make_loader(src.test, 64), device=torch.device("cpu"))["acc"]
+    assert acc == pytest.approx(rep["summary"]["acc_pruned"])
+
+
+def test_collapsed_model_reloads_and_runs(tiny_run):
+    rep = json.loads((tiny_run / "report.json").read_text())
+    saved = rep["collapse"]["saved"]
+    path = tiny_run / saved["file"]
+    if saved["format"] == "torch.export":
+        model = torch.export.load(str(path)).module()
+    else:
+        model = torch.jit.load(str(path))
+    src = load_data("digits", image_size=8, limit=120)
+    correct = 0
+    with torch.no_grad():
+        for x, y in make_loader(src.test, 2):  # the exported graph was traced at batch 2
+            correct += int((model(x).argmax(1) == y).sum())
+    assert correct / len(src.test) == pytest.approx(rep["summary"]["acc_collapsed"])
+
+
+def test_resume_of_a_finished_run_reproduces_report(tiny_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    assert main(["prune", "--resume", str(copy), "--no-progress", "--no-latency"]) == 0
+    a = json.loads((tiny_run / "report.json").read_text())
+    b = json.loads((copy / "report.json").read_text())
+    assert [r["accuracy"] for r in a["rounds"]] == [r["accuracy"] for r in b["rounds"]]
+    assert a["summary"]["acc_collapsed"] == b["summary"]["acc_collapsed"]
+
+
+def test_imp_prunes_every_weight_layer(tmp_path):
+    out = tmp_path / "imp"
+    assert main(["prune", *TINY, "--method", "imp", "--rounds", "1", "--no-collapse", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    prunable = rep["model"]["prunable"]
+    assert "fc" in prunable and "layer2.0.downsample.0" in prunable and len(prunable) == 21
+    assert rep["rounds"][1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert "collapse" not in rep and "acc_collapsed" not in rep["summary"]
+
+
+def test_default_run_dir_under_runs_root(tmp_path):
+    root = tmp_path / "runs"
+    argv = ["prune", *TINY, "--rounds", "0", "--no-collapse", "--runs-root", str(root)]
+    assert main(argv) == 0 and main(argv) == 0  # same second: the second run gets its own directory
+    names = sorted(os.listdir(root))
+    assert len(names) == 2 and all(n.startswith("egp-digits-") for n in names)
+    assert main(["prune", *TINY, "--rounds", "0", "--no-collapse", "--runs-root", str(root), "--name", "mine"]) == 0
+    assert (root / "mine" / "report.json").is_file()
