@@ -1,0 +1,242 @@
+"""End-to-end benchmarks: what a user of EGP waits for, against the usual PyTorch way.
+
+Groups (provider ``reference`` is the baseline of every group, measured in the same run):
+
+* ``e2e_egp_round``: one EGP round (measure + allocate + apply) on torchvision resnet18 and
+  resnet50 at CIFAR-size inputs; ``egp_fast`` (``Pruner.round``) versus the reference scripts'
+  way (:mod:`paper_reference`: forward hooks storing activations, heaviside, per-batch means,
+  ``prune.l1_unstructured`` per layer). Same model, same weights, same batches. Both start each
+  timed round from the dense model (restored outside the timed region) and both build their
+  site tables outside it (egp_fast: tracing in ``Pruner(...)``; the scripts: their hand-written
+  table); the one-time trace is recorded in ``extra_info["trace_s"]``.
+* ``e2e_measure_overhead``: ``egp_fast.measure_entropy`` versus a plain ``no_grad`` forward over
+  the same batches (resnet18, batch 64, 32x32): the price of measuring.
+* ``e2e_global_prune``: one global magnitude pruning step (half of resnet50's Conv/Linear
+  weights) with ``egp_fast.ops.global_smallest`` + mask update versus
+  ``torch.nn.utils.prune.global_unstructured(..., L1Unstructured, amount=0.5)`` (the op-level
+  comparison with egp_fast's own torch reference is ``bench_select.py``'s).
+
+Every test id carries the device (``cpu`` or ``cuda``), so ``-k cuda`` selects a GPU run with
+its baselines. Run: ``.venv/bin/python -m pytest benchmarks/bench_e2e.py --benchmark-only``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from conftest import HAS_CUDA_DEVICE, sync
+from paper_reference import paper_round, remove_reparametrization, site_producers
+from torch.nn.utils import prune as torch_prune
+
+import egp_fast
+from egp_fast import masks as egp_masks
+from egp_fast import ops
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA_DEVICE else [])
+
+# Sizes per device: the CPU ones keep `pytest benchmarks --benchmark-only` at a few minutes on
+# 2 cores; the GPU ones are big enough that kernel launches do not dominate.
+ROUND_DATA = {  # (batch size, batches) per arch, 32x32 inputs
+    "cpu": {"resnet18": (64, 2), "resnet50": (32, 2)},
+    "cuda": {"resnet18": (256, 8), "resnet50": (256, 8)},
+}
+MEASURE_DATA = {"cpu": (64, 2), "cuda": (64, 16)}  # resnet18, 32x32
+ROUNDS = {"cpu": 3, "cuda": 10}
+WARMUP = {"cpu": 1, "cuda": 3}
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu x{torch.get_num_threads()} threads"
+
+
+def _env(device: str) -> dict:
+    return {
+        "device": _device_name(device),
+        "dtype": "torch.float32",
+        "torch": torch.__version__,
+        "egp_fast": egp_fast.__version__,
+        "backends": egp_fast.available_backends(),
+    }
+
+
+def _median(benchmark) -> float:
+    # With --benchmark-disable the fixture records no stats: report NaN rates, not a crash.
+    stats = getattr(benchmark, "stats", None)
+    return stats.stats.median if stats else float("nan")
+
+
+@functools.lru_cache(maxsize=4)
+def _base(arch: str, device: str) -> nn.Module:
+    """The dense model every provider starts from (seeded, so both providers see the same one)."""
+    torch.manual_seed(0)
+    return getattr(torchvision.models, arch)(num_classes=10).eval().to(device)
+
+
+def _batches(batch: int, count: int, device: str) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(batch, 3, 32, 32, generator=g).to(device) for _ in range(count)]
+
+
+class _Restore:
+    """Puts a model's parameters (and egp_fast masks) back to a saved state between rounds."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def __call__(self) -> None:
+        remove_reparametrization(self.model)
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for k, v in self.saved.items():
+                state[k].copy_(v)
+            for m in egp_masks.masked_layers(self.model).values():
+                m.weight_mask.fill_(True)
+        sync(next(self.model.parameters()).device)
+
+
+# --------------------------------------------------------------------------------------------
+# One EGP round.
+
+
+@pytest.mark.benchmark(group="e2e_egp_round")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("provider", ["reference", "egp_fast"])
+def test_egp_round(benchmark, provider, arch, device):
+    batch, count = ROUND_DATA[device][arch]
+    batches = _batches(batch, count, device)
+    model = copy.deepcopy(_base(arch, device))
+    start = time.perf_counter()
+    if provider == "reference":
+        producers = site_producers(model, batches[0])
+
+        def target():
+            plan = paper_round(model, batches, producers)
+            sync(device)
+            return plan
+
+    else:
+        pruner = egp_fast.Pruner(model, batches[0], progress=False)
+
+        def target():
+            rec = pruner.round(batches)
+            sync(device)
+            return {layer["name"]: layer["pruned"] for layer in rec.layers}
+
+    trace_s = time.perf_counter() - start
+    restore = _Restore(model)
+    plan = benchmark.pedantic(target, setup=restore, rounds=ROUNDS[device], warmup_rounds=WARMUP[device])
+    # Both ways prune half of the producers' weights (the budget), whatever the allocation.
+    total = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") or n.endswith("weight_orig"))
+    pruned = sum(plan.values())
+    assert 0 < pruned < total
+    images = batch * count
+    benchmark.extra_info.update(
+        _env(device),
+        arch=arch,
+        input=[batch, 3, 32, 32],
+        batches=count,
+        pruned=pruned,
+        trace_s=trace_s,
+        images_per_s=images / _median(benchmark),
+    )
+    restore()
+
+
+# --------------------------------------------------------------------------------------------
+# Measurement pass versus a plain forward.
+
+
+@pytest.mark.benchmark(group="e2e_measure_overhead")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["resnet18"])
+@pytest.mark.parametrize("provider", ["reference", "egp_fast"])
+def test_measure_overhead(benchmark, provider, arch, device):
+    batch, count = MEASURE_DATA[device]
+    batches = _batches(batch, count, device)
+    model = _base(arch, device)
+    if provider == "reference":
+
+        def target():
+            with torch.no_grad():
+                for x in batches:
+                    model(x)
+            sync(device)
+
+    else:
+        graph = egp_fast.discover_sites(model, batches[0])
+
+        def target():
+            stats = egp_fast.measure_entropy(model, batches, progress=False, graph=graph)
+            sync(device)
+            return stats
+
+    out = benchmark.pedantic(target, rounds=ROUNDS[device] + 2, warmup_rounds=WARMUP[device])
+    if provider == "egp_fast":
+        assert out.batches == count and len(out.sites) == 17
+    benchmark.extra_info.update(
+        _env(device),
+        arch=arch,
+        input=[batch, 3, 32, 32],
+        batches=count,
+        images_per_s=batch * count / _median(benchmark),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Global magnitude pruning.
+
+
+def _global_setup(device: str):
+    model = copy.deepcopy(_base("resnet50", device))
+    names = egp_fast.weight_layers(model)
+    modules = dict(model.named_modules())
+    return model, names, modules
+
+
+@pytest.mark.benchmark(group="e2e_global_prune")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["resnet50"])
+@pytest.mark.parametrize("provider", ["reference", "egp_fast"])
+def test_global_prune(benchmark, provider, arch, device):
+    model, names, modules = _global_setup(device)
+    total = sum(modules[n].weight.numel() for n in names)
+    count = total // 2
+    if provider == "reference":
+        params = [(modules[n], "weight") for n in names]
+
+        def target():
+            torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=count)
+            sync(device)
+
+    else:
+        egp_masks.attach_masks(model, names)
+        def target():
+            weights = [modules[n].weight for n in names]
+            current = [modules[n].weight_mask for n in names]
+            new = ops.global_smallest(weights, current, count)
+            egp_masks.set_masks(model, dict(zip(names, new)))
+            sync(device)
+
+    restore = _Restore(model)
+    benchmark.pedantic(target, setup=restore, rounds=ROUNDS[device], warmup_rounds=WARMUP[device])
+    zeros = sum(int((modules[n].weight == 0).sum()) for n in names)
+    assert zeros == count  # every provider pruned exactly half (resnet50 weights have no exact zeros)
+    benchmark.extra_info.update(
+        _env(device),
+        arch=arch,
+        layers=len(names),
+        weights=total,
+        pruned=count,
+        elements_per_s=total / _median(benchmark),
+    )
+    restore()
