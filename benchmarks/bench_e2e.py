@@ -136,7 +136,9 @@ def test_egp_round(benchmark, provider, arch, device):
     restore = _Restore(model)
     plan = benchmark.pedantic(target, setup=restore, rounds=ROUNDS[device], warmup_rounds=WARMUP[device])
     # Both ways prune half of the producers' weights (the budget), whatever the allocation.
-    total = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") or n.endswith("weight_orig"))
+    total = sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith("weight") or n.endswith("weight_orig")
+    )
     pruned = sum(plan.values())
     assert 0 < pruned < total
     images = batch * count
@@ -220,6 +222,7 @@ def test_global_prune(benchmark, provider, arch, device):
 
     else:
         egp_masks.attach_masks(model, names)
+
         def target():
             weights = [modules[n].weight for n in names]
             current = [modules[n].weight_mask for n in names]

@@ -179,7 +179,11 @@ def fmt_time(seconds: float) -> str:
         return "n/a"
     for unit, scale in (("s", 1.0), ("ms", 1e3), ("us", 1e6)):
         if seconds * scale >= 1:
-            return f"{seconds * scale:,.3g} {unit}" if seconds * scale < 100 else f"{seconds * scale:,.0f} {unit}"
+            return (
+                f"{seconds * scale:,.3g} {unit}"
+                if seconds * scale < 100
+                else f"{seconds * scale:,.0f} {unit}"
+            )
     return f"{seconds * 1e9:.0f} ns"
 
 
@@ -220,8 +224,14 @@ def group_tables(data: dict[str, Any]) -> OrderedDict[str, list[dict[str, Any]]]
                         "iqr": float(b["stats"].get("iqr", float("nan"))),
                         "rounds": int(b["stats"].get("rounds", 0)),
                         "throughput": thr,
-                        "copy_fraction": (gbps / copy_gbps) if (gbps and copy_gbps and prov not in COPY_PROVIDERS
-                                                                 and "copy" not in b.get("name", "")) else None,
+                        "copy_fraction": (gbps / copy_gbps)
+                        if (
+                            gbps
+                            and copy_gbps
+                            and prov not in COPY_PROVIDERS
+                            and "copy" not in b.get("name", "")
+                        )
+                        else None,
                         "ratios": ratios,
                         "extra": b.get("extra_info", {}) or {},
                     }
@@ -290,8 +300,13 @@ def evaluate_targets(tables: OrderedDict[str, list[dict[str, Any]]]) -> list[dic
     out: list[dict[str, Any]] = []
 
     def add(target: str, measured: str, ok: bool | None) -> None:
-        out.append({"target": target, "measured": measured, "status": "not measured" if ok is None else
-                    ("met" if ok else "MISSED")})
+        out.append(
+            {
+                "target": target,
+                "measured": measured,
+                "status": "not measured" if ok is None else ("met" if ok else "MISSED"),
+            }
+        )
 
     rows = tables.get("e2e_measure_overhead", [])
     found = False
@@ -302,8 +317,11 @@ def evaluate_targets(tables: OrderedDict[str, list[dict[str, Any]]]) -> list[dic
             dev = _device_of_case(r["case"])
             limit = 1.03 if dev == "cuda" else 1.05
             over = 1.0 / ref
-            add(f"measurement pass ≤ {limit:.2f}× a plain no_grad forward ({dev}, resnet18)",
-                f"{over:.3f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] * ref)})", over <= limit)
+            add(
+                f"measurement pass ≤ {limit:.2f}× a plain no_grad forward ({dev}, resnet18)",
+                f"{over:.3f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] * ref)})",
+                over <= limit,
+            )
     if not found:
         add("measurement pass ≤ 1.05× (CPU) / 1.03× (GPU) a plain forward", "", None)
 
@@ -314,8 +332,11 @@ def evaluate_targets(tables: OrderedDict[str, list[dict[str, Any]]]) -> list[dic
         if ref:
             found = True
             dev = _device_of_case(r["case"])
-            add(f"one EGP round ≥ 5× faster than the reference scripts' way ({dev}, resnet18)",
-                f"{ref:.2f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] * ref)})", ref >= 5)
+            add(
+                f"one EGP round ≥ 5× faster than the reference scripts' way ({dev}, resnet18)",
+                f"{ref:.2f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] * ref)})",
+                ref >= 5,
+            )
     if not found:
         add("one EGP round ≥ 5× faster than the reference scripts' way (resnet18)", "", None)
 
@@ -326,8 +347,11 @@ def evaluate_targets(tables: OrderedDict[str, list[dict[str, Any]]]) -> list[dic
         if ref:
             found = True
             dev = _device_of_case(r["case"])
-            add(f"global selection ≥ 10× faster than prune.global_unstructured ({dev}, resnet50)",
-                f"{ref:.1f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] * ref)})", ref >= 10)
+            add(
+                f"global selection ≥ 10× faster than prune.global_unstructured ({dev}, resnet50)",
+                f"{ref:.1f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] * ref)})",
+                ref >= 10,
+            )
     if not found:
         add("global selection ≥ 10× faster than prune.global_unstructured", "", None)
 
@@ -373,16 +397,27 @@ def _collapse_targets(tables) -> list[dict[str, Any]]:
             else:
                 flop = col["extra"].get("flop_reduction")
             if not isinstance(flop, (int, float)):
-                out.append({"target": f"{name} ({g}: {case})",
-                            "measured": f"latency −{lat:.1%}; FLOPs not recorded", "status": "not measured"})
+                out.append(
+                    {
+                        "target": f"{name} ({g}: {case})",
+                        "measured": f"latency −{lat:.1%}; FLOPs not recorded",
+                        "status": "not measured",
+                    }
+                )
                 continue
             ok = lat >= 0.8 * flop if flop > 0 else lat >= 0
-            out.append({"target": f"{name} ({g}: {case})",
-                        "measured": f"latency −{lat:.1%} vs FLOPs −{flop:.1%} (ratio "
-                                    f"{(lat / flop if flop > 0 else float('nan')):.2f})",
-                        "status": "met" if ok else "MISSED"})
+            out.append(
+                {
+                    "target": f"{name} ({g}: {case})",
+                    "measured": f"latency −{lat:.1%} vs FLOPs −{flop:.1%} (ratio "
+                    f"{(lat / flop if flop > 0 else float('nan')):.2f})",
+                    "status": "met" if ok else "MISSED",
+                }
+            )
     if not out:
-        out.append({"target": name, "measured": "no collapse benchmark in this run", "status": "not measured"})
+        out.append(
+            {"target": name, "measured": "no collapse benchmark in this run", "status": "not measured"}
+        )
     return out
 
 
@@ -398,12 +433,18 @@ def _run_title(env: dict[str, Any]) -> str:
 
 def render_env(env: dict[str, Any], source: str) -> str:
     rows = [
-        ("CPU", f"{env.get('cpu_model')}, {env.get('cpu_cores')} cores"
-                + (f" ({env['torch_threads']} torch threads)" if env.get("torch_threads") else "")),
+        (
+            "CPU",
+            f"{env.get('cpu_model')}, {env.get('cpu_cores')} cores"
+            + (f" ({env['torch_threads']} torch threads)" if env.get("torch_threads") else ""),
+        ),
         ("GPU", env.get("gpu") or "none"),
         ("torch", f"{env.get('torch')}" + (f" (CUDA {env['cuda']})" if env.get("cuda") else "")),
-        ("egp_fast", f"{env.get('egp_fast')}" + (f", backends {', '.join(env['backends'])}" if env.get("backends")
-                                                  else "")),
+        (
+            "egp_fast",
+            f"{env.get('egp_fast')}"
+            + (f", backends {', '.join(env['backends'])}" if env.get("backends") else ""),
+        ),
         ("Python", str(env.get("python"))),
         ("date", str(env.get("date"))),
         ("raw data", f"`{source}`"),
@@ -411,7 +452,9 @@ def render_env(env: dict[str, Any], source: str) -> str:
     if env.get("triton"):
         rows.insert(3, ("Triton", env["triton"]))
     if env.get("pytest_exit") not in (None, 0):
-        rows.append(("pytest exit status", f"{env['pytest_exit']} (some benchmarks failed or were cut short)"))
+        rows.append(
+            ("pytest exit status", f"{env['pytest_exit']} (some benchmarks failed or were cut short)")
+        )
     if env.get("note"):
         rows.append(("note", env["note"]))
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]) + "\n"
@@ -458,8 +501,10 @@ def render(runs: list[tuple[str, dict[str, Any]]], command: str) -> str:
             parts.append(render_group(g, rows))
         copy = run_copy_gbps(data)
         if copy:
-            parts.append(f"Device-to-device copy bandwidth in this run: {copy:,.0f} GB/s (bytes read + "
-                         "written); \"of copy BW\" divides a kernel's GB/s by it.\n")
+            parts.append(
+                f"Device-to-device copy bandwidth in this run: {copy:,.0f} GB/s (bytes read + "
+                'written); "of copy BW" divides a kernel\'s GB/s by it.\n'
+            )
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -481,8 +526,16 @@ def headline(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
 def run_suite(json_path: Path, pytest_args: list[str], timeout: float | None) -> int:
     """``pytest benchmarks --benchmark-only --benchmark-json=json_path``; stamps the machine in."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-only",
-           f"--benchmark-json={json_path}", *PYTEST_BENCH_OPTS, *pytest_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(ROOT / "benchmarks"),
+        "--benchmark-only",
+        f"--benchmark-json={json_path}",
+        *PYTEST_BENCH_OPTS,
+        *pytest_args,
+    ]
     print("report.py: running", " ".join(cmd), flush=True)
     try:
         rc = subprocess.call(cmd, cwd=ROOT, timeout=timeout)
@@ -501,20 +554,36 @@ def main(argv: list[str] | None = None) -> int:
     pytest_args: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, pytest_args = argv[:i], argv[i + 1:]
+        argv, pytest_args = argv[:i], argv[i + 1 :]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", action="append", default=[], metavar="FILE",
-                    help="a saved pytest-benchmark JSON to report (repeat for several runs); "
-                         "without it the suite is run here")
-    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown to write (default: BENCHMARKS.md)")
-    ap.add_argument("--save-json", default=None, metavar="FILE",
-                    help="where the run's JSON goes when the suite is run (default: "
-                         "benchmarks/results/<cpu|cuda>.json)")
-    ap.add_argument("--copy-bandwidth", default=None, metavar="FILE",
-                    help="JSON with the measured device-to-device copy bandwidth ({\"GBps\": ...}), "
-                         "applied to the last run")
+    ap.add_argument(
+        "--json",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a saved pytest-benchmark JSON to report (repeat for several runs); "
+        "without it the suite is run here",
+    )
+    ap.add_argument(
+        "--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown to write (default: BENCHMARKS.md)"
+    )
+    ap.add_argument(
+        "--save-json",
+        default=None,
+        metavar="FILE",
+        help="where the run's JSON goes when the suite is run (default: benchmarks/results/<cpu|cuda>.json)",
+    )
+    ap.add_argument(
+        "--copy-bandwidth",
+        default=None,
+        metavar="FILE",
+        help='JSON with the measured device-to-device copy bandwidth ({"GBps": ...}), '
+        "applied to the last run",
+    )
     ap.add_argument("--timeout", type=float, default=None, help="seconds before the suite run is stopped")
-    ap.add_argument("--note", default=None, help="a line added to the machine table of the run (e.g. 'quiet machine')")
+    ap.add_argument(
+        "--note", default=None, help="a line added to the machine table of the run (e.g. 'quiet machine')"
+    )
     args = ap.parse_args(argv)
 
     rc = 0
