@@ -6,6 +6,7 @@ layers become affine on the data, then fold those layers away.
 
 from egp_fast import ops
 from egp_fast.budget import allocate
+from egp_fast.collapse import CollapseResult, collapse, linearize
 from egp_fast.errors import (
     BackendError,
     CheckpointError,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "CheckpointError",
+    "CollapseResult",
     "ConfigError",
     "DataError",
     "EGPError",
@@ -44,8 +46,10 @@ __all__ = [
     "allocate",
     "attach_masks",
     "available_backends",
+    "collapse",
     "discover_sites",
     "inspect",
+    "linearize",
     "load_pruned_state_dict",
     "masked_layers",
     "measure_entropy",

@@ -448,6 +448,11 @@ def _rewrite_caller(
             ln.target = alias
     sub.graph.lint()
     sub.recompile()
+    # Drop the original attribute name of aliased modules, so the remaining calls are named
+    # (and found by fx's path lookup) by their alias only.
+    used = {n.target for n in sub.graph.nodes if n.op == "call_module"}
+    for name in edited_modules - used:
+        sub.delete_submodule(name)
     if sub is not owner:
         sub.train(owner.training)
         _set_submodule(model, caller, sub)
