@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast import ops
-from egp_fast.errors import ConfigError, DataError, NumericsError
+from egp_fast.errors import ConfigError, DataError, EGPError, NumericsError
 from egp_fast.graph import Site, SiteGraph, _describe, _unwrap, discover_sites, eval_mode
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
@@ -423,18 +423,28 @@ def measure_entropy(
     """
     if mode not in ("exact", "paper"):
         raise ConfigError(f"mode={mode!r} is not a measurement mode; use 'exact' or 'paper'")
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
         raise ConfigError(f"max_batches={max_batches!r} must be a positive int or None")
     if data is None:
         raise DataError("data is None; pass an iterable of batches (a DataLoader, a list of tensors...)")
     model = _unwrap(model)
     device = model_device(model)
     start = time.perf_counter()
-    iterator = iter(data)
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise DataError(
+            f"data has type {type(data).__name__}, which is not iterable; pass an iterable of "
+            "batches (a DataLoader, a list of tensors...)"
+        ) from None
     try:
         first = next(iterator)
     except StopIteration:
         raise DataError("data yielded no batches; measuring entropy needs at least one batch") from None
+    # Before tracing on it: a batch on the wrong device deserves this message, not a trace error.
+    _check_device(*split_batch(first), device, 0)
     if example_inputs is None:
         a, k = split_batch(first)
         example_inputs = k if k else (a[0] if len(a) == 1 else a)
@@ -466,7 +476,7 @@ def measure_entropy(
                     else:
                         hooks.reset()
                         out = model(*args, **kwargs)
-                except DataError:
+                except EGPError:  # ours already says what is wrong (bad backend, bad layout...)
                     raise
                 except Exception as e:
                     raise DataError(
