@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from egp_fast.errors import ConfigError, ModelError
+from egp_fast.errors import CheckpointError, ConfigError, ModelError
 
 MASK = "weight_mask"
 
@@ -229,14 +229,51 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, Any], stri
         >>> fresh = torchvision.models.resnet18()                    # doctest: +SKIP
         >>> egp_fast.load_pruned_state_dict(fresh, pruned.state_dict())  # doctest: +SKIP
     """
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     suffix = "." + MASK
     names = [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
     if MASK in state_dict:
         names.append("")
+    _check_state_dict(model, state_dict, names, strict)
     attach_masks(model, names)
     result = model.load_state_dict(state_dict, strict=strict)
     enforce(model)
     return result
+
+
+def _check_state_dict(model: nn.Module, state_dict: Mapping[str, Any], names: list[str], strict: bool) -> None:
+    # Checked before anything changes: torch's load_state_dict copies every tensor that fits
+    # before it reports the ones that do not, which would leave a half-loaded model.
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    for n in names:
+        key = f"{n}.{MASK}" if n else MASK
+        w = getattr(modules.get(n), "weight", None)
+        if key not in expected:
+            if not isinstance(w, torch.Tensor):
+                raise CheckpointError(
+                    f"the state_dict has a mask {key!r} but the model has no layer {n!r} with a "
+                    "weight; load it into a model of the architecture it was saved from"
+                )
+            expected[key] = tuple(w.shape)
+    problems = [
+        f"{k}: {tuple(v.shape)} in the state_dict but {expected[k]} in the model"
+        for k, v in state_dict.items()
+        if k in expected and isinstance(v, torch.Tensor) and tuple(v.shape) != expected[k]
+    ]
+    if strict:
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing:
+            problems.append(f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    if problems:
+        raise CheckpointError(
+            "the state_dict does not fit the model (saved from another architecture or width?); "
+            "nothing was loaded: " + "; ".join(problems[:5])
+        )
 
 
 def strip_masks(model: nn.Module) -> nn.Module:
