@@ -102,8 +102,10 @@ def _extensions():
     ]
     cxx = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
     if with_cuda:
-        print(f"egp_fast: building CPU + CUDA kernels (CUDA_HOME={os.environ['CUDA_HOME']}, "
-              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})")
+        print(
+            f"egp_fast: building CPU + CUDA kernels (CUDA_HOME={os.environ['CUDA_HOME']}, "
+            f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})"
+        )
         ext = CUDAExtension(
             name="egp_fast._C",
             sources=sources + ["csrc/cuda_kernels.cu"],

@@ -272,7 +272,9 @@ def test_sign_count_threshold_cast_to_dtype(device):
     # 0.1 is not representable in fp16: torch compares against fp16(0.1) = 0.0999755859375.
     z = torch.tensor([[0.0999755859375, 0.10009765625, 0.1]], dtype=torch.float16, device=device).t()
     for thr in (0.1, 0.09997, 0.0999755859375):
-        got = sign_count_(z, torch.zeros(1, dtype=torch.int64, device=device), 1, thr, backend=BACKEND[device])
+        got = sign_count_(
+            z, torch.zeros(1, dtype=torch.int64, device=device), 1, thr, backend=BACKEND[device]
+        )
         want = reference_sign_count_(z, torch.zeros(1, dtype=torch.int64, device=device), 1, thr)
         assert torch.equal(got, want), thr
 
@@ -304,7 +306,10 @@ def _opcheck_cases(device):
     return [
         (torch.ops.egp_fast.select_smallest.default, ([w1, w2], [m1, m2], [3, 10])),
         (torch.ops.egp_fast.global_smallest.default, ([w1, w2], [m1, m2], 7)),
-        (torch.ops.egp_fast.sign_count_.default, (z, torch.zeros(4, dtype=torch.int64, device=device), 1, 0.0)),
+        (
+            torch.ops.egp_fast.sign_count_.default,
+            (z, torch.zeros(4, dtype=torch.int64, device=device), 1, 0.0),
+        ),
         (
             torch.ops.egp_fast.sign_count_.default,
             (z.permute(0, 2, 3, 1), torch.zeros(4, dtype=torch.int64, device=device), -1, 0.25),
