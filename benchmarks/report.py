@@ -580,6 +580,18 @@ def main(argv: list[str] | None = None) -> int:
         help='JSON with the measured device-to-device copy bandwidth ({"GBps": ...}), '
         "applied to the last run",
     )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="treat all --json files as one run (e.g. one file per benchmark module); with "
+        "--save-json the merged JSON is written there",
+    )
+    ap.add_argument(
+        "--stamp",
+        action="store_true",
+        help="record this machine (CPU, GPU, versions, date) in the runs read with --json: use it "
+        "on the machine that produced them",
+    )
     ap.add_argument("--timeout", type=float, default=None, help="seconds before the suite run is stopped")
     ap.add_argument(
         "--note", default=None, help="a line added to the machine table of the run (e.g. 'quiet machine')"
@@ -610,6 +622,13 @@ def main(argv: list[str] | None = None) -> int:
         if "benchmarks" not in data:
             raise SystemExit(f"report.py: {s} is not a pytest-benchmark JSON (no 'benchmarks' key)")
         runs.append((_display_path(s), data))
+    if args.merge and len(runs) > 1:
+        merged = dict(runs[0][1])
+        merged["benchmarks"] = [b for _, d in runs for b in d["benchmarks"]]
+        runs = [(" + ".join(src for src, _ in runs), merged)]
+    if args.stamp:
+        for _, data in runs:
+            data["egp_fast_env"] = {**data.get("egp_fast_env", {}), **machine_env()}
     if args.copy_bandwidth:
         try:
             bw = json.loads(Path(args.copy_bandwidth).read_text())
@@ -619,6 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.note:
         data = runs[-1][1]
         data.setdefault("egp_fast_env", env_from_json(data))["note"] = args.note
+    if args.merge and args.json and args.save_json:
+        Path(args.save_json).write_text(json.dumps(runs[0][1], indent=1))
+        runs = [(_display_path(args.save_json), runs[0][1])]
     command = "python benchmarks/report.py" + "".join(f" --json {src}" for src, _ in runs)
     Path(args.out).write_text(render(runs, command))
     print(f"report.py: wrote {args.out}")

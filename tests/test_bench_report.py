@@ -294,3 +294,32 @@ def test_paper_batch_entropy_clamps_constant_channels():
         + (1 - eps) * torch.log2(torch.tensor(1 - eps, dtype=torch.float64))
     )
     assert h == pytest.approx(float(expected), rel=1e-12) and 0 < h < 1e-3
+
+
+def test_merge_and_stamp_one_file_per_module(tmp_path):
+    a = _run(*_synthetic()["benchmarks"][:2])
+    b = _run(*_synthetic()["benchmarks"][2:4])
+    files = []
+    for name, d in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(d))
+        files += ["--json", str(tmp_path / f"{name}.json")]
+    bw = tmp_path / "copy.json"
+    bw.write_text(json.dumps({"GBps": 123.0}))
+    merged, out = tmp_path / "merged.json", tmp_path / "B.md"
+    args = files + [
+        "--merge",
+        "--stamp",
+        "--save-json",
+        str(merged),
+        "--copy-bandwidth",
+        str(bw),
+        "--out",
+        str(out),
+    ]
+    assert report.main(args) == 0
+    data = json.loads(merged.read_text())
+    assert len(data["benchmarks"]) == 4 and data["egp_fast_env"]["torch"] == torch.__version__
+    assert data["egp_fast_copy_GBps"] == 123.0  # kept, so a later report from the file has it
+    md = out.read_text()
+    assert md.count("\n## CPU run") == 1  # one run, not two
+    assert "### e2e_egp_round" in md and "### e2e_measure_overhead" in md
