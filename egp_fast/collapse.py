@@ -44,7 +44,8 @@ class CollapseResult:
         model: the collapsed model (an ``fx.GraphModule``, eval mode, masks stripped).
         removed: one dict per change: ``kind`` (``linearize``, ``bn_fold``, ``compose_conv``,
             ``compose_linear``, ``residual_identity``, ``residual_parallel``, ``dead_branch``,
-            ``dead_channels``), ``site`` or ``layers``, and ``exact``.
+            ``dead_channels``, ``dead_code``: a site inside a branch whose output became
+            unused), ``site`` or ``layers``, and ``exact``.
         left: what was not done, with ``reason`` (unsupported pattern, cost, border effects).
         before: depth report of the input model (see :func:`depth_report`).
         after: depth report of the collapsed model.
@@ -166,7 +167,8 @@ def collapse(
         result_model = work
     else:
         gm = graph.graph_module if graph is not None else _traced_with_shapes(work, example_inputs)
-        folder = Folder(gm, exact, fold)
+        site_nodes = {s.node: s.name for s in graph.sites} if graph is not None else {}
+        folder = Folder(gm, exact, fold, site_nodes)
         for aff in normalise_wrapped_affines(gm):
             folder.removed.append({"kind": "linearize", "site": aff.site, "exact": aff.exact,
                                    "note": "linearised earlier (egp_fast.linearize)"})
@@ -301,11 +303,12 @@ def _deviation(original: nn.Module, collapsed: nn.Module, example_inputs: Any) -
 # Depth report.
 
 
-def _longest_path(model: nn.Module) -> tuple[int | None, int | None]:
-    try:
-        gm = trace(model)
-    except Exception:
-        return None, None
+def _longest_path(model: nn.Module, gm: fx.GraphModule | None = None) -> tuple[int | None, int | None]:
+    if gm is None:
+        try:
+            gm = trace(model)
+        except Exception:
+            return None, None
     mods = dict(gm.named_modules())
     depth: dict[fx.Node, int] = {}
     calls = 0
@@ -366,11 +369,13 @@ def depth_report(model: nn.Module, example_inputs: Any, measure_latency: bool = 
     model = _unwrap(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        gm = None
         try:
-            n_sites = len(discover_sites(model, example_inputs).sites)
+            found = discover_sites(model, example_inputs)
+            n_sites, gm = len(found.sites), found.graph_module
         except ModelError:
             n_sites = 0
-    longest, calls = _longest_path(model)
+    longest, calls = _longest_path(model, gm)
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     args, kwargs = normalize_inputs(example_inputs)

@@ -151,8 +151,9 @@ def layer_flops(m: nn.Module, out_shape: tuple[int, ...]) -> int:
 class Folder:
     """Runs the passes on ``gm`` (a private copy) and records what it did and why not."""
 
-    def __init__(self, gm: fx.GraphModule, exact: bool, fold: str) -> None:
+    def __init__(self, gm: fx.GraphModule, exact: bool, fold: str, site_nodes: dict[str, str] | None = None) -> None:
         self.gm = gm
+        self.site_nodes = dict(site_nodes or {})  # fx node name -> site name, for dead-code reports
         self.g = gm.graph
         self.exact = exact
         self.fold = fold
@@ -203,11 +204,22 @@ class Folder:
         for _ in range(200):
             if not any(p() for p in passes):
                 break
-            self.g.eliminate_dead_code()
-        self.g.eliminate_dead_code()
+            self._dce()
+        self._dce()
         self.g.lint()
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
+
+    def _dce(self) -> None:
+        # A site inside a branch that became dead (its output no longer reaches the output)
+        # goes with it: report it, it is not a site the statistics chose.
+        before = {n.name for n in self.g.nodes}
+        self.g.eliminate_dead_code()
+        gone = before - {n.name for n in self.g.nodes}
+        for node_name, site in self.site_nodes.items():
+            if node_name in gone:
+                self.removed.append({"kind": "dead_code", "site": site, "exact": True,
+                                     "note": "activation in a branch whose output is no longer used"})
 
     # ---------------------------------------------------------------- passes
     def passthrough(self) -> bool:

@@ -8,9 +8,9 @@ import torch.fx as fx
 from egp_fast.graph import discover_sites
 
 
-def bias_module(model, x, site_name):
+def bias_module(model, x, site_name, g=None):
     """Qualified name of the module right before ``site_name`` that carries a bias."""
-    g = discover_sites(model, x)
+    g = g if g is not None else discover_sites(model, x)
     site = g.site(site_name)
     node = {n.name: n for n in g.graph_module.graph.nodes}[site.node]
     inp = node.args[0]
@@ -29,8 +29,9 @@ def force(model, x, plan, margin=10.0):
     Returns the names of the biased modules.
     """
     names = []
+    g = discover_sites(model, x)  # biases change below, the graph does not
     for site_name, sign in plan:
-        name = bias_module(model, x, site_name)
+        name = bias_module(model, x, site_name, g)
         mod = model.get_submodule(name)
         box = {}
         h = mod.register_forward_hook(lambda m, i, o, box=box: box.__setitem__("max", float(o.detach().abs().max())))
