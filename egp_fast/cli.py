@@ -46,10 +46,10 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 64, "eval_batch_size": 256, "amp": False, "channels_last": False, "seed": 0,
     "collapse": True, "approx_collapse": False, "measure_batches": None, "entropy_mode": "exact",
     "workers": 4, "device": "auto", "out": None, "name": None, "runs_root": "runs",
-    "resume": None, "progress": True, "latency": True,
+    "resume": None, "progress": True, "latency": True, "threads": None,
 }
 #: options that may differ when resuming (they do not change the results)
-RUNTIME_OPTIONS = frozenset({"workers", "progress", "resume", "out", "name", "runs_root", "latency"})
+RUNTIME_OPTIONS = frozenset({"workers", "progress", "resume", "out", "name", "runs_root", "latency", "threads"})
 
 
 class _UsageError(Exception):
@@ -122,6 +122,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=S, help="seed of initialisation and shuffling (default 0)")
     g.add_argument("--workers", type=int, default=S, help="DataLoader workers for on-disk data (default 4)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help="default auto")
+    g.add_argument("--threads", type=int, default=S, help="CPU threads (default: 1 for digits, whose tiny "
+                   "convolutions run faster single-threaded, especially on a shared machine; torch's "
+                   "default otherwise)")
     g = p.add_argument_group("run directory")
     g.add_argument("--out", default=S, metavar="DIR", help="run directory (default runs/<method>-<data>-<time>)")
     g.add_argument("--name", default=S, help="run directory name under --runs-root")
@@ -217,7 +220,7 @@ def _validate(cfg: dict) -> None:
     for key in ("rounds", "dense_epochs", "epochs", "workers"):
         if cfg[key] < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
-    for key in ("batch_size", "eval_batch_size", "measure_batches", "limit", "width", "image_size"):
+    for key in ("batch_size", "eval_batch_size", "measure_batches", "limit", "width", "image_size", "threads"):
         if cfg[key] is not None and cfg[key] < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {cfg[key]}")
     for key in ("lr", "dense_lr"):
@@ -324,11 +327,18 @@ def _cmd_prune(given: dict) -> int:
     cfg = _resolve_derived(cfg)
     from egp_fast.train import cleanup_distributed, init_distributed
 
+    threads_before = torch.get_num_threads()
+    threads = cfg["threads"]
+    if threads is None and cfg["data"].lower() == "digits":
+        threads = 1
     info = init_distributed(cfg["device"])
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         run_dir, cfg, resuming = _agree_on_run_dir(cfg, given, info)
         return _Run(cfg, run_dir, resuming, info).run()
     finally:
+        torch.set_num_threads(threads_before)  # in-process callers (tests, notebooks) get theirs back
         cleanup_distributed(info)
 
 
