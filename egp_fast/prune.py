@@ -21,6 +21,7 @@ from egp_fast import ops
 from egp_fast.budget import allocate
 from egp_fast.errors import ConfigError, DataError
 from egp_fast.graph import SiteGraph, _unwrap, discover_sites, weight_layers
+from egp_fast.ops._dispatch import backend_for
 from egp_fast.stats import EntropyStats, measure_entropy, split_batch
 
 METHODS = ("egp", "imp")
@@ -336,7 +337,8 @@ class Pruner:
             count = int(math.floor(self.step * sum(remaining.values())))
             names = list(view)
             new = ops.global_smallest(
-                [view[n][0] for n in names], [view[n][1] for n in names], count, backend=self.backend
+                [view[n][0] for n in names], [view[n][1] for n in names], count,
+                backend=backend_for("global_smallest", self.backend),
             )
             return {n: remaining[n] - int(m.sum()) for n, m in zip(names, new)}
         layer_h = stats.layer_entropy()
@@ -375,7 +377,7 @@ class Pruner:
             [view[n][0] for n in names],
             [view[n][1] for n in names],
             [int(plan[n]) for n in names],
-            backend=self.backend,
+            backend=backend_for("select_smallest", self.backend),
         )
         _masks.set_masks(self.model, dict(zip(names, new)))
 

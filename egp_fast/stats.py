@@ -23,6 +23,7 @@ import torch.nn as nn
 from egp_fast import ops
 from egp_fast.errors import ConfigError, DataError, EGPError, NumericsError
 from egp_fast.graph import Site, SiteGraph, _describe, _unwrap, discover_sites, eval_mode
+from egp_fast.ops._dispatch import backend_for
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 _PAPER_EPS = 1e-5
@@ -326,7 +327,7 @@ def _finish(
         torch.tensor(counter.observations, dtype=torch.int64), sizes
     ).to(device)
     t = int(offsets[-1])
-    out = ops.entropy(counter.flat[:t], obs_per_entry, offsets.to(device), backend=backend)
+    out = ops.entropy(counter.flat[:t], obs_per_entry, offsets.to(device), backend=backend_for("entropy", backend))
     result: dict[str, SiteStats] = {}
     layer_h = out.layer_entropy.cpu()
     layer_all = out.layer_entropy_all.cpu()
@@ -451,7 +452,7 @@ def measure_entropy(
     if graph is None:
         graph = discover_sites(model, example_inputs)
     counter = _Counter(graph.sites, device, paper=(mode == "paper"))
-    counter.backend = backend
+    counter.backend = backend_for("sign_count", backend)
     runner = _instrument(graph, counter) if graph.traced else None
     hooks = None if runner is not None else _HookRecorder(model, graph, counter)
     total = None

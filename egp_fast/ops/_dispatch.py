@@ -94,11 +94,35 @@ def available_backends() -> list[str]:
     return [b for b in BACKENDS if b in present]
 
 
+def backend_for(op: str, backend: str | None) -> str | None:
+    """The ``backend=`` to pass to ``op`` when a whole pipeline (``prune``, ``Pruner``,
+    ``measure_entropy``) was asked to use ``backend``: the backend itself where ``op`` has an
+    implementation in it, ``None`` (automatic) where it has none (no op exists in every
+    backend: entropy has no C++ kernel, selection no Triton kernel).
+
+    Raises:
+        BackendError: ``backend`` is not a backend egp_fast knows, or is not installed.
+    """
+    if backend is None:
+        return None
+    if backend not in BACKENDS or backend not in available_backends():
+        raise BackendError(
+            f"backend={backend!r} is not {'installed' if backend in BACKENDS else 'a backend egp_fast knows'}"
+            f"; use one of {', '.join(available_backends())} or None (automatic)"
+        )
+    return backend if backend in _IMPLS.get(op, {}) else None
+
+
 def pick(op: str, backend: str | None, device: torch.device) -> tuple[str, Callable]:
     """Return ``(backend_name, implementation)`` for one call of ``op`` on ``device``."""
     impls = _IMPLS.get(op, {})
     device_type = device.type
-    requested = backend if backend is not None else (os.environ.get("EGP_FAST_BACKEND") or None)
+    requested = backend
+    if requested is None:
+        env = os.environ.get("EGP_FAST_BACKEND") or None
+        # The variable is global: ops that have no kernel in an installed backend use the
+        # automatic choice instead of failing (EGP_FAST_BACKEND=cpp must not break entropy).
+        requested = env if env is None or env not in available_backends() or env in impls else None
     if requested is not None:
         if requested not in BACKENDS:
             raise BackendError(
@@ -108,9 +132,9 @@ def pick(op: str, backend: str | None, device: torch.device) -> tuple[str, Calla
         if requested not in impls:
             why = (
                 "the compiled extension is not built or failed to load (see egp_fast._ext.LOAD_ERROR)"
-                if requested in ("cpp", "cuda")
+                if requested in ("cpp", "cuda") and requested not in available_backends()
                 else "Triton is not importable"
-                if requested == "triton"
+                if requested == "triton" and requested not in available_backends()
                 else "it has no implementation of this op"
             )
             raise BackendError(
