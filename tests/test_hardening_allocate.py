@@ -36,7 +36,7 @@ def _eligible(entropy, magnitude, remaining):
     return [k for k in entropy if entropy[k] > 0 and remaining[k] > 0 and magnitude[k] > 0]
 
 
-@settings(max_examples=300, **SETTINGS)
+@settings(max_examples=150, **SETTINGS)
 @given(problems())
 def test_allocation_bounds_and_total(problem):
     entropy, magnitude, remaining, budget = problem
@@ -56,7 +56,7 @@ def test_allocation_bounds_and_total(problem):
     assert total >= math.floor(target) - len(pool), (total, target, len(pool))
 
 
-@settings(max_examples=150, **SETTINGS)
+@settings(max_examples=80, **SETTINGS)
 @given(problems(), st.randoms(use_true_random=False))
 def test_allocation_is_invariant_to_layer_order(problem, rnd):
     entropy, magnitude, remaining, budget = problem

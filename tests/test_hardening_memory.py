@@ -42,8 +42,8 @@ def _net() -> nn.Module:
 def test_measurement_memory_does_not_grow_with_batches(mode):
     net = _net()
     batch_bytes = 8 * 3 * 12 * 12 * 4
-    n_batches = 120
-    probes = {2: None, 60: None, n_batches - 1: None}
+    n_batches = 80
+    probes = {2: None, 40: None, n_batches - 1: None}
 
     def data():
         g = torch.Generator().manual_seed(0)
@@ -60,7 +60,7 @@ def test_measurement_memory_does_not_grow_with_batches(mode):
         tracemalloc.stop()
     assert stats.batches == n_batches
     t2, py2 = probes[2]
-    for i in (60, n_batches - 1):
+    for i in (40, n_batches - 1):
         ti, pyi = probes[i]
         # Tensors alive mid-pass: what one batch needs, not one more buffer per batch.
         assert ti <= t2 + batch_bytes, (i, ti, t2)
