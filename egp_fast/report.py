@@ -189,7 +189,10 @@ def summary_text(report: dict) -> str:
 
 def _label(run: dict) -> str:
     cfg = run.get("config") or {}
-    return f"{cfg.get('method', '?')}:{run['name']}"
+    opts = cfg.get("options", cfg)  # config.json nests the options; report.json's config is them
+    if "method" not in opts:
+        opts = (run.get("report") or {}).get("config") or {}
+    return f"{opts.get('method', '?')}:{run['name']}"
 
 
 def compare_table(runs: Sequence[dict]) -> str:

@@ -1,0 +1,146 @@
+"""Run outputs: metrics.csv, report.json, tables, plots and `egp-fast report` run comparison."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from egp_fast.cli import main
+from egp_fast.errors import CheckpointError
+from egp_fast.report import (
+    compare_table,
+    load_run,
+    plot_entropy_heatmap,
+    plot_sparsity_curves,
+    round_table,
+    summary_text,
+    write_json,
+    write_metrics_csv,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _report(method: str, zeros: list[int], accs: list[float]) -> dict:
+    sites = ["relu", "layer1.0.relu1", "layer1.0.relu2"]
+    rounds = []
+    for i, (z, a) in enumerate(zip(zeros, accs)):
+        ent = {s: (0.0 if k < z else 0.9 - 0.1 * i) for k, s in enumerate(sites)}
+        rounds.append({"round": i, "sparsity": 1 - 0.5 ** i, "accuracy": a, "n_sites": 3, "n_zero": z,
+                       "zero_entropy_sites": sites[:z], "entropy": ent, "seconds": 1.5 + i})
+    return {"config": {"method": method, "data": "digits", "model": "cifar_resnet18", "width": 16},
+            "rounds": rounds,
+            "summary": {"acc_dense": accs[0], "acc_pruned": accs[-1], "acc_collapsed": accs[-1],
+                        "sparsity": rounds[-1]["sparsity"], "zero_sites": zeros[-1], "sites_before": 17,
+                        "sites_after": 14, "depth_before": 18, "depth_after": 15, "latency_batch": 64,
+                        "latency_pruned_ms": 40.0, "latency_collapsed_ms": 30.0, "device": "cpu",
+                        "wall_seconds": 61.0}}
+
+
+def _run_dir(path, report):
+    path.mkdir(parents=True)
+    write_json(path / "config.json", {"options": report["config"]})
+    write_json(path / "report.json", report)
+    return path
+
+
+def test_metrics_csv_rewritten_whole(tmp_path):
+    p = tmp_path / "metrics.csv"
+    rows = [{"phase": "dense", "round": 0, "epoch": 1, "test_acc": 0.5, "seconds": 1.0}]
+    write_metrics_csv(p, rows)
+    write_metrics_csv(p, rows + [{"phase": "finetune", "round": 1, "epoch": 1, "test_acc": 0.75}])
+    with open(p) as f:
+        got = list(csv.DictReader(f))
+    assert [r["phase"] for r in got] == ["dense", "finetune"]
+    assert float(got[1]["test_acc"]) == 0.75 and got[1]["seconds"] == ""
+
+
+def test_write_json_is_strict_json(tmp_path):
+    write_json(tmp_path / "r.json", {"a": float("nan"), "b": torch.tensor([1, 2]), "c": (1.5, math.inf)})
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text) == {"a": None, "b": [1, 2], "c": [1.5, None]}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_round_table_and_summary():
+    rep = _report("egp", [0, 1, 2], [0.99, 0.98, 0.96])
+    table = round_table(rep["rounds"]).splitlines()
+    assert table[0].split() == ["round", "sparsity", "accuracy", "zero-H", "sites", "time"]
+    assert table[3].split() == ["2", "75.0%", "96.0%", "2/3", "3.5s"]
+    s = summary_text(rep)
+    assert "accuracy: dense 99.0% -> pruned 96.0% -> collapsed 96.0%" in s
+    assert "sites: 17 -> 14" in s and "18 -> 15" in s
+    assert "pruned 40.00 ms -> collapsed 30.00 ms" in s and "wall time: 61.0 s" in s
+    assert "(width 16)" in s
+
+
+def test_summary_without_collapse():
+    rep = _report("imp", [0, 0], [0.99, 0.98])
+    del rep["summary"]["acc_collapsed"], rep["summary"]["sites_after"], rep["summary"]["latency_collapsed_ms"]
+    s = summary_text(rep)
+    assert "collapsed" not in s and "pruned 98.0%" in s
+
+
+def test_compare_table_side_by_side(tmp_path):
+    egp = load_run(_run_dir(tmp_path / "egp-a", _report("egp", [0, 1, 3], [0.99, 0.98, 0.96])))
+    imp = load_run(_run_dir(tmp_path / "imp-a", _report("imp", [0, 0], [0.99, 0.99])))
+    lines = compare_table([egp, imp]).splitlines()
+    assert "egp:egp-a" in lines[0] and "imp:imp-a" in lines[0]
+    assert lines[4].split()[:4] == ["2", "75.0%", "96.0%", "3/3"] and lines[4].split()[-1] == "-"
+    assert lines[-1].startswith("final")
+
+
+def test_plots_are_pngs(tmp_path):
+    rep = _report("egp", [0, 1, 2], [0.99, 0.98, 0.96])
+    del rep["rounds"][0]["entropy"]["layer1.0.relu2"]  # a site missing in one round: a blank cell
+    plot_entropy_heatmap(rep, tmp_path / "h.png")
+    runs = [{"name": "a", "config": rep["config"], "report": rep},
+            {"name": "b", "config": {"method": "imp"}, "report": _report("imp", [0, 0], [0.99, 0.99])}]
+    plot_sparsity_curves(runs, tmp_path / "c.png")
+    for p in ("h.png", "c.png"):
+        data = (tmp_path / p).read_bytes()
+        assert data[:8] == PNG and len(data) > 2000
+
+
+def test_load_run_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not an egp-fast run directory"):
+        load_run(tmp_path)
+    d = _run_dir(tmp_path / "r", _report("egp", [0], [0.9]))
+    (d / "report.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_run(d)
+    os.remove(d / "report.json")
+    assert load_run(d)["report"] is None
+
+
+def test_report_command_compares_runs(tmp_path, capsys):
+    a = _run_dir(tmp_path / "runs" / "egp-x", _report("egp", [0, 1, 3], [0.99, 0.98, 0.96]))
+    b = _run_dir(tmp_path / "runs" / "imp-x", _report("imp", [0, 0, 0], [0.99, 0.99, 0.98]))
+    before = {p: (p.read_bytes()) for d in (a, b) for p in (d / "config.json", d / "report.json")}
+    out = tmp_path / "cmp"
+    assert main(["report", str(a), str(b), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "== comparison" in text and "egp:egp-x" in text and "collapsed 96.0%" in text
+    assert (out / "compare.png").read_bytes()[:8] == PNG
+    for d in (a, b):
+        assert (d / "entropy_heatmap.png").read_bytes()[:8] == PNG
+        assert (d / "sparsity_curves.png").read_bytes()[:8] == PNG
+    assert all(p.read_bytes() == v for p, v in before.items())  # the runs' records are untouched
+    # default comparison directory: next to the first run
+    assert main(["report", str(a), str(b)]) == 0
+    assert any(n.startswith("compare-") for n in os.listdir(tmp_path / "runs"))
+
+
+def test_report_command_errors(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an egp-fast run directory" in err[0]
+    a = _run_dir(tmp_path / "a", _report("egp", [0], [0.9]))
+    b = _run_dir(tmp_path / "b", _report("imp", [0], [0.9]))
+    assert main(["report", str(a), str(b), "--out", str(a)]) == 2  # never into a run directory
+    assert "is a run directory" in capsys.readouterr().err
