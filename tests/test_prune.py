@@ -159,3 +159,23 @@ def test_masked_linear_swap_shares_parameters_and_keeps_masks():
         model(torch.randn(4, 7, 4)).sum().backward()
         opt.step()
     assert (new.weight[pruned] == 0).all()
+
+
+def test_linearize_between_rounds_and_collapse_at_the_end():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 16, 4),
+    )
+    with torch.no_grad():
+        model[4].bias.fill_(60.0)  # the second ReLU is always ON: zero entropy from the start
+    data = [torch.randn(4, 3, 4, 4) for _ in range(2)]
+    res = egp_fast.prune(model, data, iterations=2, linearize=True, collapse=True, progress=False)
+    assert res.rounds[0].zero_entropy_sites == ["5"]
+    # after linearising, the second round no longer sees site "5"
+    assert [s["name"] for s in res.rounds[1].stats["sites"]] == ["2"]
+    assert res.collapse is not None and res.model is res.collapse.model
+    assert res.collapse.after["sites"] == 1
+    x = torch.randn(2, 3, 4, 4)
+    model.eval()
+    assert torch.allclose(res.model(x), model(x), atol=1e-4)
