@@ -322,6 +322,9 @@ def plot_sparsity_curves(runs: Sequence[dict], path: str | os.PathLike) -> None:
         ax1.set_ylabel("test accuracy (%)")
         ax2.set_xlabel("sparsity of prunable weights (%)")
         ax2.set_ylabel("zero-entropy sites")
+        from matplotlib.ticker import MaxNLocator
+
+        ax2.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count of sites
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)

@@ -237,3 +237,27 @@ def test_default_run_dir_under_runs_root(tmp_path):
     assert len(names) == 2 and all(n.startswith("egp-digits-") for n in names)
     assert main(["prune", *TINY, "--rounds", "0", "--no-collapse", "--runs-root", str(root), "--name", "mine"]) == 0
     assert (root / "mine" / "report.json").is_file()
+
+
+def test_amp_and_channels_last_on_cpu(tmp_path):
+    out = tmp_path / "amp"
+    assert main(["prune", *TINY, "--amp", "--channels-last", "--rounds", "1", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["complete"] and rep["config"]["amp"] and rep["config"]["channels_last"]
+    assert 0 <= rep["summary"]["acc_pruned"] <= 1
+
+
+@pytest.mark.requires_cuda
+def test_cuda_run_with_amp(tmp_path):
+    """GPU path: fp16 autocast + GradScaler, pinned memory, channels-last, collapse on the device."""
+    out = tmp_path / "cuda"
+    assert main(["prune", *TINY, "--device", "cuda", "--amp", "--channels-last", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["versions"]["device"].startswith("cuda") and "gpu" in cfg["versions"]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["complete"] and rep["summary"]["device"].startswith("cuda")
+    resumed = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(out, resumed)
+    assert main(["prune", "--resume", str(resumed), "--no-progress"]) == 0
