@@ -125,7 +125,11 @@ def env_from_json(data: dict[str, Any]) -> dict[str, Any]:
 def _fmt_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "x".join(str(x) for x in v)
-    return str(v)
+    text = str(v)
+    # pytest-benchmark stores parameters JSON cannot hold (torch.dtype...) as UNSERIALIZABLE[repr].
+    if text.startswith("UNSERIALIZABLE[") and text.endswith("]"):
+        text = text[len("UNSERIALIZABLE[") : -1]
+    return text.removeprefix("torch.")
 
 
 def case_key(bench: dict[str, Any]) -> str:
@@ -135,7 +139,9 @@ def case_key(bench: dict[str, Any]) -> str:
     base = bench.get("name", "").split("[", 1)[0]
     if not rest:
         return base if "provider" in params else bench.get("name", base)
-    return ", ".join(_fmt_value(v) for v in rest.values())
+    if len(rest) == 1:
+        return _fmt_value(next(iter(rest.values())))
+    return ", ".join(f"{k}={_fmt_value(v)}" for k, v in rest.items())
 
 
 def provider_of(bench: dict[str, Any]) -> str | None:
@@ -158,19 +164,24 @@ def _throughput(bench: dict[str, Any]) -> tuple[str, float | None]:
         if nbytes and med > 0:
             gbps = nbytes / med / 1e9
     if gbps is not None and math.isfinite(gbps):
-        return f"{gbps:,.0f} GB/s" if gbps >= 10 else f"{gbps:.2f} GB/s", float(gbps)
+        return f"{_sig(gbps)} GB/s", float(gbps)
     for key, unit, scale in (
         ("dense_TFLOPs", "TFLOP/s (dense)", 1.0),
         ("images_per_s", "img/s", 1.0),
         ("elements_per_s", "M elem/s", 1e-6),
     ):
         v = ex.get(key)
-        if v is not None and math.isfinite(v):
-            return f"{v * scale:,.1f} {unit}", None
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            return f"{_sig(v * scale)} {unit}", None
     elements = ex.get("elements")
     if elements and med > 0:
-        return f"{elements / med / 1e6:,.0f} M elem/s", None
+        return f"{_sig(elements / med / 1e6)} M elem/s", None
     return "", None
+
+
+def _sig(v: float) -> str:
+    """Three significant digits, thousands separated (1,234 / 12.3 / 0.0123)."""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def fmt_time(seconds: float) -> str:
@@ -190,7 +201,7 @@ def fmt_time(seconds: float) -> str:
 def fmt_ratio(r: float | None) -> str:
     if r is None or not math.isfinite(r):
         return "—"
-    return f"{r:.2f}×"
+    return f"{r:,.0f}×" if r >= 100 else f"{r:.2f}×"
 
 
 def group_tables(data: dict[str, Any]) -> OrderedDict[str, list[dict[str, Any]]]:
@@ -219,6 +230,9 @@ def group_tables(data: dict[str, Any]) -> OrderedDict[str, list[dict[str, Any]]]
                 rows.append(
                     {
                         "case": case,
+                        "params": {
+                            k: _fmt_value(v) for k, v in (b.get("params") or {}).items() if k != "provider"
+                        },
                         "provider": prov,
                         "median": med,
                         "iqr": float(b["stats"].get("iqr", float("nan"))),
@@ -253,16 +267,30 @@ def run_copy_gbps(data: dict[str, Any]) -> float | None:
     return best
 
 
+# extra_info entries (seconds) shown in a "details" column, with their labels.
+DETAIL_KEYS = (("trace_s", "one-time trace"), ("select_s", "select"), ("apply_s", "apply"))
+
+
+def _details(row: dict[str, Any]) -> str:
+    ex = row["extra"]
+    return ", ".join(
+        f"{label} {fmt_time(ex[k])}" for k, label in DETAIL_KEYS if isinstance(ex.get(k), (int, float))
+    )
+
+
 def render_group(name: str, rows: list[dict[str, Any]]) -> str:
     baselines = [p for p in BASELINES if any(p in r["ratios"] for r in rows)]
     show_copy = any(r["copy_fraction"] is not None for r in rows)
     show_thr = any(r["throughput"] for r in rows)
+    show_details = any(_details(r) for r in rows)
     head = ["case", "provider", "median", "IQR", "rounds"]
     head += [f"vs {p} (t_{p} / t)" for p in baselines]
     if show_thr:
         head.append("throughput")
     if show_copy:
         head.append("of copy BW")
+    if show_details:
+        head.append("details")
     lines = [f"### {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["case"], f"`{r['provider']}`", fmt_time(r["median"]), fmt_time(r["iqr"]), str(r["rounds"])]
@@ -272,6 +300,8 @@ def render_group(name: str, rows: list[dict[str, Any]]) -> str:
             cells.append(r["throughput"])
         if show_copy:
             cells.append(f"{r['copy_fraction']:.0%}" if r["copy_fraction"] is not None else "")
+        if show_details:
+            cells.append(_details(r))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -280,16 +310,16 @@ def render_group(name: str, rows: list[dict[str, Any]]) -> str:
 # Targets.
 
 
-def _find(rows: list[dict[str, Any]], provider: str, **case_has: str) -> list[dict[str, Any]]:
+def _find(rows: list[dict[str, Any]], provider: str, **params: str) -> list[dict[str, Any]]:
     return [
         r
         for r in rows
-        if r["provider"] == provider and all(v in r["case"].split(", ") for v in case_has.values())
+        if r["provider"] == provider and all(r["params"].get(k) == v for k, v in params.items())
     ]
 
 
-def _device_of_case(case: str) -> str:
-    return "cuda" if "cuda" in case.split(", ") else "cpu"
+def _device_of(row: dict[str, Any]) -> str:
+    return "cuda" if row["params"].get("device") == "cuda" else "cpu"
 
 
 def evaluate_targets(tables: OrderedDict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -314,7 +344,7 @@ def evaluate_targets(tables: OrderedDict[str, list[dict[str, Any]]]) -> list[dic
         ref = r["ratios"].get("reference")
         if ref:
             found = True
-            dev = _device_of_case(r["case"])
+            dev = _device_of(r)
             limit = 1.03 if dev == "cuda" else 1.05
             over = 1.0 / ref
             add(
@@ -331,7 +361,7 @@ def evaluate_targets(tables: OrderedDict[str, list[dict[str, Any]]]) -> list[dic
         ref = r["ratios"].get("reference")
         if ref:
             found = True
-            dev = _device_of_case(r["case"])
+            dev = _device_of(r)
             add(
                 f"one EGP round ≥ 5× faster than the reference scripts' way ({dev}, resnet18)",
                 f"{ref:.2f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] * ref)})",
@@ -346,10 +376,18 @@ def evaluate_targets(tables: OrderedDict[str, list[dict[str, Any]]]) -> list[dic
         ref = r["ratios"].get("reference")
         if ref:
             found = True
-            dev = _device_of_case(r["case"])
+            dev = _device_of(r)
+            measured = f"{ref:.1f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] * ref)})"
+            sel, app = r["extra"].get("select_s"), r["extra"].get("apply_s")
+            if isinstance(sel, (int, float)) and isinstance(app, (int, float)) and sel > 0:
+                # The timed step is selection + applying the masks, as global_unstructured's is.
+                measured += (
+                    f"; of which selection {fmt_time(sel)} ({r['median'] * ref / sel:.0f}× faster than "
+                    f"global_unstructured) and mask update {fmt_time(app)}"
+                )
             add(
                 f"global selection ≥ 10× faster than prune.global_unstructured ({dev}, resnet50)",
-                f"{ref:.1f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] * ref)})",
+                measured,
                 ref >= 10,
             )
     if not found:
@@ -384,7 +422,7 @@ def _collapse_targets(tables) -> list[dict[str, Any]]:
         for r in rows:
             cases.setdefault(r["case"], {})[r["provider"]] = r
         for case, provs in cases.items():
-            if "resnet18" not in case:
+            if not any("resnet18" in v for r in provs.values() for v in r["params"].values()):
                 continue
             orig = provs.get("original") or provs.get("reference")
             col = provs.get("collapsed")
@@ -599,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     rc = 0
+    ran: Path | None = None
     sources = list(args.json)
     if not sources:
         if args.save_json:
@@ -613,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             path = ROOT / "benchmarks" / "results" / f"{kind}.json"
         rc = run_suite(path, pytest_args, args.timeout)
         sources = [str(path)]
+        ran = path
     runs = []
     for s in sources:
         try:
@@ -638,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.note:
         data = runs[-1][1]
         data.setdefault("egp_fast_env", env_from_json(data))["note"] = args.note
+        if ran is not None:  # keep the note with the raw run, so later reports show it too
+            ran.write_text(json.dumps(data, indent=1))
     if args.merge and args.json and args.save_json:
         Path(args.save_json).write_text(json.dumps(runs[0][1], indent=1))
         runs = [(_display_path(args.save_json), runs[0][1])]

@@ -135,8 +135,8 @@ def test_ratios_are_baseline_over_provider_within_a_case():
     tables = report.group_tables(_synthetic())
     assert list(tables)[:3] == ["e2e_egp_round", "e2e_measure_overhead", "e2e_global_prune"]
     rows = _rows(tables, "e2e_egp_round")
-    assert rows[("resnet18, cpu", "egp_fast")]["ratios"]["reference"] == pytest.approx(6.0)
-    assert rows[("resnet18, cpu", "reference")]["ratios"]["reference"] == pytest.approx(1.0)
+    assert rows[("arch=resnet18, device=cpu", "egp_fast")]["ratios"]["reference"] == pytest.approx(6.0)
+    assert rows[("arch=resnet18, device=cpu", "reference")]["ratios"]["reference"] == pytest.approx(1.0)
     sel = _rows(tables, "select")
     assert sel[("a", "cpp")]["ratios"] == {"reference": pytest.approx(4.0), "topk": pytest.approx(8.0)}
     assert sel[("b", "cpp")]["ratios"] == {}  # no baseline measured for that case: no ratio
@@ -206,7 +206,7 @@ def test_render_has_machine_tables_and_runs(tmp_path):
     assert report.main(files + ["--out", str(out)]) == 0
     md = out.read_text()
     assert "## CPU run: Test CPU 9000 (4 cores)" in md and "## GPU run: NVIDIA H200" in md
-    assert "### e2e_egp_round" in md and "| resnet18, cpu | `egp_fast` | 1 s |" in md
+    assert "### e2e_egp_round" in md and "| arch=resnet18, device=cpu | `egp_fast` | 1 s |" in md
     assert "6.00×" in md and "**MISSED**" in md and "2026-01-02 03:04 UTC" in md
     assert "| torch | 2.0 |" in md  # versions from extra_info when the JSON has no stamp
 
@@ -323,3 +323,12 @@ def test_merge_and_stamp_one_file_per_module(tmp_path):
     md = out.read_text()
     assert md.count("\n## CPU run") == 1  # one run, not two
     assert "### e2e_egp_round" in md and "### e2e_measure_overhead" in md
+
+
+def test_case_labels():
+    b = _bench("g", "t[cpp-x]", {"provider": "cpp", "dtype": "UNSERIALIZABLE[torch.bfloat16]"}, 1.0)
+    assert report.case_key(b) == "bfloat16"
+    b = _bench("g", "t[cpp-x]", {"provider": "cpp", "shape": [2, 3], "dtype": "float32"}, 1.0)
+    assert report.case_key(b) == "shape=2x3, dtype=float32"
+    assert report.case_key(_bench("g", "test_copy", {}, 1.0)) == "test_copy"
+    assert report.fmt_time(0.00123) == "1.23 ms" and report.fmt_time(250.0) == "250 s"
