@@ -14,8 +14,9 @@
 // out = mask & (key >= T) and a fix-up pass over the few chunks that hold the first k_rem ties.
 //
 // Work is split in fixed chunks of kChunk elements so the tie fix-up knows, per chunk, how many
-// ties come before it. Chunks run on at::parallel_for (OpenMP); segmented calls run small
-// layers side by side (the nested parallel_for then runs inline) and big layers one by one.
+// ties come before it. Chunks of every layer run in one at::parallel_for (OpenMP) per pass; a
+// layer's budget is a "problem" with its own histogram, so a call costs ~5 parallel regions
+// whatever the number of layers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -126,16 +127,30 @@ inline void visit(const Seg& s, F&& f) {
   TORCH_INTERNAL_ASSERT(false, "egp_fast select: dtype ", s.dt, " reached an unsupported key width");
 }
 
-// One histogram pass over the digit below the `done` most significant bits, counting unpruned
-// entries whose top `done` bits equal `prefix`.
+// A problem is a set of segments with one budget: one per layer for select_smallest, one for all
+// layers for global_smallest. Every pass runs all problems in a single parallel region, so the
+// number of OpenMP regions does not grow with the number of layers (each costs a barrier, and
+// milliseconds on a loaded machine).
 template <typename KeyT>
-void histogram(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, int done, int db,
-               KeyT prefix, std::vector<int64_t>& hist) {
+struct Problem {
+  int64_t k = 0;      // entries still to take inside the current prefix bucket
+  int64_t n_eq = 0;   // entries in the last chosen bucket (equal to T after the last digit)
+  int64_t total = 0;  // unpruned entries (known after the first pass)
+  KeyT prefix = 0;
+  bool active = false;
+};
+
+// One histogram pass over the digit below the `done` most significant bits, counting unpruned
+// entries whose top `done` bits equal their problem's prefix. hist is [problems][1 << db].
+template <typename KeyT>
+void histogram(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks,
+               const std::vector<int64_t>& problem_of, const std::vector<Problem<KeyT>>& probs, int done,
+               int db, std::vector<int64_t>& hist) {
   constexpr int kb = KeyTraits<KeyT>::kBits;
   const int shift = kb - done - db;
   const uint32_t dmask = (1u << db) - 1u;
   const int nb = 1 << db;
-  hist.assign(nb, 0);
+  hist.assign(probs.size() * static_cast<size_t>(nb), 0);
   std::mutex mu;
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
     // Four interleaved sub-histograms: weights cluster in a few exponent bins, and consecutive
@@ -146,14 +161,26 @@ void histogram(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, i
     uint32_t* h2 = h1 + nb;
     uint32_t* h3 = h2 + nb;
     int64_t pending = 0;
+    int64_t cur = -1;  // problem the local counters belong to
     auto flush = [&]() {
-      std::lock_guard<std::mutex> lock(mu);
-      for (int b = 0; b < nb; ++b) {
-        hist[b] += static_cast<int64_t>(h0[b]) + h1[b] + h2[b] + h3[b];
+      if (cur >= 0 && pending > 0) {
+        std::lock_guard<std::mutex> lock(mu);
+        int64_t* g = hist.data() + cur * nb;
+        for (int b = 0; b < nb; ++b) g[b] += static_cast<int64_t>(h0[b]) + h1[b] + h2[b] + h3[b];
       }
+      std::fill(h.begin(), h.end(), 0u);
+      pending = 0;
     };
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
+      const int64_t p = problem_of[ch.seg];
+      const Problem<KeyT>& pr = probs[p];
+      if (!pr.active) continue;
+      // A new problem, or 32-bit local counters close to overflowing: hand them over.
+      if (p != cur || pending > (int64_t{1} << 30)) {
+        flush();
+        cur = p;
+      }
       const Seg& s = segs[ch.seg];
       const bool* m = s.m;
       visit<KeyT>(s, [&](auto* w) {
@@ -167,108 +194,109 @@ void histogram(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, i
           }
           for (; i < ch.hi; ++i) h0[key_of<KeyT>(w[i]) >> shift] += m[i];
         } else {
+          // Only a small share of entries matches the prefix: a well-predicted branch beats
+          // touching a counter for every entry.
           const int up = kb - done;
+          const KeyT prefix = pr.prefix;
           for (; i < ch.hi; ++i) {
             const KeyT k = key_of<KeyT>(w[i]);
-            h0[(k >> shift) & dmask] += (m[i] && static_cast<KeyT>(k >> up) == prefix);
+            if (static_cast<KeyT>(k >> up) == prefix) h0[(k >> shift) & dmask] += m[i];
           }
         }
       });
       pending += ch.hi - ch.lo;
-      if (pending > (int64_t{1} << 30)) {  // keep the 32-bit local counters from overflowing
-        flush();
-        std::fill(h.begin(), h.end(), 0u);
-        pending = 0;
-      }
     }
-    if (pending > 0) flush();
+    flush();
   });
 }
 
-// Finds the key T of the k-th smallest unpruned entry (k >= 1) and how many entries equal to T
-// must be taken (k_rem), plus how many equal T in total (n_eq). Returns false when fewer than
-// k entries are unpruned.
+// Narrows every active problem's prefix by one digit: the bucket holding its k-th entry.
 template <typename KeyT>
-bool find_threshold(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, int64_t k,
-                    KeyT& t, int64_t& k_rem, int64_t& n_eq, int64_t& total) {
-  using Tr = KeyTraits<KeyT>;
-  std::vector<int64_t> hist;
-  KeyT prefix = 0;
-  int done = 0;
-  for (int d = 0; d < Tr::kDigits; ++d) {
-    const int db = Tr::kDigit[d];
-    histogram<KeyT>(segs, chunks, done, db, prefix, hist);
-    if (d == 0) {
-      total = 0;
-      for (int64_t v : hist) total += v;
-      if (total < k) return false;
+void choose_buckets(std::vector<Problem<KeyT>>& probs, const std::vector<int64_t>& hist, int db, bool first,
+                    const char* op, const std::vector<int64_t>& ks) {
+  const int nb = 1 << db;
+  for (size_t p = 0; p < probs.size(); ++p) {
+    Problem<KeyT>& pr = probs[p];
+    if (!pr.active) continue;
+    const int64_t* h = hist.data() + p * nb;
+    if (first) {
+      pr.total = 0;
+      for (int b = 0; b < nb; ++b) pr.total += h[b];
+      TORCH_CHECK(pr.total >= pr.k, op, ": asked to prune ", ks[p], " entries but only ", pr.total,
+                  " are unpruned (True in the masks); ask for at most that many");
     }
     int64_t cum = 0;
     int b = 0;
-    for (; b < static_cast<int>(hist.size()); ++b) {
-      if (cum + hist[b] >= k) break;
-      cum += hist[b];
+    for (; b < nb; ++b) {
+      if (cum + h[b] >= pr.k) break;
+      cum += h[b];
     }
-    TORCH_INTERNAL_ASSERT(b < static_cast<int>(hist.size()), "egp_fast select: lost the k-th key");
-    k -= cum;
-    prefix = static_cast<KeyT>((static_cast<uint64_t>(prefix) << db) | static_cast<uint64_t>(b));
-    done += db;
-    n_eq = hist[b];
+    TORCH_INTERNAL_ASSERT(b < nb, "egp_fast select: lost the k-th key");
+    pr.k -= cum;
+    pr.prefix = static_cast<KeyT>((static_cast<uint64_t>(pr.prefix) << db) | static_cast<uint64_t>(b));
+    pr.n_eq = h[b];
   }
-  t = prefix;
-  k_rem = k;
-  return true;
 }
 
+// out = mask & (key > T) where every tie at T goes; else out = mask & (key >= T), ties counted
+// per chunk, then the first k_rem ties of each such problem (in index order) dropped.
+// Inactive problems (k == 0) copy their masks.
 template <typename KeyT>
-void mark(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, KeyT t, int64_t k_rem,
-          int64_t n_eq) {
+void mark(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, const std::vector<int64_t>& problem_of,
+          const std::vector<Problem<KeyT>>& probs) {
   const int64_t nc = static_cast<int64_t>(chunks.size());
-  if (k_rem == n_eq) {  // every tie goes: one pass
-    at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        const Chunk& ch = chunks[c];
-        const Seg& s = segs[ch.seg];
-        visit<KeyT>(s, [&](auto* w) {
-          for (int64_t i = ch.lo; i < ch.hi; ++i) s.out[i] = s.m[i] && key_of<KeyT>(w[i]) > t;
-        });
-      }
-    });
-    return;
-  }
-  // Keep the ties for now and count them per chunk; then drop the first k_rem in chunk order.
   std::vector<int64_t> eq(nc, 0);
+  bool any_split = false;
+  for (const auto& pr : probs) any_split = any_split || (pr.active && pr.k < pr.n_eq);
   at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[c];
       const Seg& s = segs[ch.seg];
-      int64_t n = 0;
-      visit<KeyT>(s, [&](auto* w) {
-        for (int64_t i = ch.lo; i < ch.hi; ++i) {
-          const KeyT k = key_of<KeyT>(w[i]);
-          s.out[i] = s.m[i] && k >= t;
-          n += (s.m[i] && k == t);
-        }
-      });
-      eq[c] = n;
+      const Problem<KeyT>& pr = probs[problem_of[ch.seg]];
+      const KeyT t = pr.prefix;
+      if (!pr.active) {
+        std::memcpy(s.out + ch.lo, s.m + ch.lo, static_cast<size_t>(ch.hi - ch.lo));
+      } else if (pr.k == pr.n_eq) {
+        visit<KeyT>(s, [&](auto* w) {
+          for (int64_t i = ch.lo; i < ch.hi; ++i) s.out[i] = s.m[i] && key_of<KeyT>(w[i]) > t;
+        });
+      } else {
+        int64_t n = 0;
+        visit<KeyT>(s, [&](auto* w) {
+          for (int64_t i = ch.lo; i < ch.hi; ++i) {
+            const KeyT k = key_of<KeyT>(w[i]);
+            s.out[i] = s.m[i] && k >= t;
+            n += (s.m[i] && k == t);
+          }
+        });
+        eq[c] = n;
+      }
     }
   });
+  if (!any_split) return;
+  // Ties before each chunk within its problem (chunks of a problem are in index order, though
+  // not necessarily adjacent to each other's problems: keep one running sum per problem).
   std::vector<int64_t> before(nc, 0);
-  int64_t run = 0;
-  int64_t last = 0;  // chunks [0, last) hold the ties to drop
+  std::vector<int64_t> run(probs.size(), 0);
+  std::vector<int64_t> todo;
   for (int64_t c = 0; c < nc; ++c) {
-    before[c] = run;
-    if (run < k_rem) last = c + 1;
-    run += eq[c];
+    const int64_t p = problem_of[chunks[c].seg];
+    const Problem<KeyT>& pr = probs[p];
+    if (!pr.active || pr.k == pr.n_eq) continue;
+    before[c] = run[p];
+    if (eq[c] > 0 && run[p] < pr.k) todo.push_back(c);
+    run[p] += eq[c];
   }
-  at::parallel_for(0, last, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      if (eq[c] == 0) continue;
+  at::parallel_for(0, static_cast<int64_t>(todo.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const int64_t c = todo[j];
       const Chunk& ch = chunks[c];
       const Seg& s = segs[ch.seg];
+      const Problem<KeyT>& pr = probs[problem_of[ch.seg]];
+      const KeyT t = pr.prefix;
       int64_t rank = before[c];
       visit<KeyT>(s, [&](auto* w) {
-        for (int64_t i = ch.lo; i < ch.hi && rank < k_rem; ++i) {
+        for (int64_t i = ch.lo; i < ch.hi && rank < pr.k; ++i) {
           if (s.m[i] && key_of<KeyT>(w[i]) == t) {
             s.out[i] = false;
             ++rank;
@@ -289,26 +317,27 @@ std::vector<Chunk> make_chunks(const std::vector<Seg>& segs) {
   return chunks;
 }
 
-void copy_masks(const std::vector<Seg>& segs) {
-  for (const Seg& s : segs) {
-    if (s.n > 0) std::memcpy(s.out, s.m, static_cast<size_t>(s.n));
-  }
-}
-
-// Prunes exactly k more entries of the problem formed by `segs` (ranked as concatenated).
+// Prunes exactly ks[p] more entries in each problem p (its segments ranked as concatenated).
 template <typename KeyT>
-void solve(const std::vector<Seg>& segs, int64_t k, const char* op) {
-  if (k == 0) {
-    copy_masks(segs);
-    return;
+void solve(const std::vector<Seg>& segs, const std::vector<int64_t>& problem_of, const std::vector<int64_t>& ks,
+           const char* op) {
+  using Tr = KeyTraits<KeyT>;
+  std::vector<Problem<KeyT>> probs(ks.size());
+  for (size_t p = 0; p < ks.size(); ++p) {
+    TORCH_CHECK(ks[p] >= 0, op, ": count ", ks[p], " is negative; counts must be >= 0");
+    probs[p].k = ks[p];
+    probs[p].active = ks[p] > 0;
   }
   const std::vector<Chunk> chunks = make_chunks(segs);
-  KeyT t = 0;
-  int64_t k_rem = 0, n_eq = 0, total = 0;
-  const bool ok = find_threshold<KeyT>(segs, chunks, k, t, k_rem, n_eq, total);
-  TORCH_CHECK(ok, op, ": asked to prune ", k, " entries but only ", total,
-              " are unpruned (True in the masks); ask for at most that many");
-  mark<KeyT>(segs, chunks, t, k_rem, n_eq);
+  std::vector<int64_t> hist;
+  int done = 0;
+  for (int d = 0; d < Tr::kDigits; ++d) {
+    const int db = Tr::kDigit[d];
+    histogram<KeyT>(segs, chunks, problem_of, probs, done, db, hist);
+    choose_buckets<KeyT>(probs, hist, db, d == 0, op, ks);
+    done += db;
+  }
+  mark<KeyT>(segs, chunks, problem_of, probs);
 }
 
 // 16-bit keys when every segment has the same 16-bit dtype, 64-bit when any is fp64, else 32.
@@ -321,20 +350,20 @@ int key_width(const std::vector<Seg>& segs) {
   return any64 ? 64 : (all16 ? 16 : 32);
 }
 
-void solve_any(const std::vector<Seg>& segs, int64_t k, const char* op) {
+void solve_any(const std::vector<Seg>& segs, const std::vector<int64_t>& problem_of,
+               const std::vector<int64_t>& ks, const char* op) {
   switch (key_width(segs)) {
     case 16:
-      solve<uint16_t>(segs, k, op);
+      solve<uint16_t>(segs, problem_of, ks, op);
       break;
     case 64:
-      solve<uint64_t>(segs, k, op);
+      solve<uint64_t>(segs, problem_of, ks, op);
       break;
     default:
-      solve<uint32_t>(segs, k, op);
+      solve<uint32_t>(segs, problem_of, ks, op);
       break;
   }
 }
-
 // Validates the lists, makes contiguous inputs and allocates the outputs. `keep` holds the
 // contiguous copies alive while raw pointers into them are used.
 std::vector<Seg> prepare(at::TensorList weights, at::TensorList masks, const char* op,
@@ -372,21 +401,9 @@ std::vector<at::Tensor> select_smallest_cpu(at::TensorList weights, at::TensorLi
               weights.size(), " layers; pass one count per layer");
   std::vector<at::Tensor> keep, outs;
   const std::vector<Seg> segs = prepare(weights, masks, op, keep, outs);
-  for (size_t i = 0; i < counts.size(); ++i) {
-    TORCH_CHECK(counts[i] >= 0, op, ": counts[", i, "]=", counts[i], " is negative; counts must be >= 0");
-  }
-  // Small layers side by side (their inner parallel_for then runs inline), big ones one by one
-  // with every thread on their chunks.
-  std::vector<int64_t> small, big;
-  for (size_t i = 0; i < segs.size(); ++i) {
-    (segs[i].n < 4 * kChunk ? small : big).push_back(static_cast<int64_t>(i));
-  }
-  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      solve_any({segs[small[j]]}, counts[small[j]], op);
-    }
-  });
-  for (int64_t i : big) solve_any({segs[i]}, counts[i], op);
+  std::vector<int64_t> problem_of(segs.size());
+  for (size_t i = 0; i < segs.size(); ++i) problem_of[i] = static_cast<int64_t>(i);
+  solve_any(segs, problem_of, counts.vec(), op);
   return outs;
 }
 
@@ -395,7 +412,7 @@ std::vector<at::Tensor> global_smallest_cpu(at::TensorList weights, at::TensorLi
   TORCH_CHECK(count >= 0, op, ": count=", count, " is negative; count must be >= 0");
   std::vector<at::Tensor> keep, outs;
   const std::vector<Seg> segs = prepare(weights, masks, op, keep, outs);
-  solve_any(segs, count, op);
+  solve_any(segs, std::vector<int64_t>(segs.size(), 0), {count}, op);
   return outs;
 }
 
