@@ -132,13 +132,22 @@ def _fmt_value(v: Any) -> str:
     return text.removeprefix("torch.")
 
 
+# The parameter that names what is compared within a case (bench_collapse calls it "variant").
+PROVIDER_KEYS = ("provider", "variant")
+
+
+def _provider_key(params: dict[str, Any]) -> str | None:
+    return next((k for k in PROVIDER_KEYS if k in params), None)
+
+
 def case_key(bench: dict[str, Any]) -> str:
-    """The case of a benchmark: its parameters other than ``provider`` (or its name if none)."""
+    """The case of a benchmark: its parameters other than the provider (or its name if none)."""
     params = bench.get("params") or {}
-    rest = OrderedDict((k, v) for k, v in params.items() if k != "provider")
+    pk = _provider_key(params)
+    rest = OrderedDict((k, v) for k, v in params.items() if k != pk)
     base = bench.get("name", "").split("[", 1)[0]
     if not rest:
-        return base if "provider" in params else bench.get("name", base)
+        return base if pk else bench.get("name", base)
     if len(rest) == 1:
         return _fmt_value(next(iter(rest.values())))
     return ", ".join(f"{k}={_fmt_value(v)}" for k, v in rest.items())
@@ -146,8 +155,8 @@ def case_key(bench: dict[str, Any]) -> str:
 
 def provider_of(bench: dict[str, Any]) -> str | None:
     params = bench.get("params") or {}
-    p = params.get("provider")
-    return None if p is None else str(p)
+    pk = _provider_key(params)
+    return None if pk is None else str(params[pk])
 
 
 def _median(bench: dict[str, Any]) -> float:
@@ -231,7 +240,9 @@ def group_tables(data: dict[str, Any]) -> OrderedDict[str, list[dict[str, Any]]]
                     {
                         "case": case,
                         "params": {
-                            k: _fmt_value(v) for k, v in (b.get("params") or {}).items() if k != "provider"
+                            k: _fmt_value(v)
+                            for k, v in (b.get("params") or {}).items()
+                            if k != _provider_key(b.get("params") or {})
                         },
                         "provider": prov,
                         "median": med,

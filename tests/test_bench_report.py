@@ -115,14 +115,14 @@ def _synthetic():
         _bench(
             "collapse",
             "test_collapse[original-resnet18-b1]",
-            {"provider": "original", "model": "resnet18", "batch": 1},
+            {"arch": "resnet18_cifar", "k": 4, "variant": "original", "batch": 1},
             1.0,
             {"flops": 2e9},
         ),
         _bench(
             "collapse",
             "test_collapse[collapsed-resnet18-b1]",
-            {"provider": "collapsed", "model": "resnet18", "batch": 1},
+            {"arch": "resnet18_cifar", "k": 4, "variant": "collapsed", "batch": 1},
             0.55,
             {"flops": 1e9},
         ),
@@ -166,6 +166,21 @@ def test_targets_met_and_missed_with_figures():
     assert glob["status"] == "met" and glob["measured"].startswith("20.0×")
     col = [t for t in targets if t["target"].startswith("collapsed resnet18")]
     assert len(col) == 1 and col[0]["status"] == "met" and "−45.0%" in col[0]["measured"]
+    rows = _rows(report.group_tables(_synthetic()), "collapse")  # "variant" is bench_collapse's provider
+    assert rows[("arch=resnet18_cifar, k=4, batch=1", "collapsed")]["ratios"]["original"] == pytest.approx(
+        1 / 0.55
+    )
+
+
+def test_collapse_target_without_flops_is_not_measured():
+    data = _synthetic()
+    for b in data["benchmarks"]:
+        if b["group"] == "collapse":
+            b["extra_info"] = {}
+    col = [
+        t for t in report.evaluate_targets(report.group_tables(data)) if t["target"].startswith("collapsed")
+    ]
+    assert col[0]["status"] == "not measured" and "FLOPs not recorded" in col[0]["measured"]
 
 
 def test_targets_not_measured_when_absent_and_gpu_limit():
