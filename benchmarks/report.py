@@ -522,6 +522,8 @@ def render_env(env: dict[str, Any], source: str) -> str:
         rows.append(
             ("pytest exit status", f"{env['pytest_exit']} (some benchmarks failed or were cut short)")
         )
+    if env.get("load_average"):
+        rows.append(("load average", env["load_average"]))
     if env.get("note"):
         rows.append(("note", env["note"]))
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]) + "\n"
@@ -590,6 +592,13 @@ def headline(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
 # Running the suite.
 
 
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
 def run_suite(json_path: Path, pytest_args: list[str], timeout: float | None) -> int:
     """``pytest benchmarks --benchmark-only --benchmark-json=json_path``; stamps the machine in."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -604,6 +613,7 @@ def run_suite(json_path: Path, pytest_args: list[str], timeout: float | None) ->
         *pytest_args,
     ]
     print("report.py: running", " ".join(cmd), flush=True)
+    load_before = _load()
     try:
         rc = subprocess.call(cmd, cwd=ROOT, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -611,7 +621,13 @@ def run_suite(json_path: Path, pytest_args: list[str], timeout: float | None) ->
     if not json_path.exists():
         raise SystemExit(f"report.py: the benchmark run wrote no JSON (pytest exit status {rc})")
     data = json.loads(json_path.read_text())
-    data["egp_fast_env"] = {**machine_env(), "pytest_exit": rc, "pytest_args": pytest_args}
+    data["egp_fast_env"] = {
+        **machine_env(),
+        "pytest_exit": rc,
+        "pytest_args": pytest_args,
+        # Other processes' load skews wall-clock medians: keep it with the numbers.
+        "load_average": f"{load_before} before, {_load()} after (1-minute)",
+    }
     json_path.write_text(json.dumps(data, indent=1))
     return rc
 
