@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "model": "cifar_resnet18", "width": None, "weights": None,
     "data": "digits", "image_size": None, "limit": None,
     "method": "egp", "rounds": 4, "step": 0.5, "dense_epochs": 15, "epochs": 8,
-    "optimizer": "sgd", "dense_lr": 0.1, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+    "optimizer": "sgd", "dense_lr": 0.1, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
     "schedule": "cosine", "milestones": [0.5, 0.75], "gamma": 0.1,
     "batch_size": 64, "eval_batch_size": 256, "amp": False, "channels_last": False, "seed": 0,
     "collapse": True, "approx_collapse": False, "measure_batches": None, "entropy_mode": "exact",
@@ -106,7 +106,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dense-lr", type=float, default=S, help="learning rate of dense training (default 0.1)")
     g.add_argument("--lr", type=float, default=S, help="learning rate of each fine-tune round (default 0.01)")
     g.add_argument("--momentum", type=float, default=S, help="SGD momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=float, default=S, help="default 5e-4")
+    g.add_argument("--weight-decay", type=float, default=S, help="default 1e-4 (EGP reference)")
     g.add_argument("--schedule", choices=("cosine", "multistep", "constant"), default=S,
                    help="per-phase schedule: cosine (default) or multistep as in EGP's reference (x gamma "
                    "at the milestones)")
