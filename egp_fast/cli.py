@@ -686,7 +686,9 @@ class _Run:
                    "depth_before": b.get("longest_path"), "depth_after": a.get("longest_path"),
                    "params_before": b.get("params"), "params_after": a.get("params"),
                    "flops_before": b.get("flops"), "flops_after": a.get("flops"),
-                   "removed_sites": res.removed_sites, "collapse_exact": res.exact,
+                   "removed_sites": [e["site"] for e in res.removed  # linearised, or dead after a fold
+                                     if e.get("kind") in ("linearize", "dead_code") and e.get("site")],
+                   "collapse_exact": res.exact,
                    "max_deviation": res.max_deviation}
         if b.get("latency_ms_b64") is not None and a.get("latency_ms_b64") is not None:
             summary.update(latency_batch=64, latency_pruned_ms=b["latency_ms_b64"],

@@ -175,6 +175,7 @@ def test_run_outputs(tiny_run, capsys):
     assert summ["acc_dense"] == rep["rounds"][0]["accuracy"] and summ["acc_pruned"] == rep["rounds"][-1]["accuracy"]
     assert "acc_collapsed" in summ and summ["sites_after"] <= summ["sites_before"]
     assert summ["sites_after"] == summ["sites_before"] - len(summ["removed_sites"])
+    assert set(rep["rounds"][-1]["zero_entropy_sites"]) <= set(summ["removed_sites"])
     for png in ("entropy_heatmap.png", "sparsity_curves.png"):
         assert (tiny_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.listdir(tiny_run) if ".tmp-" in n]
