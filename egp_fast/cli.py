@@ -335,11 +335,33 @@ def _cmd_prune(given: dict) -> int:
     try:
         if threads is not None:
             torch.set_num_threads(threads)
+        missing = _missing_ancestors(cfg)
         run_dir, cfg, resuming = _agree_on_run_dir(cfg, given, info)
-        return _Run(cfg, run_dir, resuming, info).run()
+        try:
+            return _Run(cfg, run_dir, resuming, info).run()
+        except BaseException:
+            # A new run that failed before writing anything (bad --data path, say) leaves no
+            # empty directories behind.
+            if info.is_main and not resuming:
+                for d in [run_dir] + [m for m in missing if m != run_dir]:
+                    if os.path.isdir(d) and not _is_nonempty_dir(d):
+                        os.rmdir(d)
+            raise
     finally:
         torch.set_num_threads(threads_before)  # in-process callers (tests, notebooks) get theirs back
         cleanup_distributed(info)
+
+
+def _missing_ancestors(cfg: dict) -> list[str]:
+    """The directories a new run would create above its run directory, deepest first."""
+    if cfg.get("resume") is not None:
+        return []
+    top = os.path.abspath(cfg["out"]) if cfg.get("out") else os.path.abspath(cfg["runs_root"])
+    out = []
+    while top and not os.path.exists(top):
+        out.append(top)
+        top = os.path.dirname(top)
+    return out
 
 
 def _agree_on_run_dir(cfg: dict, given: dict, info) -> tuple[str, dict, bool]:
