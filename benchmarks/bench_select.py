@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -221,17 +220,24 @@ def test_select_smallest_resnet50_gpu(benchmark, provider):
 # ---- side-by-side ratios (script mode) ------------------------------------------------------
 
 
-def _median_time(fn, device="cpu", repeats=5, warmup=2, setup=None) -> float:
+def _best_time(fn, device="cpu", repeats=5, warmup=2, setup=None, calls=1) -> float:
+    """Best of ``repeats`` timings of ``calls`` back-to-back calls, per call.
+
+    The best, not the median: on a shared machine other processes only ever add time. On a GPU,
+    ``calls`` > 1 queues launches back to back so host-side dispatch overlaps the kernels, as it
+    does in a real measurement pass.
+    """
     times = []
     for r in range(warmup + repeats):
         args = setup() if setup else ()
         sync(device)
         t0 = time.perf_counter()
-        fn(*args)
+        for _ in range(calls):
+            fn(*args)
         sync(device)
         if r >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            times.append((time.perf_counter() - t0) / calls)
+    return min(times)
 
 
 def _report_cpu(repeats: int) -> None:
@@ -240,9 +246,9 @@ def _report_cpu(repeats: int) -> None:
     ws, ms = _weights_and_masks(model)
     counts = _half_counts(ms)
     total = sum(w.numel() for w in ws)
-    t_topk = _median_time(lambda: topk_per_layer(ws, ms, counts), repeats=repeats)
-    t_ref = _median_time(lambda: select_smallest(ws, ms, counts, backend="torch"), repeats=repeats)
-    t_cpp = _median_time(lambda: select_smallest(ws, ms, counts, backend="cpp"), repeats=repeats)
+    t_topk = _best_time(lambda: topk_per_layer(ws, ms, counts), repeats=repeats)
+    t_ref = _best_time(lambda: select_smallest(ws, ms, counts, backend="torch"), repeats=repeats)
+    t_cpp = _best_time(lambda: select_smallest(ws, ms, counts, backend="cpp"), repeats=repeats)
     print(
         f"select_smallest resnet50 ({total / 1e6:.1f}M, 50% per layer): topk/layer {t_topk * 1e3:.1f} ms, "
         f"reference(sort) {t_ref * 1e3:.1f} ms, cpp {t_cpp * 1e3:.1f} ms -> "
@@ -253,13 +259,13 @@ def _report_cpu(repeats: int) -> None:
     def setup():
         return (_prunable(copy.deepcopy(model)),)
 
-    t_glob = _median_time(
+    t_glob = _best_time(
         lambda p: prune.global_unstructured(p, pruning_method=prune.L1Unstructured, amount=0.5),
         repeats=repeats,
         setup=setup,
     )
-    t_gref = _median_time(lambda: global_smallest(ws, ms, total // 2, backend="torch"), repeats=repeats)
-    t_gcpp = _median_time(lambda: global_smallest(ws, ms, total // 2, backend="cpp"), repeats=repeats)
+    t_gref = _best_time(lambda: global_smallest(ws, ms, total // 2, backend="torch"), repeats=repeats)
+    t_gcpp = _best_time(lambda: global_smallest(ws, ms, total // 2, backend="cpp"), repeats=repeats)
     print(
         f"global_smallest resnet50 (50%): prune.global_unstructured {t_glob * 1e3:.1f} ms, "
         f"reference(sort) {t_gref * 1e3:.1f} ms, cpp {t_gcpp * 1e3:.1f} ms -> "
@@ -270,7 +276,7 @@ def _report_cpu(repeats: int) -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         w = torch.randn(n).to(dtype)
         m = torch.ones(n, dtype=torch.bool)
-        t = _median_time(lambda w=w, m=m: select_smallest([w], [m], [n // 2], backend="cpp"), repeats=repeats)
+        t = _best_time(lambda w=w, m=m: select_smallest([w], [m], [n // 2], backend="cpp"), repeats=repeats)
         print(f"select_smallest 10M {str(dtype):15s}: cpp {t * 1e3:.1f} ms ({n / t / 1e6:.0f} M elem/s)")
 
     r18 = _resnet("resnet18")
@@ -284,10 +290,10 @@ def _report_cpu(repeats: int) -> None:
     # Interleave the two so load from other processes hits both alike.
     tf, tp, tr = [], [], []
     for _ in range(reps):
-        tf.append(_median_time(plain, repeats=1, warmup=1))
-        tp.append(_median_time(lambda: _entropy_pass(r18, x, {}, "cpp"), repeats=1, warmup=1))
-        tr.append(_median_time(lambda: _entropy_pass(r18, x, {}, "torch"), repeats=1, warmup=1))
-    f, p, r = statistics.median(tf), statistics.median(tp), statistics.median(tr)
+        tf.append(_best_time(plain, repeats=1, warmup=1))
+        tp.append(_best_time(lambda: _entropy_pass(r18, x, {}, "cpp"), repeats=1, warmup=1))
+        tr.append(_best_time(lambda: _entropy_pass(r18, x, {}, "torch"), repeats=1, warmup=1))
+    f, p, r = min(tf), min(tp), min(tr)
     print(
         f"resnet18 b64 32x32 entropy pass: forward {f * 1e3:.1f} ms, +sign_count cpp {p * 1e3:.1f} ms "
         f"({p / f:.3f}x), +sign_count reference {r * 1e3:.1f} ms ({r / f:.3f}x)"
@@ -301,33 +307,35 @@ def _report_gpu(repeats: int) -> None:
     dst = torch.empty_like(z)
     nbytes = z.numel() * z.element_size()
     rep = max(repeats, 20)
-    t_copy = _median_time(lambda: dst.copy_(z), "cuda", repeats=rep)
-    t_sc = _median_time(lambda: sign_count_(z, counts, 1, backend="cuda"), "cuda", repeats=rep)
-    t_ref = _median_time(lambda: sign_count_(z, counts, 1, backend="torch"), "cuda", repeats=rep)
+    t_copy = _best_time(lambda: dst.copy_(z), "cuda", repeats=rep, calls=20)
+    t_sc = _best_time(lambda: sign_count_(z, counts, 1, backend="cuda"), "cuda", repeats=rep, calls=20)
+    t_ref = _best_time(lambda: sign_count_(z, counts, 1, backend="torch"), "cuda", repeats=rep, calls=20)
     zl = z.contiguous(memory_format=torch.channels_last)
-    t_cl = _median_time(lambda: sign_count_(zl, counts, 1, backend="cuda"), "cuda", repeats=rep)
+    t_cl = _best_time(lambda: sign_count_(zl, counts, 1, backend="cuda"), "cuda", repeats=rep, calls=20)
+    t_1 = _best_time(lambda: sign_count_(z, counts, 1, backend="cuda"), "cuda", repeats=rep)
     bw_copy, bw_sc, bw_cl = 2 * nbytes / t_copy / 1e9, nbytes / t_sc / 1e9, nbytes / t_cl / 1e9
     print(
         f"sign_count 64x256x56x56 bf16: copy {bw_copy:.0f} GB/s; cuda NCHW {bw_sc:.0f} GB/s "
         f"({bw_sc / bw_copy:.0%} of copy), channels-last {bw_cl:.0f} GB/s ({bw_cl / bw_copy:.0%}); "
-        f"reference {t_ref * 1e3:.2f} ms vs cuda {t_sc * 1e3:.2f} ms"
+        f"reference {t_ref * 1e3:.3f} ms vs cuda {t_sc * 1e3:.3f} ms per call (20 queued); "
+        f"one synced call {t_1 * 1e3:.3f} ms"
     )
     n = 100_000_000
     w = torch.randn(n, device="cuda")
     m = torch.ones(n, dtype=torch.bool, device="cuda")
-    t_k = _median_time(lambda: torch.kthvalue(w.abs(), n // 2), "cuda", repeats=repeats)
-    t_g = _median_time(lambda: global_smallest([w], [m], n // 2, backend="cuda"), "cuda", repeats=repeats)
+    t_k = _best_time(lambda: torch.kthvalue(w.abs(), n // 2), "cuda", repeats=repeats)
+    t_g = _best_time(lambda: global_smallest([w], [m], n // 2, backend="cuda"), "cuda", repeats=repeats)
     wt = torch.randint(0, 4, (n,), device="cuda").float()  # heavy ties: the tie-ranking path
-    t_gt = _median_time(lambda: global_smallest([wt], [m], n // 2, backend="cuda"), "cuda", repeats=repeats)
+    t_gt = _best_time(lambda: global_smallest([wt], [m], n // 2, backend="cuda"), "cuda", repeats=repeats)
     print(
         f"global_smallest 100M fp32: kthvalue {t_k * 1e3:.2f} ms, cuda {t_g * 1e3:.2f} ms "
         f"({t_k / t_g:.1f}x); heavy ties {t_gt * 1e3:.2f} ms"
     )
     ws, ms = _weights_and_masks(_resnet("resnet50"), "cuda")
     cnt = _half_counts(ms)
-    t_tk = _median_time(lambda: topk_per_layer(ws, ms, cnt), "cuda", repeats=repeats)
-    t_sc = _median_time(lambda: select_smallest(ws, ms, cnt, backend="cuda"), "cuda", repeats=repeats)
-    t_gl = _median_time(lambda: global_smallest(ws, ms, sum(cnt), backend="cuda"), "cuda", repeats=repeats)
+    t_tk = _best_time(lambda: topk_per_layer(ws, ms, cnt), "cuda", repeats=repeats)
+    t_sc = _best_time(lambda: select_smallest(ws, ms, cnt, backend="cuda"), "cuda", repeats=repeats)
+    t_gl = _best_time(lambda: global_smallest(ws, ms, sum(cnt), backend="cuda"), "cuda", repeats=repeats)
     print(
         f"select_smallest resnet50 gpu: topk/layer {t_tk * 1e3:.2f} ms, cuda {t_sc * 1e3:.2f} ms "
         f"({t_tk / t_sc:.1f}x); global cuda {t_gl * 1e3:.2f} ms"
@@ -338,7 +346,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="measure the GPU bars instead of the CPU ones")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for every provider")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.gpu:
         if not torch.cuda.is_available():
             sys.exit("--gpu needs a CUDA device")
