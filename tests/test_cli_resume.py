@@ -92,9 +92,9 @@ def test_resume_from_each_checkpoint_kind(tmp_path, cut):
     # Rebuild the intermediate checkpoint by re-running up to the cut with a recording hook.
     part = tmp_path / "part"
     saved = []
-    import egp_fast.cli as cli
+    import egp_fast.run as run_module
 
-    orig = cli._Run._checkpoint
+    orig = run_module.Run._checkpoint
 
     def spy(self, opt=None, sch=None):
         orig(self, opt, sch)
@@ -104,11 +104,11 @@ def test_resume_from_each_checkpoint_kind(tmp_path, cut):
             saved.append(load_checkpoint(self.ckpt_path))
             raise KeyboardInterrupt  # stop here, as a kill would
 
-    cli._Run._checkpoint = spy
+    run_module.Run._checkpoint = spy
     try:
         assert main(["prune", *small, "--out", str(part)]) == 130
     finally:
-        cli._Run._checkpoint = orig
+        run_module.Run._checkpoint = orig
     assert saved
     save_checkpoint(part / "checkpoint.pt", {k: v for k, v in saved[0].items() if k != "format"})
     assert main(["prune", "--resume", str(part), "--no-progress"]) == 0
