@@ -77,6 +77,17 @@ def variants(arch: str, k: int):
     return {"original": model, "bn_folded": bn_only, "collapsed": out.model}, x, out
 
 
+@functools.cache
+def _flops(arch: str, k: int, variant: str, batch: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    models, x, _ = variants(arch, k)
+    xb = x[:1].expand(batch, *x.shape[1:]).contiguous()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        models[variant](xb)
+    return int(counter.get_total_flops())
+
+
 @pytest.mark.benchmark(group="collapse")
 @pytest.mark.parametrize("batch", [1, 64])
 @pytest.mark.parametrize("variant", ["original", "bn_folded", "collapsed"])
@@ -86,6 +97,7 @@ def test_collapse_latency(benchmark, arch, k, variant, batch):
     model = models[variant]
     xb = x[:1].expand(batch, *x.shape[1:]).contiguous()
     benchmark.extra_info.update(arch=arch, k=k, variant=variant, batch=batch, threads=torch.get_num_threads(),
+                                flops=_flops(arch, k, variant, batch),
                                 sites=out.after["sites"] if variant == "collapsed" else out.before["sites"])
     with torch.no_grad():
         benchmark.pedantic(model, args=(xb,), rounds=5 if batch == 1 else 3, warmup_rounds=2, iterations=1)

@@ -86,7 +86,10 @@ fi
 if [ "${DEVICE_CHECK_SKIP_BUILD:-0}" = 1 ]; then
     log "SKIP build (DEVICE_CHECK_SKIP_BUILD=1): using the extension already in the tree"
 else
-    run_step build 200 "$OUT/build.log" "$PY" setup.py build_ext --inplace || FAILED+=(build)
+    # The system g++, not Python's configured /opt/gcc one: an extension built with the latter
+    # segfaulted on the H200 machine whenever an op raised an error (inside c10's formatting).
+    run_step build 200 "$OUT/build.log" env CC=gcc CXX=g++ LDSHARED="g++ -shared" \
+        "$PY" setup.py build_ext --inplace || FAILED+=(build)
 fi
 "$PY" -c 'import egp_fast, egp_fast._ext as e; print("extension: HAS_CPP", e.HAS_CPP, "HAS_CUDA", e.HAS_CUDA, "error", e.LOAD_ERROR); print("backends", egp_fast.available_backends())' 2>&1 | tee -a "$LOG"
 
