@@ -688,6 +688,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--note", default=None, help="a line added to the machine table of the run (e.g. 'quiet machine')"
     )
+    ap.add_argument(
+        "--append",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a markdown file appended verbatim (figures measured outside pytest-benchmark, such as "
+        "a GPU session's script runs); repeatable",
+    )
     args = ap.parse_args(argv)
 
     rc = 0
@@ -738,7 +746,14 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.save_json).write_text(json.dumps(runs[0][1], indent=1))
         runs = [(_display_path(args.save_json), runs[0][1])]
     command = "python benchmarks/report.py" + "".join(f" --json {src}" for src, _ in runs)
-    Path(args.out).write_text(render(runs, command))
+    command += "".join(f" --append {_display_path(a)}" for a in args.append)
+    text = render(runs, command)
+    for extra in args.append:
+        try:
+            text = text.rstrip("\n") + "\n\n" + Path(extra).read_text().strip() + "\n"
+        except OSError as e:
+            raise SystemExit(f"report.py: cannot read --append {extra}: {e}") from None
+    Path(args.out).write_text(text)
     print(f"report.py: wrote {args.out}")
     for line in headline(runs):
         print("  " + line)
