@@ -216,6 +216,7 @@ class _Counter:
         self.paper_sum = torch.zeros(len(sites), dtype=torch.float64, device=device) if paper else None
         self.batches = 0
         self.backend: str | None = None
+        self._impl: dict[tuple[torch.dtype, torch.device], Any] = {}
 
     def record(self, i: int, z: torch.Tensor) -> None:
         s = self.sites[i]
@@ -229,9 +230,21 @@ class _Counter:
         obs = z.numel() // s.channels
         if self.paper:
             before = self.first[i].clone()
-        ops.sign_count_(z, self.first[i], s.channel_dim, s.breakpoints[0], backend=self.backend)
-        for b, view in zip(s.breakpoints[1:], self.rest[i]):
-            ops.sign_count_(z, view, s.channel_dim, b, backend=self.backend)
+        key = (z.dtype, z.device)
+        fn = self._impl.get(key)
+        if fn is None or z.numel() == 0:
+            # First call for this dtype/device: the public op validates everything and picks
+            # the backend; later calls go straight to that implementation (tens of microseconds
+            # per site and batch that a hot loop need not pay again).
+            ops.sign_count_(z, self.first[i], s.channel_dim, s.breakpoints[0], backend=self.backend)
+            for b, view in zip(s.breakpoints[1:], self.rest[i]):
+                ops.sign_count_(z, view, s.channel_dim, b, backend=self.backend)
+            if z.numel():
+                self._impl[key] = ops.pick("sign_count", self.backend, z.device)[1]
+        else:
+            fn(z, self.first[i], s.channel_dim, float(s.breakpoints[0]))
+            for b, view in zip(s.breakpoints[1:], self.rest[i]):
+                fn(z, view, s.channel_dim, float(b))
         self.observations[i] += obs
         if self.paper and obs > 0:
             p = ((self.first[i] - before).to(torch.float64) / obs).clamp(_PAPER_EPS, 1 - _PAPER_EPS)

@@ -171,14 +171,20 @@ def test_measure_entropy_failure_leaves_model_untouched(cls, exc, where, monkeyp
 
         data = gen()
     else:
-        real = ops.sign_count_
+        # Fail inside the counting kernels themselves (every backend), on the 7th call.
+        from egp_fast.ops import _dispatch
+
         hit = _fail_on_call(7, exc)
+        impls = dict(_dispatch._IMPLS["sign_count"])
 
-        def flaky(*a, **k):
-            hit()
-            return real(*a, **k)
+        def flaky(real):
+            def run(*a, **k):
+                hit()
+                return real(*a, **k)
 
-        monkeypatch.setattr(ops, "sign_count_", flaky)
+            return run
+
+        monkeypatch.setitem(_dispatch._IMPLS, "sign_count", {b: flaky(f) for b, f in impls.items()})
     expected = (DataError, Boom) if isinstance(exc, Exception) else KeyboardInterrupt
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fx fallback warning for Untraceable
