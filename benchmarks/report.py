@@ -435,6 +435,11 @@ def _forward_floor(tables, round_row: dict[str, Any]) -> float | None:
     return None
 
 
+def _change(reduction: float) -> str:
+    """A reduction as a signed change: 0.2 -> '−20.0%', -0.06 -> '+6.0%'."""
+    return f"−{reduction:.1%}" if reduction >= 0 else f"+{-reduction:.1%}"
+
+
 def _flops(row: dict[str, Any]) -> float | None:
     ex = row["extra"]
     for key in ("flops", "FLOPs", "macs"):
@@ -476,7 +481,7 @@ def _collapse_targets(tables) -> list[dict[str, Any]]:
                 out.append(
                     {
                         "target": f"{name} ({g}: {case})",
-                        "measured": f"latency −{lat:.1%}; FLOPs not recorded",
+                        "measured": f"latency {_change(lat)}; FLOPs not recorded",
                         "status": "not measured",
                     }
                 )
@@ -485,7 +490,7 @@ def _collapse_targets(tables) -> list[dict[str, Any]]:
             out.append(
                 {
                     "target": f"{name} ({g}: {case})",
-                    "measured": f"latency −{lat:.1%} vs FLOPs −{flop:.1%} (ratio "
+                    "measured": f"latency {_change(lat)} vs FLOPs {_change(flop)} (ratio "
                     f"{(lat / flop if flop > 0 else float('nan')):.2f})",
                     "status": "met" if ok else "MISSED",
                 }
