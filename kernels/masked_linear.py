@@ -66,6 +66,28 @@ def _tile_occupancy_kernel(
 
 
 @triton.jit
+def _grouped_tile(pid, n_m, n_other, GROUP_M: tl.constexpr):
+    """(row tile, other tile) of program ``pid`` in grouped order: GROUP_M row tiles share each
+    weight tile while it is in L2."""
+    per_group = GROUP_M * n_other
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
+def _load_w_tile(W_ptr, M_ptr, offs_n, offs_k, mask_n, mask_k, W_row_stride, W_col_stride,
+                 M_row_stride, M_col_stride, APPLY_MASK: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` tile of ``W * M`` (the mask is read only when W is dirty)."""
+    inb = mask_n[:, None] & mask_k[None, :]
+    w = tl.load(W_ptr + offs_n[:, None] * W_row_stride + offs_k[None, :] * W_col_stride, mask=inb, other=0.0)
+    if APPLY_MASK:
+        keep = tl.load(M_ptr + offs_n[:, None] * M_row_stride + offs_k[None, :] * M_col_stride, mask=inb, other=0)
+        w = tl.where(keep != 0, w, tl.zeros_like(w))
+    return w
+
+
+@triton.jit
 def _masked_linear_kernel(
     X_ptr,
     W_ptr,
@@ -97,13 +119,7 @@ def _masked_linear_kernel(
     pid = tl.program_id(0).to(tl.int64)
     n_m = tl.cdiv(M_rows, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-tiles share each weight tile while it is in L2.
-    per_group = GROUP_M * n_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m, pid_n = _grouped_tile(pid, n_m, n_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     offs_kk = tl.arange(0, BLOCK_K).to(tl.int64)
@@ -121,18 +137,8 @@ def _masked_linear_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        w = tl.load(
-            W_ptr + offs_n[:, None] * W_row_stride + offs_k[None, :] * W_col_stride,
-            mask=mask_n[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        if APPLY_MASK:
-            keep = tl.load(
-                M_ptr + offs_n[:, None] * M_row_stride + offs_k[None, :] * M_col_stride,
-                mask=mask_n[:, None] & mask_k[None, :],
-                other=0,
-            )
-            w = tl.where(keep != 0, w, tl.zeros_like(w))
+        w = _load_w_tile(W_ptr, M_ptr, offs_n, offs_k, mask_n, mask_k, W_row_stride, W_col_stride,
+                         M_row_stride, M_col_stride, APPLY_MASK)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         b = tl.load(Bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -174,12 +180,7 @@ def _masked_linear_dx_kernel(
     pid = tl.program_id(0).to(tl.int64)
     n_m = tl.cdiv(M_rows, BLOCK_M)
     n_k = tl.cdiv(K, BLOCK_K)
-    per_group = GROUP_M * n_k
-    group = pid // per_group
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_k = (pid % per_group) // size_m
+    pid_m, pid_k = _grouped_tile(pid, n_m, n_k, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     offs_nn = tl.arange(0, BLOCK_N).to(tl.int64)
@@ -197,18 +198,8 @@ def _masked_linear_dx_kernel(
             mask=mask_m[:, None] & mask_n[None, :],
             other=0.0,
         )
-        w = tl.load(
-            W_ptr + offs_n[:, None] * W_row_stride + offs_k[None, :] * W_col_stride,
-            mask=mask_n[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        if APPLY_MASK:
-            keep = tl.load(
-                M_ptr + offs_n[:, None] * M_row_stride + offs_k[None, :] * M_col_stride,
-                mask=mask_n[:, None] & mask_k[None, :],
-                other=0,
-            )
-            w = tl.where(keep != 0, w, tl.zeros_like(w))
+        w = _load_w_tile(W_ptr, M_ptr, offs_n, offs_k, mask_n, mask_k, W_row_stride, W_col_stride,
+                         M_row_stride, M_col_stride, APPLY_MASK)
         acc = tl.dot(dy, w, acc, input_precision=PRECISION)
     tl.store(
         DX_ptr + offs_m[:, None] * DX_row_stride + offs_k[None, :] * DX_col_stride,
