@@ -18,6 +18,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "layout.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <mutex>
@@ -100,23 +102,11 @@ void sign_count_cpu(const at::Tensor& z, const at::Tensor& counts, int64_t chann
   int64_t* cp = counts.data_ptr<int64_t>();
   const int64_t cs = counts.stride(0);
 
-  at::Tensor src = z;
-  bool channel_last = false;
-  if (!z.is_contiguous()) {
-    at::Tensor moved = z.movedim(dim, -1);
-    if (moved.is_contiguous()) {
-      src = moved;
-      channel_last = true;
-    } else {
-      src = z.contiguous();  // rare strided view: one copy, documented above
-    }
-  }
-  int64_t inner = 1;
-  if (!channel_last) {
-    for (int64_t d = dim + 1; d < src.dim(); ++d) inner *= src.size(d);
-    channel_last = inner == 1;
-  }
-  const int64_t outer = z.numel() / (C * inner);
+  const SignCountLayout layout = sign_count_layout(z, dim, C);
+  const at::Tensor& src = layout.src;
+  const bool channel_last = layout.channel_last;
+  const int64_t inner = layout.inner;
+  const int64_t outer = layout.outer;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "sign_count_cpu", [&] {
     using T = scalar_t;

@@ -1,0 +1,40 @@
+// How sign_count_ walks a tensor, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace egp_fast {
+
+// z seen as [outer, C, inner] (C at `dim`). inner == 1 means the channel is the innermost axis
+// (channels-last, [N, L, C]), which the kernels walk row by row. A view whose channel axis can
+// be moved last without a copy is used as is; any other strided view is copied once.
+struct SignCountLayout {
+  at::Tensor src;
+  bool channel_last;
+  int64_t inner;
+  int64_t outer;
+};
+
+inline SignCountLayout sign_count_layout(const at::Tensor& z, int64_t dim, int64_t C) {
+  at::Tensor src = z;
+  bool channel_last = false;
+  if (!z.is_contiguous()) {
+    at::Tensor moved = z.movedim(dim, -1);
+    if (moved.is_contiguous()) {
+      src = moved;
+      channel_last = true;
+    } else {
+      src = z.contiguous();  // rare strided view: one copy
+    }
+  }
+  int64_t inner = 1;
+  if (!channel_last) {
+    for (int64_t d = dim + 1; d < src.dim(); ++d) inner *= src.size(d);
+    channel_last = inner == 1;
+  }
+  return {src, channel_last, inner, z.numel() / (C * inner)};
+}
+
+}  // namespace egp_fast
