@@ -492,18 +492,22 @@ class Folder:
     def _allowed(self, merged: int, parts: int) -> bool:
         return self.fold == "always" or (self.fold == "auto" and merged <= parts)
 
-    def compose(self) -> bool:
-        changed = False
+    def _pairs_across_sites(self):
+        """Yield ``(n, b, x, a)``: weight layer ``b`` (node ``n``) fed only by weight layer ``a``
+        (node ``x``) through a removed site. A generator on purpose: the passes rewrite the graph
+        while iterating, so each pair is read from the graph as it is when its turn comes."""
         for n in list(self.g.nodes):
             b = self.mod(n)
             if not isinstance(b, (*_CONVS, nn.Linear)) or not n.args:
                 continue
             x = n.args[0]
             a = self.mod(x)
-            if not isinstance(a, (*_CONVS, nn.Linear)) or len(x.users) != 1 or "egp_after_site" not in x.meta:
-                continue
-            if not x.meta["egp_after_site"]:
-                continue
+            if isinstance(a, (*_CONVS, nn.Linear)) and len(x.users) == 1 and x.meta.get("egp_after_site"):
+                yield n, b, x, a
+
+    def compose(self) -> bool:
+        changed = False
+        for n, b, x, a in self._pairs_across_sites():
             key = (x.name, n.name)
             layers = self.layers(x) + self.layers(n)
             if self.fold == "never":
@@ -593,14 +597,7 @@ class Folder:
     # ---- dead channels
     def dead_channels(self) -> bool:
         changed = False
-        for n in list(self.g.nodes):
-            b = self.mod(n)
-            if not isinstance(b, (*_CONVS, nn.Linear)) or not n.args:
-                continue
-            x = n.args[0]
-            a = self.mod(x)
-            if not isinstance(a, (*_CONVS, nn.Linear)) or len(x.users) != 1 or not x.meta.get("egp_after_site"):
-                continue
+        for n, b, x, a in self._pairs_across_sites():
             if type(a) is not type(b) and not (isinstance(a, _CONVS) and isinstance(b, _CONVS)):
                 continue
             if getattr(a, "groups", 1) != 1 or getattr(b, "groups", 1) != 1:
