@@ -356,25 +356,37 @@ def _finish(
     layer_h = out.layer_entropy.cpu()
     layer_all = out.layer_entropy_all.cpu()
     paper = (counter.paper_sum / max(counter.batches, 1)).cpu() if counter.paper else None
+    # Two-piece sites (ReLU-like, the common case) get their piece counts and constant pieces
+    # from a few whole-buffer ops; only multi-piece sites (ReLU6, Hardtanh) are done one by one.
+    on_all = counter.flat[:t]
+    pieces_all = torch.stack([obs_per_entry - on_all, on_all])
+    piece_all = torch.where(
+        (on_all == obs_per_entry) & (obs_per_entry > 0),
+        torch.ones_like(on_all),
+        torch.where((on_all == 0) & (obs_per_entry > 0), torch.zeros_like(on_all), torch.full_like(on_all, -1)),
+    )
     for i, s in enumerate(sites):
         lo, hi = int(offsets[i]), int(offsets[i + 1])
         obs = counter.observations[i]
         first = counter.first[i]
-        pieces = _piece_counts(s, first, counter.rest[i], obs)
         p_on = out.p_on[lo:hi]
         h = out.channel_entropy[lo:hi]
         ent, ent_all = float(layer_h[i]), float(layer_all[i])
         if len(s.breakpoints) > 1:
             # Multi-piece activations: entropy of the piece distribution, in bits.
+            pieces = _piece_counts(s, first, counter.rest[i], obs)
             q = pieces.to(torch.float64) / max(obs, 1)
             h = -(torch.xlogy(q, q).sum(0)) / math.log(2)
             nonconst = (pieces < obs).all(0)
             ent = float(h[nonconst].mean()) if bool(nonconst.any()) else 0.0
             ent_all = float(h.mean()) if h.numel() else 0.0
-        full = pieces == obs
-        piece = torch.where(
-            full.any(0), full.to(torch.int64).argmax(0), torch.full_like(first, -1)
-        ) if obs > 0 else torch.full_like(first, -1)
+            full = pieces == obs
+            piece = torch.where(
+                full.any(0), full.to(torch.int64).argmax(0), torch.full_like(first, -1)
+            ) if obs > 0 else torch.full_like(first, -1)
+        else:
+            pieces = pieces_all[:, lo:hi]
+            piece = piece_all[lo:hi]
         result[s.name] = SiteStats(
             name=s.name,
             kind=s.kind,
