@@ -16,7 +16,7 @@ from egp_fast.errors import (
     ModelError,
     NumericsError,
 )
-from egp_fast.graph import Site, SiteGraph, discover_sites, inspect, weight_layers
+from egp_fast.graph import Site, SiteGraph, discover_sites, inspect, trace, weight_layers
 from egp_fast.masks import attach_masks, load_pruned_state_dict, masked_layers, sparsity, strip_masks
 from egp_fast.modules import MaskedLinear
 from egp_fast.ops import available_backends
@@ -57,5 +57,6 @@ __all__ = [
     "prune",
     "sparsity",
     "strip_masks",
+    "trace",
     "weight_layers",
 ]

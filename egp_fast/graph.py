@@ -338,7 +338,23 @@ class _Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model``; the result shares its submodules and parameters."""
+    """Symbolically trace ``model`` with torch.fx, activation and weight modules kept as leaves.
+
+    The result shares the model's submodules and parameters (no copy). Use it as the model
+    when a functional activation in the root ``forward`` must be linearised in place.
+
+    Args:
+        model: the network; its forward must be traceable (no data-dependent control flow).
+
+    Returns:
+        An ``fx.GraphModule`` computing the same function.
+
+    Example:
+        >>> import torch, egp_fast
+        >>> gm = egp_fast.trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+        >>> type(gm).__name__
+        'GraphModule'
+    """
     tracer = _Tracer()
     graph = tracer.trace(model)
     name = model.__class__.__name__
