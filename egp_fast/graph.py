@@ -352,8 +352,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
     Example:
         >>> import torch, egp_fast
         >>> gm = egp_fast.trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
-        >>> type(gm).__name__
-        'GraphModule'
+        >>> isinstance(gm, torch.fx.GraphModule)
+        True
     """
     tracer = _Tracer()
     graph = tracer.trace(model)
