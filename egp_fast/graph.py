@@ -714,7 +714,9 @@ def inspect(model: nn.Module, example_inputs: Any, file: Any = None) -> str:
 
     Example:
         >>> import torch, torchvision, egp_fast
-        >>> _ = egp_fast.inspect(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+        >>> text = egp_fast.inspect(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32), file=False)
+        >>> text.splitlines()[3]
+        '1   layer1.0.relu    relu        layer1.0.conv1  1     64'
     """
     g = discover_sites(model, example_inputs)
     rows = [("#", "site", "activation", "producer", "axis", "channels")]
