@@ -495,17 +495,11 @@ __global__ void sign_count_rows_kernel(const T* __restrict__ z, int64_t nrows, i
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 void sign_count_cuda(const at::Tensor& z, const at::Tensor& counts, int64_t channel_dim, double threshold) {
-  TORCH_CHECK(z.dim() > 0, "sign_count_: z must have a channel dimension; got a 0-d tensor");
-  const int64_t dim = at::maybe_wrap_dim(channel_dim, z.dim());
-  const int64_t C = z.size(dim);
-  TORCH_CHECK(counts.scalar_type() == at::kLong, "sign_count_: counts must be int64, got ", counts.scalar_type());
-  TORCH_CHECK(counts.dim() == 1 && counts.numel() == C, "sign_count_: counts must have shape [", C,
-              "] (channels of z along dim ", channel_dim, "), got ", counts.sizes());
   TORCH_CHECK(z.is_cuda() && counts.device() == z.device(),
               "sign_count_: z and counts must be on the same CUDA device");
+  const int64_t dim = check_sign_count_args(z, counts, channel_dim, "CUDA");
+  const int64_t C = z.size(dim);
   const auto dt = z.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "sign_count_: the CUDA kernel takes float32/float64/float16/bfloat16 z, got ", dt);
   if (z.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(z.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

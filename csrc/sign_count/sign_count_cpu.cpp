@@ -86,18 +86,11 @@ void rows(const T* z, int64_t nrows, int64_t C, acc_t<T> thr, int64_t* counts, i
 }
 
 void sign_count_cpu(const at::Tensor& z, const at::Tensor& counts, int64_t channel_dim, double threshold) {
-  TORCH_CHECK(z.dim() > 0, "sign_count_: z must have a channel dimension; got a 0-d tensor");
-  const int64_t dim = at::maybe_wrap_dim(channel_dim, z.dim());
-  const int64_t C = z.size(dim);
-  TORCH_CHECK(counts.scalar_type() == at::kLong, "sign_count_: counts must be int64, got ",
-              counts.scalar_type());
-  TORCH_CHECK(counts.dim() == 1 && counts.numel() == C, "sign_count_: counts must have shape [", C,
-              "] (channels of z along dim ", channel_dim, "), got ", counts.sizes());
   TORCH_CHECK(z.device().is_cpu() && counts.device().is_cpu(),
               "sign_count_: z and counts must be CPU tensors for the CPU kernel");
+  const int64_t dim = check_sign_count_args(z, counts, channel_dim, "CPU");
+  const int64_t C = z.size(dim);
   const auto dt = z.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "sign_count_: the CPU kernel takes float32/float64/float16/bfloat16 z, got ", dt);
   if (z.numel() == 0) return;
   int64_t* cp = counts.data_ptr<int64_t>();
   const int64_t cs = counts.stride(0);
