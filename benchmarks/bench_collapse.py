@@ -72,8 +72,8 @@ def build_swin(k: int):
 def variants(arch: str, k: int):
     model, x, sites = build_resnet(k) if arch == "resnet18_cifar" else build_swin(k)
     stats = measure_entropy(model, [x], progress=False)
-    bn_only = collapse(model, stats, x, sites=[], measure_latency=False).model
-    out = collapse(model, stats, x, exact=False, fold="always", measure_latency=False, sites=sites)
+    bn_only = collapse(model, stats, x, sites=[], measure_latency=False, max_flip=1.0).model
+    out = collapse(model, stats, x, exact=False, fold="always", measure_latency=False, max_flip=1.0, sites=sites)
     return {"original": model, "bn_folded": bn_only, "collapsed": out.model}, x, out
 
 

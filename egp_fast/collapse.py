@@ -27,11 +27,13 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from egp_fast.collapse_affine import ChannelAffine, _linearize, _selected, linearize, site_affine
+from egp_fast.collapse_check import check_max_flip, evidence, observed_flips, weak_reason
 from egp_fast.collapse_fold import Folder, normalise_wrapped_affines
+from egp_fast.collapse_latency import _batched, compare_latency
 from egp_fast.errors import ConfigError, ModelError
 from egp_fast.graph import WEIGHT_TYPES, _unwrap, discover_sites, eval_mode, normalize_inputs, trace
 
-__all__ = ["ChannelAffine", "CollapseResult", "collapse", "depth_report", "linearize"]
+__all__ = ["ChannelAffine", "CollapseResult", "collapse", "compare_latency", "depth_report", "linearize"]
 
 FOLD_MODES = ("auto", "always", "never")
 
@@ -41,17 +43,30 @@ class CollapseResult:
     """What :func:`collapse` built and removed.
 
     Attributes:
-        model: the collapsed model (an ``fx.GraphModule``, eval mode, masks stripped).
+        model: the collapsed model (an ``fx.GraphModule``, eval mode, masks stripped). Its
+            weights are ordinary ``nn.Parameter`` objects (``requires_grad=True``), so it can be
+            fine-tuned, deep-copied, moved with ``.to(device)`` and saved with ``state_dict``.
         removed: one dict per change: ``kind`` (``linearize``, ``bn_fold``, ``compose_conv``,
             ``compose_linear``, ``residual_identity``, ``residual_parallel``, ``dead_branch``,
             ``dead_channels``, ``dead_code``: a site inside a branch whose output became
-            unused), ``site`` or ``layers``, and ``exact``.
-        left: what was not done, with ``reason`` (unsupported pattern, cost, border effects).
+            unused), ``site`` or ``layers``, and ``exact``. ``linearize`` entries also carry the
+            evidence: ``samples`` and ``flip_bound`` (None when the statistics do not say), and
+            ``held_out`` (see ``check``) when held-out data was given.
+        left: what was not done, with ``reason`` (weak evidence, unsupported pattern, cost,
+            border effects). Sites kept for weak evidence have ``kind="evidence"``,
+            ``samples``, ``flip_bound``, ``max_flip`` and ``confidence``.
         before: depth report of the input model (see :func:`depth_report`).
         after: depth report of the collapsed model.
         exact: True when every change is exact (no approximate site, no border-inexact merge).
         max_deviation: max |output difference| on ``example_inputs``.
         relative_deviation: ``max_deviation`` over the max |output| of the input model.
+        latency: :func:`compare_latency` of the input model (``a``) and the collapsed one
+            (``b``), measured interleaved; empty when ``measure_latency=False``.
+        check: site -> observed flips on the held-out data (``samples``, ``flipped_samples``,
+            ``flip_rate``, ``channels_changed``, ``channels``, ``per="sample"``); empty without
+            ``check=``.
+        settings: the arguments that decided the result (``exact``, ``fold``, ``max_flip``,
+            ``confidence``), echoed so the run can be repeated.
     """
 
     model: nn.Module
@@ -62,34 +77,46 @@ class CollapseResult:
     exact: bool = True
     max_deviation: float = 0.0
     relative_deviation: float = 0.0
+    latency: dict[str, Any] = field(default_factory=dict)
+    check: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def removed_sites(self) -> list[str]:
         """Names of the sites that are gone."""
         return [e["site"] for e in self.removed if e["kind"] == "linearize"]
 
+    @property
+    def weak_sites(self) -> list[str]:
+        """Zero-entropy sites left in place because their flip bound exceeds ``max_flip``."""
+        return [e["site"] for e in self.left if e.get("kind") == "evidence"]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary (everything but the model)."""
+        lat = copy.deepcopy(self.latency)
+        if "batches" in lat:
+            lat["batches"] = {str(k): v for k, v in lat["batches"].items()}
         return {
-            "removed": [dict(e) for e in self.removed],
-            "left": [dict(e) for e in self.left],
+            "removed": [copy.deepcopy(e) for e in self.removed],
+            "left": [copy.deepcopy(e) for e in self.left],
             "before": dict(self.before),
             "after": dict(self.after),
             "exact": self.exact,
             "max_deviation": self.max_deviation,
             "relative_deviation": self.relative_deviation,
+            "latency": lat,
+            "check": copy.deepcopy(self.check),
+            "settings": dict(self.settings),
         }
 
     def table(self) -> str:
-        """A markdown before/after table of the depth report."""
+        """A markdown before/after table of the depth report (latency measured interleaved)."""
         rows = [
             ("nonlinear sites", "sites", "{:d}"),
             ("weight layers on the longest path", "longest_path", "{:d}"),
             ("weight layer calls", "weight_layers", "{:d}"),
             ("parameters", "params", "{:,d}"),
             ("FLOPs", "flops", "{:,d}"),
-            ("latency batch 1 (ms)", "latency_ms_b1", "{:.2f}"),
-            ("latency batch 64 (ms)", "latency_ms_b64", "{:.1f}"),
         ]
         out = ["| | before | after | after / before |", "|---|---:|---:|---:|"]
         for label, key, fmt in rows:
@@ -98,6 +125,11 @@ class CollapseResult:
                 continue
             ratio = f"{b / a:.3f}" if a else "-"
             out.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+        for bs, row in (self.latency.get("batches") or {}).items():
+            lo, hi = row["speedup_iqr"]
+            note = " (inside the noise)" if row["inside_noise"] else ""
+            out.append(f"| latency batch {bs} (ms, median) | {row['a_ms']:.2f} | {row['b_ms']:.2f} | "
+                       f"{1 / row['speedup']:.3f}; speed-up {row['speedup']:.2f}x, IQR {lo:.2f}-{hi:.2f}{note} |")
         return "\n".join(out)
 
 
@@ -109,8 +141,31 @@ def collapse(
     fold: str = "auto",
     measure_latency: bool = True,
     sites: list[str] | None = None,
+    *,
+    max_flip: float = 0.01,
+    confidence: float = 0.95,
+    check: Any = None,
 ) -> CollapseResult:
     """Remove the zero-entropy sites of ``model`` and fold the layers around them.
+
+    A site is removed only when the evidence is strong enough: its upper confidence bound on
+    the probability that a new sample flips it (``SiteStats.flip_bound(confidence)``; with no
+    flip in ``n`` samples, ``1 - (1 - confidence) ** (1 / n)``, about ``3 / n``) must be at most
+    ``max_flip``. Weaker sites stay, listed in ``.left`` with the numbers ("seen on 8 samples:
+    flip bound 31.2% > 1% ..."). Activations already replaced by ``egp_fast.linearize`` (or the
+    EASIER loop) are folded whatever the evidence: that decision was made earlier.
+
+    Fine-tuning the folded model (fold-then-finetune): ``out.model`` is trainable as it is.
+    Folding composes the layers around removed sites into new dense layers (masks are stripped;
+    BatchNorm is folded into the conv before it, so training updates the folded weights without
+    batch statistics; dropout is removed). Recipe::
+
+        out = egp_fast.collapse(model, stats, x, exact=False, fold="always")
+        net = out.model.train()          # a GraphModule; parameters require grad
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+        for xb, yb in loader:            # a few epochs at a small learning rate
+            opt.zero_grad(); F.cross_entropy(net(xb), yb).backward(); opt.step()
+        net.eval()                       # evaluate; save with torch.save(net.state_dict(), ...)
 
     Args:
         model: the (pruned) network; it is not modified (a deep copy is collapsed).
@@ -124,30 +179,56 @@ def collapse(
         fold: ``"auto"`` composes two layers only when the merged layer costs no more FLOPs
             than the pair; ``"always"`` composes whenever it is possible; ``"never"`` only
             removes the sites (folding them into neighbouring layers' scale/bias).
-        measure_latency: time CPU latency at batch 1 and 64 before and after (seconds).
+        measure_latency: time the input and the collapsed model at batch 1 and 64,
+            interleaved (:func:`compare_latency`; a few seconds).
         sites: only these sites (default: every collapsible site in ``stats``).
+        max_flip: largest tolerated flip bound, in (0, 1]; ``1.0`` collapses every zero-entropy
+            site whatever the number of samples behind it.
+        confidence: confidence level of the flip bound, in (0, 1).
+        check: optional held-out data (an iterable of batches, as
+            :func:`egp_fast.measure_entropy` takes): the original model is run on it and, per
+            removed site, the fraction of held-out samples on which any neuron left its piece
+            is reported (``removed[i]["held_out"]``, ``result.check``).
 
     Returns:
         :class:`CollapseResult`.
 
     Raises:
-        ConfigError: bad ``fold``, or ``sites`` names a site ``stats`` does not have.
-        DataError: the model rejects ``example_inputs``.
+        ConfigError: bad ``fold``, ``max_flip`` or ``confidence``, or ``sites`` names a site
+            ``stats`` does not have.
+        DataError: the model rejects ``example_inputs`` or a ``check`` batch.
 
     Example:
         >>> import torch, egp_fast
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> net[0].bias.data += 100.0
-        >>> stats = egp_fast.measure_entropy(net, [torch.randn(32, 4)], progress=False)
+        >>> stats = egp_fast.measure_entropy(net, [torch.randn(512, 4)], progress=False)
         >>> out = egp_fast.collapse(net, stats, torch.randn(2, 4), measure_latency=False)
         >>> out.after["sites"], out.after["longest_path"]
         (0, 1)
+        >>> few = egp_fast.measure_entropy(net, [torch.randn(8, 4)], progress=False)
+        >>> weak = egp_fast.collapse(net, few, torch.randn(2, 4), measure_latency=False)
+        >>> weak.weak_sites, weak.left[0]["reason"][:40]
+        (['1'], 'seen on 8 samples: flip bound 31.2% > 1%')
     """
     if fold not in FOLD_MODES:
         raise ConfigError(f"fold={fold!r}; use one of {FOLD_MODES}")
+    check_max_flip(max_flip)
     model = _unwrap(model)
     chosen = _selected(stats, sites)
-    before = depth_report(model, example_inputs, measure_latency)
+    evid: dict[str, tuple[int | None, float | None]] = {}
+    weak: list[dict[str, Any]] = []
+    for name, st in list(chosen.items()):
+        n, bound = evidence(st, confidence)
+        evid[name] = (n, bound)
+        why = weak_reason(name, n, bound, max_flip, confidence)
+        if why is not None:
+            del chosen[name]
+            weak.append({"site": name, "kind": "evidence", "samples": n, "flip_bound": bound,
+                         "max_flip": max_flip, "confidence": confidence, "reason": why})
+    settings = {"exact": exact, "fold": fold, "max_flip": max_flip, "confidence": confidence,
+                "check": check is not None}
+    before = depth_report(model, example_inputs, False)
     work = _plain_copy(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -155,6 +236,9 @@ def collapse(
             graph = discover_sites(work, example_inputs)
         except ModelError:
             graph = None
+    checks: dict[str, dict[str, Any]] = {}
+    if check is not None and graph is not None and chosen:
+        checks = observed_flips(work, graph, chosen, check)
     left: list[dict[str, Any]] = []
     removed: list[dict[str, Any]] = []
     if (graph is not None and not graph.traced) or (graph is None and not _traceable(work)):
@@ -177,11 +261,24 @@ def collapse(
         folder.run()
         removed, left = folder.removed, folder.left
         result_model = gm
+    for e in removed:
+        if e["kind"] == "linearize" and e["site"] in evid:
+            e["samples"], e["flip_bound"] = evid[e["site"]]
+            if e["site"] in checks:
+                e["held_out"] = checks[e["site"]]
+    left = weak + left
     result_model.eval()
     dev, rel = _deviation(model, result_model, example_inputs)
-    after = depth_report(result_model, example_inputs, measure_latency)
+    after = depth_report(result_model, example_inputs, False)
+    latency: dict[str, Any] = {}
+    if measure_latency:
+        latency = compare_latency(model, result_model, example_inputs)
+        for bs, row in latency["batches"].items():
+            before[f"latency_ms_b{bs}"], after[f"latency_ms_b{bs}"] = row["a_ms"], row["b_ms"]
+        before["threads"] = after["threads"] = latency["threads"]
     is_exact = all(e.get("exact", True) for e in removed)
-    return CollapseResult(result_model, removed, left, before, after, is_exact, dev, rel)
+    return CollapseResult(result_model, removed, left, before, after, is_exact, dev, rel, latency,
+                          checks, settings)
 
 
 def _traceable(model: nn.Module) -> bool:
@@ -202,8 +299,23 @@ def _traced_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule
     return gm
 
 
+def _is_conv1d(m: nn.Module) -> bool:
+    """Transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` of shape ``[in, out]``.
+
+    Recognised by what it is (class name, ``nf`` and the weight layout), so transformers need
+    not be importable.
+    """
+    w = getattr(m, "weight", None)
+    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
+            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == m.nf)
+
+
 def _plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with masks applied and stripped and masked layers turned into plain ones."""
+    """A deep copy with masks applied and stripped, and linear-like layers made ``nn.Linear``.
+
+    Masked linear layers (subclasses of ``nn.Linear``) and transformers' ``Conv1D`` (its weight
+    transposed) become plain ``nn.Linear``, so the folding passes see one kind of linear layer.
+    """
     work = copy.deepcopy(model)
     from egp_fast import masks as _masks
 
@@ -212,13 +324,16 @@ def _plain_copy(model: nn.Module) -> nn.Module:
         if isinstance(mask, torch.Tensor) and isinstance(getattr(m, "weight", None), torch.Tensor):
             with torch.no_grad():
                 m.weight.mul_(mask.to(m.weight.dtype))
-        if isinstance(m, nn.Linear) and type(m) is not nn.Linear and name:
-            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                              device=m.weight.device, dtype=m.weight.dtype)
+        conv1d = _is_conv1d(m)
+        if name and (conv1d or (isinstance(m, nn.Linear) and type(m) is not nn.Linear)):
+            w = m.weight.detach().t() if conv1d else m.weight.detach()
+            bias = getattr(m, "bias", None)
+            plain = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
             with torch.no_grad():
-                plain.weight.copy_(m.weight)
-                if m.bias is not None:
-                    plain.bias.copy_(m.bias)
+                plain.weight.copy_(w)
+                if bias is not None:
+                    plain.bias.copy_(bias)
+            plain.weight.requires_grad_(m.weight.requires_grad)
             parent, _, attr = name.rpartition(".")
             setattr(work.get_submodule(parent) if parent else work, attr, plain)
     _masks.strip_masks(work)
@@ -319,17 +434,6 @@ def _longest_path(model: nn.Module, gm: fx.GraphModule | None = None) -> tuple[i
     return max(depth.values(), default=0), calls
 
 
-def _batched(example_inputs: Any, b: int) -> tuple[tuple, dict]:
-    args, kwargs = normalize_inputs(example_inputs)
-
-    def rep(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] >= 1:
-            return v[:1].expand(b, *v.shape[1:]).contiguous()
-        return v
-
-    return tuple(rep(a) for a in args), {k: rep(v) for k, v in kwargs.items()}
-
-
 def _latency_ms(model: nn.Module, example_inputs: Any, b: int, budget_s: float, max_runs: int = 15) -> float:
     args, kwargs = _batched(example_inputs, b)
     with eval_mode(model):
@@ -350,7 +454,8 @@ def depth_report(model: nn.Module, example_inputs: Any, measure_latency: bool = 
         model: any network.
         example_inputs: a batch it accepts; FLOPs are counted on it as given.
         measure_latency: also time it on this machine's CPU threads at batch 1 and 64
-            (the first sample repeated; median of up to 15 runs after a warm-up).
+            (the first sample repeated; median of up to 15 runs after a warm-up). To compare
+            two models use :func:`compare_latency`, which times them interleaved.
 
     Returns:
         dict with ``sites`` (nonlinear sites), ``longest_path`` (weight layers on the

@@ -113,7 +113,7 @@ def test_compose_conv_exact_without_second_padding(k1, k2, s1, s2, d1, d2, g1, g
     with torch.no_grad():
         c1.bias += 100.0  # always ON: the site is the identity
     st = _stats(net, x)
-    out = collapse(net, st, x, fold="always", measure_latency=False)
+    out = collapse(net, st, x, fold="always", measure_latency=False, max_flip=1.0)
     assert "compose_conv" in _kinds(out) and out.exact
     assert out.after["longest_path"] == 1
     assert _rel(net(x), out.model(x)) < 1e-5
@@ -134,7 +134,7 @@ def test_linear_linear_and_report():
     with torch.no_grad():
         net[0].bias += 100.0
     x = torch.randn(32, 7)
-    out = collapse(net, _stats(net, x), x, measure_latency=False)
+    out = collapse(net, _stats(net, x), x, measure_latency=False, max_flip=1.0)
     assert out.removed_sites == ["1"]
     assert "compose_linear" in _kinds(out)
     assert out.before["sites"] == 1 and out.after["sites"] == 0
@@ -154,7 +154,7 @@ def test_input_model_not_modified():
     x = torch.randn(2, 3, 6, 6)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     y = net(x)
-    collapse(net, _stats(net, x), x, measure_latency=False)
+    collapse(net, _stats(net, x), x, measure_latency=False, max_flip=1.0)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert isinstance(net[2], nn.ReLU) and torch.equal(net(x), y)
 
@@ -166,12 +166,12 @@ def test_border_inexact_only_with_exact_false():
         net[1].bias += 100.0
     x = torch.randn(2, 3, 9, 9)
     st = _stats(net, x)
-    ex = collapse(net, st, x, exact=True, fold="always", measure_latency=False)
+    ex = collapse(net, st, x, exact=True, fold="always", measure_latency=False, max_flip=1.0)
     assert "compose_conv" not in _kinds(ex)
     assert any("zero-padded" in e["reason"] for e in ex.left)
     assert ex.after["sites"] == 0 and ex.after["longest_path"] == 2
     assert _rel(net(x), ex.model(x)) < 1e-5
-    approx = collapse(net, st, x, exact=False, fold="always", measure_latency=False)
+    approx = collapse(net, st, x, exact=False, fold="always", measure_latency=False, max_flip=1.0)
     merge = [e for e in approx.removed if e["kind"] == "compose_conv"]
     assert merge and merge[0]["exact"] is False and approx.exact is False
     assert approx.after["longest_path"] == 1
@@ -196,7 +196,7 @@ def test_tiny_feature_maps_constant_branch_trap(size, exact):
     x = torch.randn(3, 4, size, size)
     st = _stats(block, x)
     assert st.sites["relu1"].collapsible
-    out = collapse(block, st, x, exact=exact, fold="always", measure_latency=False)
+    out = collapse(block, st, x, exact=exact, fold="always", measure_latency=False, max_flip=1.0)
     assert out.after["sites"] == 1
     if exact:
         assert _rel(block(x), out.model(x)) < 1e-5
@@ -211,7 +211,7 @@ def test_dead_branch_all_off():
     with torch.no_grad():
         block.bn1.bias.fill_(-100.0)
     x = torch.randn(3, 4, 4, 4)
-    out = collapse(block, _stats(block, x), x, measure_latency=False)
+    out = collapse(block, _stats(block, x), x, measure_latency=False, max_flip=1.0)
     assert "dead_branch" in _kinds(out)
     assert out.after["weight_layers"] == 0 and out.after["longest_path"] == 0
     assert _rel(block(x), out.model(x)) < 1e-5
@@ -223,7 +223,7 @@ def test_dead_channels_removed():
     with torch.no_grad():
         net[1].bias.copy_(torch.tensor([100.0, -100.0] * 4))
     x = torch.randn(2, 3, 4, 4)
-    out = collapse(net, _stats(net, x), x, exact=True, measure_latency=False)
+    out = collapse(net, _stats(net, x), x, exact=True, measure_latency=False, max_flip=1.0)
     dead = [e for e in out.removed if e["kind"] == "dead_channels"]
     assert dead and dead[0]["channels"] == 4
     assert out.after["params"] < out.before["params"]
@@ -237,12 +237,12 @@ def test_fold_modes_cost_aware():
         net[0].bias += 100.0
     x = torch.randn(1, 64, 6, 6)
     st = _stats(net, x)
-    auto = collapse(net, st, x, fold="auto", measure_latency=False)
+    auto = collapse(net, st, x, fold="auto", measure_latency=False, max_flip=1.0)
     assert "compose_conv" not in _kinds(auto) and any("MFLOPs" in e["reason"] for e in auto.left)
     assert auto.after["sites"] == 0
-    always = collapse(net, st, x, fold="always", measure_latency=False)
+    always = collapse(net, st, x, fold="always", measure_latency=False, max_flip=1.0)
     assert "compose_conv" in _kinds(always) and always.after["flops"] > always.before["flops"]
-    never = collapse(net, st, x, fold="never", measure_latency=False)
+    never = collapse(net, st, x, fold="never", measure_latency=False, max_flip=1.0)
     assert "compose_conv" not in _kinds(never) and never.after["sites"] == 0
     assert any(e["reason"] == "fold='never'" for e in never.left)
     for r in (auto, always, never):
@@ -258,10 +258,10 @@ def test_non_collapsible_site_untouched_and_sites_argument():
     x = torch.randn(64, 6)
     st = _stats(net, x)
     assert not st.sites["1"].collapsible and st.sites["3"].collapsible
-    out = collapse(net, st, x, measure_latency=False)
+    out = collapse(net, st, x, measure_latency=False, max_flip=1.0)
     assert out.removed_sites == ["3"] and out.after["sites"] == 1
     assert [s.name for s in discover_sites(out.model, x).sites] == ["1"]
-    none = collapse(net, st, x, sites=["1"], measure_latency=False)
+    none = collapse(net, st, x, sites=["1"], measure_latency=False, max_flip=1.0)
     assert none.removed_sites == [] and none.after["sites"] == 2
     with pytest.raises(ConfigError):
         collapse(net, st, x, sites=["nope"])
@@ -275,16 +275,16 @@ def test_idempotent_residual_pickle_compile():
     force(net, x, [("layer1.0.relu1", 1), ("layer2.1.relu1", -1)])
     st = _stats(net, x)
     forced = ["layer1.0.relu1", "layer2.1.relu1"]
-    out = collapse(net, st, x, exact=False, fold="always", measure_latency=False, sites=forced)
+    out = collapse(net, st, x, exact=False, fold="always", measure_latency=False, max_flip=1.0, sites=forced)
     assert out.removed_sites == forced
     assert {"residual_identity", "dead_branch", "compose_conv"} <= set(_kinds(out))
     assert out.after["sites"] == 15 and out.after["longest_path"] < out.before["longest_path"]
     # Collapsing again with fresh statistics, or with the stale ones, changes nothing.
     y = out.model(x)
     fresh = _stats(out.model, x)
-    again = collapse(out.model, fresh, x, exact=False, measure_latency=False,
+    again = collapse(out.model, fresh, x, exact=False, measure_latency=False, max_flip=1.0,
                      sites=[n for n in fresh.sites if n in forced])
-    stale = collapse(out.model, st, x, exact=False, measure_latency=False, sites=forced)
+    stale = collapse(out.model, st, x, exact=False, measure_latency=False, max_flip=1.0, sites=forced)
     for r in (again, stale):
         assert r.removed_sites == [] and r.after["sites"] == 15
         assert r.after["longest_path"] == out.after["longest_path"]
@@ -316,7 +316,7 @@ def test_untraceable_model_left_in_place_with_reason():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         st = _stats(net, x)
-        out = collapse(net, st, x, measure_latency=False)
+        out = collapse(net, st, x, measure_latency=False, max_flip=1.0)
     assert out.removed_sites == ["act"]
     assert any("nothing folded" in e["reason"] for e in out.left)
     assert _rel(net(x), out.model(x)) < 1e-6
@@ -384,7 +384,7 @@ def test_linearize_single_module_and_functional():
     assert linearize(gm, st2) == ["relu"]
     assert torch.allclose(gm(x), y, atol=1e-5)
     # collapse folds the earlier linearisations too.
-    out = collapse(gm, st2, x, measure_latency=False)
+    out = collapse(gm, st2, x, measure_latency=False, max_flip=1.0)
     assert out.after["sites"] == 0 and torch.allclose(out.model(x), y, atol=1e-4)
 
 

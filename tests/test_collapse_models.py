@@ -68,7 +68,7 @@ def test_exact_collapse_torchvision(name):
     stats = measure_entropy(model, [x], progress=False)
     forced = [s for s, _ in plan]
     assert set(forced) <= set(stats.zero_entropy_sites())
-    out = collapse(model, stats, x, exact=True, fold="always", measure_latency=False, sites=forced)
+    out = collapse(model, stats, x, exact=True, fold="always", measure_latency=False, max_flip=1.0, sites=forced)
     assert sorted(out.removed_sites) == sorted(forced)
     dead = [e["site"] for e in out.removed if e["kind"] == "dead_code"]
     assert not set(dead) & set(forced)
@@ -100,7 +100,7 @@ def test_cifar_resnet18_inexact_collapse_is_shallower(k):
     picks = ["layer1.0.relu1", "layer2.0.relu1", "layer3.1.relu1", "layer4.0.relu1"][:k]
     force(model, x, [(s, 1 if i % 2 == 0 else -1) for i, s in enumerate(picks)])
     stats = measure_entropy(model, [x], progress=False)
-    out = collapse(model, stats, x, exact=False, fold="always", measure_latency=False, sites=picks)
+    out = collapse(model, stats, x, exact=False, fold="always", measure_latency=False, max_flip=1.0, sites=picks)
     assert out.before["sites"] == 17 and out.after["sites"] == 17 - k
     assert out.after["longest_path"] < out.before["longest_path"]
     assert out.after["weight_layers"] < out.before["weight_layers"]
