@@ -3,8 +3,15 @@
 Exact counting (the default) accumulates integer counts of ``z > breakpoint`` for every
 site, channel and breakpoint over the whole pass, on the model's device, and computes the
 entropies once at the end (order-free, and summable across processes with ``all_reduce``).
-``mode="paper"`` reproduces the reference scripts: an entropy per batch, with ``p`` clamped to
-``[1e-5, 1 - 1e-5]`` inside the logs, averaged over batches.
+``mode="paper"`` reproduces the reference scripts: per batch, the channels constant in that
+batch are left out, the others' binary entropies (``p`` clamped to ``[1e-5, 1 - 1e-5]`` inside
+the logs) are averaged, and the batch values are averaged over batches.
+
+The model measured is the model the user runs: sites that are modules are counted by hooks on
+the real model; only models with functional activations (``F.relu``...) are measured through
+the fx-traced graph, which is checked against ``model.forward`` on the first batch of every
+pass. Each site also records how many input samples it saw, and a zero-entropy site gets an
+upper confidence bound on its flip probability (see ``docs/confidence.md``).
 """
 
 from __future__ import annotations
@@ -12,8 +19,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,9 +29,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast import ops
-from egp_fast.errors import ConfigError, DataError, EGPError, NumericsError
-from egp_fast.graph import Site, SiteGraph, _describe, _unwrap, discover_sites, eval_mode
+from egp_fast.errors import ConfigError, DataError, EGPError, ModelError, NumericsError
+from egp_fast.graph import Site, SiteGraph, _describe, _unwrap, discover_sites, eval_mode, normalize_inputs
 from egp_fast.ops._dispatch import backend_for
+from egp_fast.stats_decide import Decider, check_confidence, check_fraction
+from egp_fast.stats_decide import flip_bound as _flip_bound
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 _PAPER_EPS = 1e-5
@@ -51,6 +61,8 @@ class SiteStats:
             (0 when every channel is constant); in paper mode the per-batch average.
         entropy_all: plain mean of ``channel_entropy`` over all channels.
         exact_entropy: the exact-count layer entropy (equals ``entropy`` in exact mode).
+        samples: input samples the site saw (the batch size, dim 0 of the first input tensor,
+            summed over the batches in which the site ran; positions are not samples).
     """
 
     name: str
@@ -69,11 +81,40 @@ class SiteStats:
     entropy: float
     entropy_all: float
     exact_entropy: float
+    samples: int = 0
 
     @property
     def collapsible(self) -> bool:
         """True when every channel stays in one piece on the data (the site is affine)."""
         return bool((self.piece >= 0).all()) and self.observations > 0
+
+    def flip_bound(self, confidence: float = 0.95) -> float:
+        """Upper confidence bound on the chance that a new sample flips this site.
+
+        For a zero-entropy site seen on ``n = samples`` samples with no state change, the
+        exact one-sided (Clopper-Pearson) bound ``1 - (1 - confidence) ** (1 / n)`` (about
+        ``3 / n`` at 95%); never 0.0 for finite ``n``. 1.0 when the site already changes
+        state (non-zero entropy) or saw no sample.
+
+        Args:
+            confidence: one-sided confidence level, strictly between 0 and 1.
+
+        Returns:
+            A probability in (0, 1].
+
+        Raises:
+            ConfigError: ``confidence`` is not in (0, 1).
+
+        Example:
+            >>> import torch, egp_fast
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+            >>> with torch.no_grad():
+            ...     _ = net[0].bias.fill_(100.0)  # always ON: zero entropy
+            >>> s = egp_fast.measure_entropy(net, [torch.randn(8, 2)], progress=False).sites["1"]
+            >>> s.samples, round(s.flip_bound(), 3)
+            (8, 0.312)
+        """
+        return _flip_bound(self.samples, self.collapsible, confidence)
 
     def to_dict(self, channels: bool = False) -> dict[str, Any]:
         d = {
@@ -85,6 +126,8 @@ class SiteStats:
             "breakpoints": list(self.breakpoints),
             "exact": self.exact,
             "observations": self.observations,
+            "samples": self.samples,
+            "flip_bound_95": self.flip_bound(0.95),
             "entropy": self.entropy,
             "entropy_all": self.entropy_all,
             "exact_entropy": self.exact_entropy,
@@ -101,12 +144,26 @@ class SiteStats:
 
 @dataclass
 class EntropyStats:
-    """Result of :func:`measure_entropy`: one :class:`SiteStats` per site, in execution order."""
+    """Result of :func:`measure_entropy`: one :class:`SiteStats` per site, in execution order.
+
+    Attributes:
+        sites: site name -> :class:`SiteStats`.
+        mode: ``"exact"`` or ``"paper"``.
+        batches: batches measured (fewer than the data's when ``stopped_early``).
+        seconds: wall time of the pass.
+        samples: input samples measured (sum of the batch sizes).
+        stopped_early: True when ``stop="decided"`` ended the pass before the data did.
+        unmeasured: sites the measurement could not see (functional activations under
+            :func:`track_entropy`'s hooks); they are absent from ``sites``.
+    """
 
     sites: dict[str, SiteStats]
     mode: str
     batches: int
     seconds: float = 0.0
+    samples: int = 0
+    stopped_early: bool = False
+    unmeasured: list[str] = field(default_factory=list)
 
     def zero_entropy_sites(self) -> list[str]:
         """Names of the collapsible sites (every channel constant on the data)."""
@@ -124,6 +181,9 @@ class EntropyStats:
         return {
             "mode": self.mode,
             "batches": self.batches,
+            "samples": self.samples,
+            "stopped_early": self.stopped_early,
+            "unmeasured": list(self.unmeasured),
             "seconds": self.seconds,
             "zero_entropy_sites": self.zero_entropy_sites(),
             "sites": [s.to_dict(channels) for s in self.sites.values()],
@@ -182,6 +242,13 @@ def _check_device(args: tuple, kwargs: dict, device: torch.device, index: int) -
             )
 
 
+def batch_size(args: tuple, kwargs: dict) -> int:
+    """Samples in one batch: dim 0 of the first input tensor (1 for a 0-d tensor, 0 if none)."""
+    for t in _tensors(args) + _tensors(kwargs):
+        return int(t.shape[0]) if t.dim() else 1
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # Counting.
 
@@ -201,19 +268,27 @@ class _Counter:
         self.flat = torch.zeros(total, dtype=torch.int64, device=device)
         self.first: list[torch.Tensor] = []
         self.rest: list[list[torch.Tensor]] = []
+        self.multi: dict[int, tuple[int, int]] = {}  # site -> (offset of its extra counts, how many)
         off = 0
         for c in sizes:
             self.first.append(self.flat[off : off + c])
             off += c
-        for s, c in zip(sites, sizes):
+        for i, (s, c) in enumerate(zip(sites, sizes)):
             views = []
+            if len(s.breakpoints) > 1:
+                self.multi[i] = (off, len(s.breakpoints) - 1)
             for _ in s.breakpoints[1:]:
                 views.append(self.flat[off : off + c])
                 off += c
             self.rest.append(views)
         self.observations = [0] * len(sites)
+        self.samples = [0] * len(sites)
+        self.total_samples = 0
+        self.current_n = 0  # samples in the batch being measured
         self.paper = paper
-        self.paper_sum = torch.zeros(len(sites), dtype=torch.float64, device=device) if paper else None
+        zeros = (lambda: torch.zeros(len(sites), dtype=torch.float64, device=device))
+        self.paper_sum = zeros() if paper else None
+        self.paper_sq = zeros() if paper else None
         self.batches = 0
         self.backend: str | None = None
         self._impl: dict[tuple[torch.dtype, torch.device], Any] = {}
@@ -227,6 +302,8 @@ class _Counter:
                 f"channels along dim {s.channel_dim} on the example inputs; measure with batches "
                 "of the same layout as example_inputs"
             )
+        if z.requires_grad:
+            z = z.detach()  # training-time tracking: counting is not part of the autograd graph
         obs = z.numel() // s.channels
         if self.paper:
             before = self.first[i].clone()
@@ -246,10 +323,38 @@ class _Counter:
             for b, view in zip(s.breakpoints[1:], self.rest[i]):
                 fn(z, view, s.channel_dim, float(b))
         self.observations[i] += obs
+        self.samples[i] += self.current_n
         if self.paper and obs > 0:
-            p = ((self.first[i] - before).to(torch.float64) / obs).clamp(_PAPER_EPS, 1 - _PAPER_EPS)
-            h = -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
-            self.paper_sum[i] += h.mean()
+            value = paper_batch_entropy(self.first[i] - before, obs)
+            self.paper_sum[i] += value
+            self.paper_sq[i] += value * value
+
+
+def paper_batch_entropy(on: torch.Tensor, observations: int) -> torch.Tensor:
+    """One batch's layer entropy the reference scripts' way (``mode="paper"``).
+
+    ``p_c = on_c / observations``; channels with ``p_c`` 0 or 1 in this batch are left out;
+    the value is the mean of ``-(p log2 p' + (1 - p) log2 (1 - p'))`` over the others, with
+    ``p' = clamp(p, 1e-5, 1 - 1e-5)`` (the clamp only inside the logs); 0 when every channel
+    is constant. Stays on the device (no host sync).
+
+    Args:
+        on: ON counts of one site in one batch, ``[C]``.
+        observations: observations per channel in that batch (samples x positions).
+
+    Returns:
+        A float64 0-d tensor, in bits.
+
+    Example:
+        >>> round(float(paper_batch_entropy(torch.tensor([2, 0, 4, 1]), 4)), 6)  # 2 of 4 move
+        0.905639
+    """
+    p = on.to(torch.float64) / observations
+    pc = p.clamp(_PAPER_EPS, 1 - _PAPER_EPS)
+    h = -(p * torch.log2(pc) + (1 - p) * torch.log2(1 - pc))
+    moving = (on > 0) & (on < observations)
+    n = moving.sum()
+    return torch.where(n > 0, (h * moving).sum() / n.clamp_min(1), torch.zeros((), dtype=torch.float64, device=on.device))
 
 
 class _Recorder(nn.Module):
@@ -301,28 +406,69 @@ def _instrument(graph: SiteGraph, counter: _Counter) -> fx.GraphModule:
 
 
 class _HookRecorder:
-    def __init__(self, model: nn.Module, graph: SiteGraph, counter: _Counter) -> None:
+    """Forward pre-hooks on the real model's activation modules; the k-th call of a module in
+    one forward is that module's k-th site (the naming of :func:`discover_sites`).
+
+    ``sites`` are ``(counter index, Site)`` pairs; sites without a module are skipped (the
+    caller decides whether that is acceptable).
+    """
+
+    def __init__(self, model: nn.Module, sites: list[tuple[int, Site]], counter: Any) -> None:
         self.handles = []
         by_module: dict[str, list[int]] = {}
-        for i, s in enumerate(graph.sites):
-            by_module.setdefault(s.module, []).append(i)
+        for i, s in sites:
+            if s.module is not None:
+                by_module.setdefault(s.module, []).append(i)
+        self.expected = {name: len(idxs) for name, idxs in by_module.items()}
         self.calls: dict[str, int] = {}
+        self.warned = False
         modules = dict(model.named_modules())
-        for name, idxs in by_module.items():
-            def hook(mod, inp, name=name, idxs=idxs):
-                k = self.calls.get(name, 0)
-                self.calls[name] = k + 1
-                if k < len(idxs):
-                    counter.record(idxs[k], inp[0])
+        try:
+            for name, idxs in by_module.items():
+                if name not in modules:
+                    raise ModelError(
+                        f"site module {name!r} is not a submodule of {type(model).__name__}; the "
+                        "graph passed as `graph` belongs to another model (or the model changed): "
+                        "pass graph=None to rediscover the sites"
+                    )
 
-            self.handles.append(modules[name].register_forward_pre_hook(hook))
+                def hook(mod, inp, name=name, idxs=idxs):
+                    k = self.calls.get(name, 0)
+                    self.calls[name] = k + 1
+                    if k < len(idxs):
+                        counter.record(idxs[k], inp[0])
+
+                self.handles.append(modules[name].register_forward_pre_hook(hook))
+        except BaseException:
+            self.remove()
+            raise
 
     def reset(self) -> None:
         self.calls.clear()
 
+    def check(self, index: int) -> None:
+        """Warn (once) when a forward called an activation module a different number of times
+        than on the example inputs: calls beyond the discovered ones are not counted."""
+        if self.calls == self.expected or self.warned:
+            return
+        diff = [
+            f"{n} ran {self.calls.get(n, 0)}x (example: {k}x)"
+            for n, k in self.expected.items()
+            if self.calls.get(n, 0) != k
+        ]
+        if diff:
+            self.warned = True
+            warnings.warn(
+                f"egp_fast: batch {index} called activation modules a different number of times "
+                f"than the example inputs did ({'; '.join(diff[:5])}); extra calls are not counted "
+                "and sites that did not run saw no samples in that batch",
+                stacklevel=4,
+            )
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.handles.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,9 +486,8 @@ def _piece_counts(s: Site, first: torch.Tensor, rest: list[torch.Tensor], obs: i
 
 
 def _finish(
-    graph: SiteGraph, counter: _Counter, mode: str, backend: str | None, seconds: float
+    sites: list[Site], counter: _Counter, mode: str, backend: str | None, seconds: float
 ) -> EntropyStats:
-    sites = graph.sites
     device = counter.flat.device
     sizes = torch.tensor([s.channels for s in sites], dtype=torch.int64)
     offsets = torch.zeros(len(sites) + 1, dtype=torch.int64)
@@ -404,8 +549,148 @@ def _finish(
             entropy=float(paper[i]) if paper is not None else ent,
             entropy_all=ent_all,
             exact_entropy=ent,
+            samples=int(counter.samples[i]),
         )
-    return EntropyStats(result, mode, counter.batches, seconds)
+    return EntropyStats(result, mode, counter.batches, seconds, samples=int(counter.total_samples))
+
+
+# --------------------------------------------------------------------------------------------
+# Site discovery, cached per model.
+
+# model -> (structure key, SiteGraph). Weak keys: the cache never keeps a model alive (the
+# SiteGraph references the model's submodules, not the model object itself).
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DISCOVERY_SAMPLES = 2
+
+
+def _structure_key(model: nn.Module, example: Any) -> tuple:
+    """A cheap signature of what discovery depends on (resnet18: ~0.5 ms).
+
+    Module identities, names and types (a swapped module, e.g. after ``linearize``, changes
+    it), parameter shapes, and the layout of the example (dtypes and shapes past dim 0).
+    """
+    mods = tuple((n, id(m), type(m)) for n, m in model.named_modules())
+    params = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+    args, kwargs = normalize_inputs(example)
+    layout = tuple(
+        (t.dtype, tuple(t.shape[1:]), t.device.type) if isinstance(t, torch.Tensor) else type(t).__name__
+        for t in list(args) + [kwargs[k] for k in sorted(kwargs)]
+    )
+    return mods, params, tuple(sorted(kwargs)), layout
+
+
+def _few_samples(example: Any, n: int = _DISCOVERY_SAMPLES) -> Any:
+    """``example`` cut to its first ``n`` samples (dim 0 of every tensor that has the batch's
+    dim 0); ``example`` itself when that cuts nothing. Two, not one: a ``squeeze()`` in a
+    forward would drop a batch dimension of 1 and change the layout discovery records."""
+    args, kwargs = normalize_inputs(example)
+    first = _tensors(args) + _tensors(kwargs)
+    if not first or first[0].dim() == 0 or first[0].shape[0] <= n:
+        return example
+    b = first[0].shape[0]
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b:
+            return v[:n]
+        return v
+
+    if isinstance(example, torch.Tensor):
+        return cut(example)
+    if isinstance(example, Mapping):
+        return {k: cut(v) for k, v in example.items()}
+    return type(example)(cut(v) for v in example) if isinstance(example, tuple) else [cut(v) for v in example]
+
+
+def _discover(model: nn.Module, example: Any) -> SiteGraph:
+    """Discover on a few samples (shape propagation is a forward: one sample costs 1/B of one);
+    fall back to the whole example when the model rejects the cut (e.g. a hard-coded batch)."""
+    small = _few_samples(example)
+    if small is not example:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                graph = discover_sites(model, small)
+        except DataError as e:
+            # Retry on the whole example only when the cut itself is the likely cause (a shape
+            # error); any other failure is the model's own and must reach the user.
+            if not _looks_like_shape_error(e.__cause__):
+                raise
+            return discover_sites(model, example)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return graph
+    return discover_sites(model, example)
+
+
+_SHAPE_WORDS = ("shape", "size", "dimension", "batch", "view", "reshape", "mismatch", "expected")
+
+
+def _looks_like_shape_error(e: BaseException | None) -> bool:
+    return isinstance(e, (RuntimeError, ValueError, IndexError)) and any(
+        w in str(e).lower() for w in _SHAPE_WORDS
+    )
+
+
+def cached_graph(model: nn.Module, example_inputs: Any) -> SiteGraph:
+    """The :class:`SiteGraph` of ``model``, discovered once and reused while it is unchanged.
+
+    The cache is keyed on the model object and a structure signature (module identities and
+    types, parameter shapes, the example's layout), so replacing a module (``linearize``,
+    ``collapse``, swapping layers) or feeding another input layout discovers again.
+
+    Args:
+        model: the network.
+        example_inputs: a batch it accepts (see :func:`discover_sites`).
+
+    Returns:
+        The (possibly cached) :class:`SiteGraph`.
+
+    Raises:
+        ModelError: the model has no supported activation.
+        DataError: the model rejects ``example_inputs``.
+
+    Example:
+        >>> import torch, egp_fast
+        >>> from egp_fast.stats import cached_graph
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        >>> cached_graph(net, torch.randn(3, 4)) is cached_graph(net, torch.randn(5, 4))
+        True
+    """
+    model = _unwrap(model)
+    key = _structure_key(model, example_inputs)
+    hit = _GRAPHS.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    graph = _discover(model, example_inputs)
+    _GRAPHS[model] = (key, graph)
+    return graph
+
+
+# --------------------------------------------------------------------------------------------
+# Checking the traced graph against the real model.
+
+_RTOL, _ATOL = 1e-4, 1e-5
+
+
+def _compare_outputs(real: Any, traced: Any) -> str | None:
+    """None when the two outputs agree (structure, shapes, dtypes, allclose); else why not."""
+    a, b = _tensors(real), _tensors(traced)
+    if len(a) != len(b):
+        return f"model.forward returned {len(a)} tensor(s), the traced graph {len(b)}"
+    for k, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return (
+                f"output tensor {k}: model.forward gave {x.dtype} {list(x.shape)}, the traced "
+                f"graph {y.dtype} {list(y.shape)}"
+            )
+        if x.is_floating_point() or x.is_complex():
+            same = torch.allclose(x, y, rtol=_RTOL, atol=_ATOL, equal_nan=True)
+        else:
+            same = torch.equal(x, y)
+        if not same:
+            diff = (x.to(torch.float64) - y.to(torch.float64)).abs().nan_to_num(float("inf")).max()
+            return f"output tensor {k} differs (max abs difference {float(diff):.3g})"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +699,23 @@ def _finish(
 
 def _is_reiterable(data: Any) -> bool:
     return iter(data) is not data
+
+
+def _check_measure_args(mode, max_batches, stop, max_flip, confidence, tol, min_batches) -> None:
+    if mode not in ("exact", "paper"):
+        raise ConfigError(f"mode={mode!r} is not a measurement mode; use 'exact' or 'paper'")
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
+        raise ConfigError(f"max_batches={max_batches!r} must be a positive int or None")
+    if stop not in (None, "decided"):
+        raise ConfigError(f"stop={stop!r} is not a stopping rule; use None (whole pass) or 'decided'")
+    check_fraction(max_flip, "max_flip")
+    check_confidence(confidence)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0 or math.isinf(tol):
+        raise ConfigError(f"tol={tol!r} must be a positive number of bits (e.g. 0.02)")
+    if isinstance(min_batches, bool) or not isinstance(min_batches, int) or min_batches < 1:
+        raise ConfigError(f"min_batches={min_batches!r} must be a positive int")
 
 
 def measure_entropy(
@@ -425,45 +727,70 @@ def measure_entropy(
     progress: bool = True,
     backend: str | None = None,
     graph: SiteGraph | None = None,
+    *,
+    stop: str | None = None,
+    max_flip: float = 0.01,
+    confidence: float = 0.95,
+    tol: float = 0.02,
+    min_batches: int = 2,
 ) -> EntropyStats:
     """Measure the activation entropy of every site of ``model`` over ``data``.
 
     The model runs in eval mode under ``no_grad`` (its training flags are restored after);
     counts stay on the model's device until the pass ends; under ``torch.distributed`` the
-    counts of all ranks are summed, so every rank gets the same statistics.
+    counts and samples of all ranks are summed, so every rank gets the same statistics.
+
+    What runs is the user's model: when every site is an activation module, hooks on the real
+    model count them (nothing is traced at run time). A model with functional activations
+    (``F.relu``, ``x.relu()``) is measured through its fx-traced graph; on the first batch of
+    every call that graph's output is compared with ``model.forward``'s on the same batch, and
+    a difference (Python-side state or branches the trace froze) raises :class:`ModelError`.
+    Site discovery is cached per model (see :func:`cached_graph`): a second call on the same,
+    unchanged model does not discover again.
+
+    ``stop="decided"`` ends the pass early, once (checked after each batch, every 4th on an
+    accelerator, from ``min_batches`` on) every site is decided -- it changed state, or it did
+    not on enough samples that its :meth:`SiteStats.flip_bound` is ``<= max_flip`` -- and every
+    non-zero entropy that feeds the allocation (sites with producers) is known within ``tol``
+    bits: ``1.96 * se <= tol``, ``se`` a delete-a-group jackknife over batches (up to 20
+    groups; exact mode) or the standard error of the per-batch values (paper mode).
 
     Args:
         model: the network (a DDP/DataParallel wrapper is unwrapped).
         data: an iterable of batches on the model's device: tensors, ``(inputs, labels)``
             tuples, or dicts of keyword inputs (label keys dropped; see :func:`split_batch`).
-        example_inputs: a batch for tracing; default: the inputs of the first batch.
+        example_inputs: a batch for site discovery; default: the inputs of the first batch.
         max_batches: measure at most this many batches (``None``: all).
-        mode: ``"exact"`` (integer counts over the whole pass) or ``"paper"`` (per-batch
-            entropies with clamped ``p``, averaged: the reference scripts' way).
+        mode: ``"exact"`` (integer counts over the whole pass) or ``"paper"`` (the reference
+            scripts' per-batch entropies, constant channels of a batch left out, averaged).
         progress: show a progress bar over batches (rank 0 only).
         backend: force a backend for the counting ops (``None``: automatic).
         graph: a :class:`SiteGraph` from :func:`discover_sites` to reuse.
+        stop: ``None`` (whole pass, or ``max_batches``) or ``"decided"``.
+        max_flip: with ``stop="decided"``: the flip bound a zero-entropy site must reach.
+        confidence: with ``stop="decided"``: the confidence of that bound.
+        tol: with ``stop="decided"``: tolerance on non-zero layer entropies, in bits.
+        min_batches: with ``stop="decided"``: never stop before this many batches.
 
     Returns:
-        :class:`EntropyStats`.
+        :class:`EntropyStats` (``.batches`` used, ``.stopped_early``, per-site ``.samples``).
 
     Raises:
-        DataError: no batches, batches on another device, or batches the model rejects.
+        ConfigError: an argument is out of range (the message names it).
+        DataError: no batches, batches on another device, or batches the model rejects (the
+            model's own exception is chained as ``__cause__``, its message kept).
+        ModelError: the traced graph does not compute what ``model.forward`` computes on the
+            first batch, and functional activations make hooks unable to see every site.
         NumericsError: NaN/Inf appeared in an activation (the message names the site).
 
     Example:
         >>> import torch, egp_fast
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> stats = egp_fast.measure_entropy(net, [torch.randn(16, 4)], progress=False)
-        >>> list(stats.sites)
-        ['1']
+        >>> list(stats.sites), stats.sites["1"].samples
+        (['1'], 16)
     """
-    if mode not in ("exact", "paper"):
-        raise ConfigError(f"mode={mode!r} is not a measurement mode; use 'exact' or 'paper'")
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
-        raise ConfigError(f"max_batches={max_batches!r} must be a positive int or None")
+    _check_measure_args(mode, max_batches, stop, max_flip, confidence, tol, min_batches)
     if data is None:
         raise DataError("data is None; pass an iterable of batches (a DataLoader, a list of tensors...)")
     model = _unwrap(model)
@@ -486,11 +813,20 @@ def measure_entropy(
         a, k = split_batch(first)
         example_inputs = k if k else (a[0] if len(a) == 1 else a)
     if graph is None:
-        graph = discover_sites(model, example_inputs)
-    counter = _Counter(graph.sites, device, paper=(mode == "paper"))
+        graph = cached_graph(model, example_inputs)
+    sites = graph.sites
+    counter = _Counter(sites, device, paper=(mode == "paper"))
     counter.backend = backend_for("sign_count", backend)
-    runner = _cached_instrument(graph, counter) if graph.traced else None
-    hooks = None if runner is not None else _HookRecorder(model, graph, counter)
+    # Hooks on the real model whenever they can see every site; the traced graph only for
+    # functional activations (checked against model.forward on the first batch).
+    use_hooks = not graph.traced or all(s.module is not None for s in sites)
+    hooks = runner = None
+    decider = None
+    if stop == "decided":
+        decider = Decider(
+            counter, max_flip=max_flip, confidence=confidence, tol=tol, min_batches=min_batches,
+            used=[bool(s.producers) for s in sites],
+        )
     total = None
     if hasattr(data, "__len__"):
         total = len(data)
@@ -498,37 +834,48 @@ def measure_entropy(
             total = min(total, max_batches)
     elif max_batches is not None:
         total = max_batches
-    bar = _progress(total, progress, "measuring entropy")
+    bar = None
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+    stopped_early = False
     try:
+        if use_hooks:
+            hooks = _HookRecorder(model, list(enumerate(sites)), counter)
+        else:
+            runner = _cached_instrument(graph, counter)
+        bar = _progress(total, progress, "measuring entropy")
         with eval_mode(model):
             index = 0
             batch = first
             while True:
                 args, kwargs = split_batch(batch)
                 _check_device(args, kwargs, device, index)
-                try:
-                    if runner is not None:
-                        out = runner(*_bind(graph, model, args, kwargs))
-                    else:
-                        hooks.reset()
-                        out = model(*args, **kwargs)
-                except EGPError:  # ours already says what is wrong (bad backend, bad layout...)
-                    raise
-                except Exception as e:
-                    raise DataError(
-                        f"the model failed on batch {index} ({_describe(args, kwargs)}): "
-                        f"{type(e).__name__}: {e}"
-                    ) from e
+                counter.current_n = batch_size(args, kwargs)
+                if hooks is not None:
+                    hooks.reset()
+                    out = _run_model(model, args, kwargs, index)
+                    hooks.check(index)
+                else:
+                    if index == 0:
+                        real = _run_model(model, args, kwargs, index)
+                    out = _run_traced(runner, graph, model, args, kwargs, index)
+                    if index == 0:
+                        _verify(model, graph, real, out)
+                        del real
                 for t in _tensors(out):
                     if t.is_floating_point():
                         nonfinite += (~torch.isfinite(t)).any()
                 counter.batches += 1
+                counter.total_samples += counter.current_n
                 index += 1
                 if bar is not None:
                     bar.update(1)
                 if max_batches is not None and index >= max_batches:
                     break
+                if decider is not None:
+                    decider.after_batch(index - 1)
+                    if decider.should_check(index) and decider.decided(index, _sum_across_ranks):
+                        stopped_early = True
+                        break
                 try:
                     batch = next(iterator)
                 except StopIteration:
@@ -543,7 +890,55 @@ def measure_entropy(
     _all_reduce(counter)
     if int(nonfinite) > 0:  # the one host sync of the pass (besides the end)
         raise NumericsError(_locate_nonfinite(model, data, graph, max_batches))
-    return _finish(graph, counter, mode, backend, time.perf_counter() - start)
+    stats = _finish(sites, counter, mode, backend, time.perf_counter() - start)
+    stats.stopped_early = stopped_early
+    return stats
+
+
+def _run_model(model: nn.Module, args: tuple, kwargs: dict, index: int) -> Any:
+    try:
+        return model(*args, **kwargs)
+    except EGPError:  # ours already says what is wrong (bad backend, bad layout...)
+        raise
+    except Exception as e:
+        raise DataError(
+            f"the model failed on batch {index} ({_describe(args, kwargs)}): {type(e).__name__}: {e}"
+        ) from e
+
+
+def _run_traced(runner, graph: SiteGraph, model: nn.Module, args: tuple, kwargs: dict, index: int) -> Any:
+    try:
+        return runner(*_bind(graph, model, args, kwargs))
+    except EGPError:
+        raise
+    except Exception as e:
+        if index == 0:  # model.forward just ran this batch without error: the trace is at fault
+            raise ModelError(
+                f"the fx-traced graph of {type(model).__name__} failed on batch 0 where "
+                f"model.forward did not ({type(e).__name__}: {e}); its functional activations "
+                f"({_functional_names(graph)}) can only be measured through the trace: make the "
+                "forward traceable or use activation modules (nn.ReLU...)"
+            ) from e
+        raise DataError(
+            f"the model failed on batch {index} ({_describe(args, kwargs)}): {type(e).__name__}: {e}"
+        ) from e
+
+
+def _functional_names(graph: SiteGraph) -> str:
+    names = [s.name for s in graph.sites if s.module is None]
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _verify(model: nn.Module, graph: SiteGraph, real: Any, traced: Any) -> None:
+    why = _compare_outputs(real, traced)
+    if why is not None:
+        raise ModelError(
+            f"the fx-traced graph of {type(model).__name__} does not compute what model.forward "
+            f"computes on batch 0 ({why}): the forward has Python-side state or branches that "
+            f"the trace froze. Its functional activations ({_functional_names(graph)}) cannot be "
+            "seen by hooks, so it cannot be measured safely: make the forward deterministic and "
+            "traceable, or use activation modules (nn.ReLU...) so hooks measure the real model"
+        )
 
 
 def _bind(graph: SiteGraph, model: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
@@ -555,18 +950,44 @@ def _bind(graph: SiteGraph, model: nn.Module, args: tuple, kwargs: dict) -> list
     return values
 
 
+def _sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        d.all_reduce(t)
+    return t
+
+
 def _all_reduce(counter: _Counter) -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     dist = torch.distributed
     dist.all_reduce(counter.flat)
-    meta = torch.tensor(counter.observations + [counter.batches], dtype=torch.int64,
-                        device=counter.flat.device)
+    meta = torch.tensor(
+        counter.observations + counter.samples + [counter.batches, counter.total_samples],
+        dtype=torch.int64,
+        device=counter.flat.device,
+    )
     dist.all_reduce(meta)
-    counter.observations = [int(v) for v in meta[:-1].tolist()]
-    counter.batches = int(meta[-1])
+    s = len(counter.observations)
+    values = [int(v) for v in meta.tolist()]
+    counter.observations = values[:s]
+    counter.samples = values[s : 2 * s]
+    counter.batches, counter.total_samples = values[2 * s], values[2 * s + 1]
     if counter.paper_sum is not None:
         dist.all_reduce(counter.paper_sum)
+        dist.all_reduce(counter.paper_sq)
+
+
+class _Check:
+    """A counter stand-in that only remembers the first site with a non-finite input."""
+
+    def __init__(self, sites: list[Site]) -> None:
+        self.sites = sites
+        self.culprit: list[str] = []
+
+    def record(self, index: int, z: torch.Tensor) -> None:
+        if not self.culprit and not bool(torch.isfinite(z).all()):
+            self.culprit.append(self.sites[index].name)
 
 
 def _locate_nonfinite(model: nn.Module, data: Any, graph: SiteGraph, max_batches: int | None) -> str:
@@ -575,30 +996,44 @@ def _locate_nonfinite(model: nn.Module, data: Any, graph: SiteGraph, max_batches
         "NaN or Inf appeared in the model's output during the entropy pass; check the inputs "
         "for NaN/Inf and the weights (e.g. a diverged fine-tune)"
     )
-    if not graph.traced or not _is_reiterable(data):
+    if not _is_reiterable(data):
         return generic + " (the site could not be located: the data can only be iterated once)"
-    culprit: list[str] = []
-
-    class _Check(nn.Module):
-        def forward(self, index: int, z: torch.Tensor) -> None:
-            if not culprit and not bool(torch.isfinite(z).all()):
-                culprit.append(graph.sites[index].name)
-
-    counter = _Counter(graph.sites, model_device(model), paper=False)
-    gm = _instrument(graph, counter)
-    gm._egp_recorder = _Check()
-    with eval_mode(model):
-        for i, batch in enumerate(data):
-            if max_batches is not None and i >= max_batches:
-                break
-            args, kwargs = split_batch(batch)
-            gm(*_bind(graph, model, args, kwargs))
-            if culprit:
-                return (
-                    f"NaN or Inf in the input of site {culprit[0]!r} (batch {i}); check the data "
-                    "and the weights of the layers feeding that site"
-                )
+    check = _Check(graph.sites)
+    hooks = gm = None
+    if not graph.traced or all(s.module is not None for s in graph.sites):
+        hooks = _HookRecorder(model, list(enumerate(graph.sites)), check)
+    else:
+        gm = _instrument(graph, _Counter(graph.sites, model_device(model), paper=False))
+        gm._egp_recorder = _RecorderOf(check)
+    try:
+        with eval_mode(model):
+            for i, batch in enumerate(data):
+                if max_batches is not None and i >= max_batches:
+                    break
+                args, kwargs = split_batch(batch)
+                if hooks is not None:
+                    hooks.reset()
+                    model(*args, **kwargs)
+                else:
+                    gm(*_bind(graph, model, args, kwargs))
+                if check.culprit:
+                    return (
+                        f"NaN or Inf in the input of site {check.culprit[0]!r} (batch {i}); check "
+                        "the data and the weights of the layers feeding that site"
+                    )
+    finally:
+        if hooks is not None:
+            hooks.remove()
     return generic
+
+
+class _RecorderOf(nn.Module):
+    def __init__(self, target: Any) -> None:
+        super().__init__()
+        self.target = target
+
+    def forward(self, index: int, z: torch.Tensor) -> None:
+        self.target.record(index, z)
 
 
 def _progress(total: int | None, enabled: bool, desc: str):
@@ -615,3 +1050,18 @@ def _progress(total: int | None, enabled: bool, desc: str):
 def _is_rank0() -> bool:
     d = torch.distributed
     return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
+
+
+from egp_fast.stats_track import EntropyTracker, track_entropy  # noqa: E402  (uses the above)
+
+__all__ = [
+    "EntropyStats",
+    "EntropyTracker",
+    "SiteStats",
+    "batch_size",
+    "cached_graph",
+    "measure_entropy",
+    "paper_batch_entropy",
+    "split_batch",
+    "track_entropy",
+]

@@ -38,20 +38,55 @@ def test_counts_match_a_hand_computed_example():
     assert not s.collapsible
 
 
-def test_paper_mode_averages_per_batch_clamped_entropies():
-    x1 = torch.tensor([[[[1.0, -1.0]], [[1.0, 1.0]], [[1.0, 1.0]]]])
-    x2 = torch.tensor([[[[1.0, 1.0]], [[1.0, 1.0]], [[1.0, 1.0]]]])
-    stats = egp_fast.measure_entropy(Identityish(), [x1, x2], mode="paper", progress=False)
+def _h(p):
+    return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def test_paper_mode_follows_the_reference_per_batch_formula():
+    # Channels: 0 mixed, 1 dead (always OFF), 2 always ON, 3 mixed. Per batch, the constant
+    # channels of THAT batch are left out and the rest averaged; an all-constant batch gives 0.
+    b1 = torch.tensor(
+        [[[[1.0, -1.0, -2.0, -4.0]], [[-1.0, -2.0, 0.0, -3.0]], [[1.0, 2.0, 3.0, 4.0]], [[1.0, 1.0, 1.0, -1.0]]]]
+    )  # [1, 4, 1, 4]: p = 0.25, 0, 1, 0.75
+    b2 = torch.tensor(
+        [[[[1.0, 1.0, 1.0, 1.0]], [[-1.0, -2.0, 0.0, -3.0]], [[1.0, 2.0, 3.0, 4.0]], [[-1.0, -1.0, -1.0, -1.0]]]]
+    )  # every channel constant in this batch (channel 0 and 3 flip only across batches)
+    b3 = torch.tensor(
+        [[[[1.0, -1.0, 1.0, -1.0]], [[-1.0, -2.0, 0.0, -3.0]], [[1.0, 2.0, 3.0, 4.0]], [[1.0, 1.0, 1.0, 1.0]]]]
+    )  # p = 0.5, 0, 1, 1
+    stats = egp_fast.measure_entropy(Identityish(4), [b1, b2, b3], mode="paper", progress=False)
     s = stats.sites["act"]
+    batch1 = (_h(0.25) + _h(0.75)) / 2  # channels 1 and 2 left out
+    batch2 = 0.0
+    batch3 = _h(0.5) / 1
+    assert s.entropy == pytest.approx((batch1 + batch2 + batch3) / 3, abs=1e-5)
+    # the old bug (clamped H averaged over all channels) gives a visibly different number
+    eps = 1e-5
+    hc = _h(1 - eps)
+    buggy = ((_h(0.25) + _h(0.75) + 2 * hc) / 4 + 4 * hc / 4 + (_h(0.5) + 3 * hc) / 4) / 3
+    assert abs(s.entropy - buggy) > 0.05
+    # the exact mode is unaffected: over all 12 observations channel 0 is ON 1+4+2 = 7 times
+    assert s.exact_entropy == pytest.approx((_h(7 / 12) + _h(7 / 12)) / 2, abs=1e-12)
 
-    def h(p):
-        p = min(max(p, 1e-5), 1 - 1e-5)
-        return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
-    b1 = (h(0.5) + h(1.0) + h(1.0)) / 3
-    b2 = (h(1.0) + h(1.0) + h(1.0)) / 3
-    assert s.entropy == pytest.approx((b1 + b2) / 2, rel=1e-9)
-    assert s.exact_entropy == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+def test_paper_mode_clamps_only_inside_the_logs():
+    # One ON among 200000 observations: p = 5e-6 < 1e-5, so the clamp is active.
+    x = torch.full((1, 1, 1, 200000), -1.0)
+    x[..., 0] = 1.0
+    s = egp_fast.measure_entropy(Identityish(1), [x], mode="paper", progress=False).sites["act"]
+    p, pc = 5e-6, 1e-5
+    expected = -(p * math.log2(pc) + (1 - p) * math.log2(1 - pc))
+    clamped_everywhere = _h(pc)
+    assert s.entropy == pytest.approx(expected, rel=1e-9)
+    assert abs(s.entropy - clamped_everywhere) > 1e-5
+
+
+def test_paper_mode_all_on_layer_reads_zero():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    with torch.no_grad():
+        net[0].bias.fill_(100.0)
+    s = egp_fast.measure_entropy(net, [torch.randn(2, 3, 4, 4)] * 3, mode="paper", progress=False).sites["1"]
+    assert s.entropy == 0.0  # was 0.000181 when constant channels were averaged in
 
 
 def test_multi_piece_relu6_states():
