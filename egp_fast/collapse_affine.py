@@ -24,6 +24,21 @@ pruning rounds trains the shallower network. How a site is swapped:
 * a functional call in the root module's own ``forward`` can only be rewritten in place when
   the root is itself an ``fx.GraphModule`` (``egp_fast.trace(model)``); otherwise the site is
   left alone with a warning (``collapse`` handles it, since it returns a new module).
+
+What a site becomes (``how``):
+
+* ``"data"``: the piece each channel never left on the data. Only zero-entropy sites qualify;
+  the map equals the activation on every measured sample.
+* ``"identity"`` (EASIER's choice): ``y = z`` on every channel, whatever the data says.
+* ``"majority"``: per channel, the piece it sat in most often: identity where ``p_on >= 0.5``,
+  zero (or the negative slope) otherwise; for ReLU6/Hardtanh the most frequent of the three
+  pieces (ties: the lower piece), from ``SiteStats.piece_counts``.
+
+``identity`` and ``majority`` replace a site even when it still changes state on the data: the
+network's function changes, which is the point of EASIER (fine-tuning recovers the accuracy).
+Such a :class:`ChannelAffine` has ``exact=False``, so :func:`egp_fast.collapse` reports it as an
+approximation; a map that agrees with the data on every channel keeps ``exact=True`` (unless
+the activation is smooth: GELU/SiLU are never exactly affine).
 """
 
 from __future__ import annotations
@@ -38,7 +53,10 @@ import torch.nn as nn
 from egp_fast.errors import ConfigError, ModelError
 from egp_fast.graph import _FUNCTION_KINDS, _METHOD_KINDS, _module_kind, _site_name_for_functional, _unwrap
 
-__all__ = ["ChannelAffine", "linearize", "site_affine"]
+__all__ = ["LINEARIZATIONS", "ChannelAffine", "linearize", "site_affine"]
+
+#: Ways :func:`linearize` can replace a site (see the module docstring).
+LINEARIZATIONS = ("data", "identity", "majority")
 
 
 def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dim: int) -> torch.Tensor:
@@ -59,9 +77,12 @@ class ChannelAffine(nn.Module):
         scale: float tensor ``[C]``.
         shift: float tensor ``[C]``.
         channel_dim: the channel axis of the input (1 for ``[N, C, ...]``, -1 for tokens).
-        exact: False when it replaces a smooth activation (GELU, SiLU): then it only
-            approximates the site.
+        exact: False when it only approximates the site it replaced: a smooth activation
+            (GELU, SiLU), or a site that still changed state on the data and was replaced by
+            the identity or its majority piece (EASIER).
         site: the name of the site it replaced (for reports).
+        how: how the map was chosen: ``"data"``, ``"identity"`` or ``"majority"`` (see
+            :func:`linearize`).
 
     Example:
         >>> m = ChannelAffine(torch.tensor([1.0, 0.0]), torch.zeros(2), channel_dim=1)
@@ -76,6 +97,7 @@ class ChannelAffine(nn.Module):
         channel_dim: int = 1,
         exact: bool = True,
         site: str = "",
+        how: str = "data",
     ) -> None:
         super().__init__()
         if scale.shape != shift.shape or scale.dim() != 1:
@@ -88,6 +110,7 @@ class ChannelAffine(nn.Module):
         self.channel_dim = int(channel_dim)
         self.exact = bool(exact)
         self.site = site
+        self.how = how
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _channel_affine(x, self.scale, self.shift, self.channel_dim)
@@ -100,7 +123,7 @@ class ChannelAffine(nn.Module):
         zero = int(((self.scale == 0) & (self.shift == 0)).sum())
         return (
             f"channels={self.scale.numel()}, channel_dim={self.channel_dim}, identity={on}, "
-            f"zero={zero}, exact={self.exact}, site={self.site!r}"
+            f"zero={zero}, exact={self.exact}, site={self.site!r}, how={getattr(self, 'how', 'data')!r}"
         )
 
 
@@ -218,7 +241,30 @@ def _module_site_kind_params(m: nn.Module) -> dict[str, Any]:
     return _module_params(kind, m) if kind else {}
 
 
-def _affine_for(node: fx.Node, owner: nn.Module, st: Any) -> ChannelAffine:
+def _target_piece(st: Any, how: str) -> torch.Tensor:
+    """The piece each channel of a site is mapped to: int64 ``[C]`` on the CPU.
+
+    ``data``: the piece it never left (the site must be at zero entropy); ``identity``: the
+    linear piece ``y = z`` (piece 1 for every supported kind); ``majority``: the piece it sat
+    in most often (two pieces: ON when ``p_on >= 0.5``; more: ``piece_counts.argmax``, which
+    returns the lower piece on a tie).
+    """
+    channels = int(st.piece.numel())
+    if how == "data":
+        return st.piece.to(torch.int64).cpu()
+    if how == "identity":
+        return torch.ones(channels, dtype=torch.int64)
+    if len(st.breakpoints) <= 1:
+        return (st.p_on.cpu() >= 0.5).to(torch.int64)
+    return st.piece_counts.cpu().argmax(0).to(torch.int64)
+
+
+def _is_exact(st: Any, piece: torch.Tensor) -> bool:
+    """True when the affine map equals the activation on every measured observation."""
+    return bool(st.exact) and bool(st.collapsible) and torch.equal(piece, st.piece.to(torch.int64).cpu())
+
+
+def _affine_for(node: fx.Node, owner: nn.Module, st: Any, how: str = "data") -> ChannelAffine:
     """The ChannelAffine replacing one activation call, from its statistics."""
     from egp_fast.graph import _function_params
 
@@ -240,11 +286,12 @@ def _affine_for(node: fx.Node, owner: nn.Module, st: Any) -> ChannelAffine:
         if p.is_floating_point():
             dtype = p.dtype
             break
-    scale, shift = site_affine(st.kind, st.piece, params, prelu_w, dtype=dtype)
+    piece = _target_piece(st, how)
+    scale, shift = site_affine(st.kind, piece, params, prelu_w, dtype=dtype)
     device = next((b.device for b in owner.buffers()), None) or next(
         (p.device for p in owner.parameters()), torch.device("cpu")
     )
-    return ChannelAffine(scale.to(device), shift.to(device), st.channel_dim, bool(st.exact), st.name)
+    return ChannelAffine(scale.to(device), shift.to(device), st.channel_dim, _is_exact(st, piece), st.name, how)
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -261,25 +308,34 @@ def _fresh_attr(m: nn.Module, base: str) -> str:
     return name
 
 
-def linearize(model: nn.Module, stats: Any, sites: list[str] | None = None) -> list[str]:
-    """Replace every zero-entropy site of ``model`` by its per-channel affine map, in place.
+def linearize(
+    model: nn.Module, stats: Any, sites: list[str] | None = None, how: str = "data"
+) -> list[str]:
+    """Replace activation sites of ``model`` by per-channel affine maps, in place.
 
-    Between pruning rounds this lets fine-tuning train the shallower model (the
-    prune-collapse loop). Sites whose statistics show a channel that changes piece are never
-    touched. See the module docstring for how modules called twice and functional calls are
-    handled.
+    With ``how="data"`` (the default) every zero-entropy site becomes the affine map it
+    already is on the data; between pruning rounds this lets fine-tuning train the shallower
+    model (the prune-collapse loop), and sites with a channel that changes piece are never
+    touched. With ``how="identity"`` or ``"majority"`` (EASIER's activation removal) the named
+    ``sites`` are replaced even when their entropy is above zero: this changes the network's
+    function (the new :class:`ChannelAffine` has ``exact=False``) and is meant to be followed by
+    fine-tuning. See the module docstring for the maps and for how modules called twice and
+    functional calls are handled.
 
     Args:
         model: the network (edited in place; a DDP/DataParallel wrapper is unwrapped).
         stats: :class:`egp_fast.stats.EntropyStats` measured on this model.
-        sites: only these site names (default: every collapsible site in ``stats``).
+        sites: only these site names (default: every collapsible site in ``stats``; required
+            for ``how="identity"`` and ``"majority"``).
+        how: ``"data"``, ``"identity"`` or ``"majority"``.
 
     Returns:
         Names of the sites replaced, in execution order. Sites that could not be replaced
         are reported with ``warnings.warn`` (reason included) and left as they are.
 
     Raises:
-        ConfigError: ``sites`` names a site that ``stats`` does not have.
+        ConfigError: ``sites`` names a site that ``stats`` does not have, ``how`` is not one
+            of :data:`LINEARIZATIONS`, or ``how`` is ``identity``/``majority`` without ``sites``.
 
     Example:
         >>> import torch, egp_fast
@@ -288,14 +344,39 @@ def linearize(model: nn.Module, stats: Any, sites: list[str] | None = None) -> l
         >>> stats = egp_fast.measure_entropy(net, [torch.randn(32, 4)], progress=False)
         >>> egp_fast.linearize(net, stats)
         ['1']
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> stats = egp_fast.measure_entropy(net, [torch.randn(32, 4)], progress=False)
+        >>> egp_fast.linearize(net, stats, sites=["1"], how="identity")
+        ['1']
+        >>> net[1].exact, net[1].is_identity()
+        (False, True)
     """
-    done, refused = _linearize(model, stats, sites)
+    done, refused = _linearize(model, stats, sites, how)
     for name, why in refused:
         warnings.warn(f"egp_fast.linearize: site {name} left in place: {why}", stacklevel=2)
     return done
 
 
-def _selected(stats: Any, sites: list[str] | None) -> dict[str, Any]:
+def _check_how(how: Any, sites: list[str] | None) -> None:
+    if isinstance(how, dict):  # private form: one way per site (EASIER mixes data and identity)
+        for h in how.values():
+            _check_how(h, sites)
+        return
+    if how not in LINEARIZATIONS:
+        raise ConfigError(f"how={how!r} is not a linearisation; use one of {LINEARIZATIONS}")
+    if how != "data" and sites is None:
+        raise ConfigError(
+            f"how={how!r} replaces sites that still change state, so name them: pass "
+            "sites=[...] (how='data' alone picks every zero-entropy site by itself)"
+        )
+
+
+def _selected(stats: Any, sites: list[str] | None, how: str = "data") -> dict[str, Any]:
+    """The statistics of the sites to replace: named ones (all of them unless ``how="data"``,
+    which keeps only zero-entropy sites), or every zero-entropy site."""
+    _check_how(how, sites)
+    if sites is not None and (isinstance(sites, str) or not all(isinstance(n, str) for n in sites)):
+        raise ConfigError(f"sites must be a list of site names (str), got {sites!r}")
     all_sites = getattr(stats, "sites", None)
     if not isinstance(all_sites, dict):
         raise ConfigError(
@@ -306,21 +387,33 @@ def _selected(stats: Any, sites: list[str] | None) -> dict[str, Any]:
     unknown = [n for n in sites if n not in all_sites]
     if unknown:
         raise ConfigError(f"sites names {unknown} that stats does not have; stats has: {', '.join(all_sites)}")
-    return {n: all_sites[n] for n in sites if all_sites[n].collapsible}
+    return {n: all_sites[n] for n in sites if _how(how, n) != "data" or all_sites[n].collapsible}
 
 
-def _linearize(model: nn.Module, stats: Any, sites: list[str] | None) -> tuple[list[str], list[tuple[str, str]]]:
+def _how(how: str | dict[str, str], site: str) -> str:
+    return how.get(site, "data") if isinstance(how, dict) else how
+
+
+def _linearize(
+    model: nn.Module, stats: Any, sites: list[str] | None, how: str | dict[str, str] = "data"
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Linearise in place; ``how`` is one way for all sites or ``{site: way}``.
+
+    Returns ``(done, refused)``: the sites replaced (execution order) and ``(site, reason)``
+    for those left in place. One trace for all sites: replacing one call of a module called
+    twice renames the other call, so the sites of one round must be replaced together.
+    """
     from egp_fast.graph import trace
 
     model = _unwrap(model)
-    chosen = _selected(stats, sites)
+    chosen = _selected(stats, sites, how)
     if not chosen:
         return [], []
     refused: list[tuple[str, str]] = []
     try:
         gm = trace(model)
     except Exception as e:  # untraceable: only single-call activation modules can be swapped
-        return _linearize_modules_only(model, chosen, f"{type(e).__name__}: {str(e)[:120]}")
+        return _linearize_modules_only(model, chosen, f"{type(e).__name__}: {str(e)[:120]}", how)
     acts = _activation_nodes(gm)
     found = {name for _, name, _ in acts}
     for name in chosen:
@@ -341,7 +434,7 @@ def _linearize(model: nn.Module, stats: Any, sites: list[str] | None) -> tuple[l
             refused.append((name, "statistics have the wrong number of channels"))
             continue
         if mod is not None and module_calls[mod] == 1:
-            aff = _affine_for(node, model, st)
+            aff = _affine_for(node, model, st, _how(how, name))
             _set_submodule(model, mod, aff)
             done.append(name)
             continue
@@ -351,7 +444,7 @@ def _linearize(model: nn.Module, stats: Any, sites: list[str] | None) -> tuple[l
             continue
         by_caller.setdefault(caller, []).append((node, name, mod))
     for caller, items in by_caller.items():
-        ok, why = _rewrite_caller(model, gm, caller, items, chosen)
+        ok, why = _rewrite_caller(model, gm, caller, items, chosen, how)
         if ok:
             done.extend(n for _, n, _ in items)
         else:
@@ -362,7 +455,7 @@ def _linearize(model: nn.Module, stats: Any, sites: list[str] | None) -> tuple[l
 
 
 def _linearize_modules_only(
-    model: nn.Module, chosen: dict[str, Any], why: str
+    model: nn.Module, chosen: dict[str, Any], why: str, how: str | dict[str, str] = "data"
 ) -> tuple[list[str], list[tuple[str, str]]]:
     done, refused = [], []
     names = set(chosen)
@@ -378,11 +471,13 @@ def _linearize_modules_only(
                                   "called once can be swapped"))
             continue
         prelu_w = m.weight if st.kind == "prelu" else None
-        scale, shift = site_affine(st.kind, st.piece, _module_site_kind_params(m), prelu_w)
+        piece = _target_piece(st, _how(how, name))
+        scale, shift = site_affine(st.kind, piece, _module_site_kind_params(m), prelu_w)
         ref = next(iter(model.parameters()), None)
         if ref is not None:
             scale, shift = scale.to(ref.device, ref.dtype), shift.to(ref.device, ref.dtype)
-        _set_submodule(model, base, ChannelAffine(scale, shift, st.channel_dim, bool(st.exact), name))
+        aff = ChannelAffine(scale, shift, st.channel_dim, _is_exact(st, piece), name, _how(how, name))
+        _set_submodule(model, base, aff)
         done.append(name)
     return done, refused
 
@@ -393,6 +488,7 @@ def _rewrite_caller(
     caller: str,
     items: list[tuple[fx.Node, str, str | None]],
     chosen: dict[str, Any],
+    how: str | dict[str, str] = "data",
 ) -> tuple[bool, str]:
     """Re-trace ``caller`` alone and point the chosen activation calls at ChannelAffines."""
     from egp_fast.graph import trace
@@ -429,7 +525,7 @@ def _rewrite_caller(
     for node, name, mod in items:
         i = index[node]
         ln = local[i]
-        aff = _affine_for(node, model, chosen[name])
+        aff = _affine_for(node, model, chosen[name], _how(how, name))
         base = (mod[len(prefix):] if mod else name).replace(".", "_").replace(":", "_")
         attr = _fresh_attr(sub, f"{base}_lin")
         sub.add_submodule(attr, aff)

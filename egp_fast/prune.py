@@ -1,11 +1,20 @@
-"""The EGP loop: measure entropies, share the budget, prune, fine-tune; and the IMP baseline.
+"""The pruning loop, once, for every method: EGP, the IMP baseline and EASIER.
 
-:class:`Pruner` runs one step at a time (``measure`` -> ``plan`` -> ``apply``) for users who
-own their training loop; :func:`prune` runs whole rounds with an optional fine-tune callback.
+A *method* is a small strategy that says what a round changes: EGP and IMP prune a budget of
+weights (:class:`_EGPMethod`, :class:`_IMPMethod`), EASIER linearises activation sites
+(:class:`egp_fast.easier.EasierMethod`). Around it the loop exists once: measure, plan, apply,
+fine-tune, evaluate, record, roll back. :class:`Pruner` runs one step at a time
+(``measure`` -> ``plan`` -> ``apply``, or ``round``) for users who own their training loop (and
+for the ``egp-fast`` command); :func:`prune` runs whole rounds with fine-tune and evaluation
+callbacks, keeps each completed round when a later one fails, and for EASIER returns the best
+model within the accuracy tolerance.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import inspect as _inspect
 import math
 import time
 from collections import OrderedDict
@@ -14,17 +23,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast import masks as _masks
 from egp_fast import ops
 from egp_fast.budget import allocate
-from egp_fast.errors import ConfigError, DataError
+from egp_fast.easier import (
+    EasierMethod,
+    check_accuracy,
+    check_linearization,
+    check_max_drop,
+    within_tolerance,
+)
+from egp_fast.errors import ConfigError, DataError, ModelError, PruneInterrupted
 from egp_fast.graph import SiteGraph, _unwrap, discover_sites, weight_layers
 from egp_fast.ops._dispatch import backend_for
 from egp_fast.stats import EntropyStats, measure_entropy, split_batch
 
-METHODS = ("egp", "imp")
+METHODS = ("egp", "imp", "easier")
 
 
 # --------------------------------------------------------------------------------------------
@@ -33,17 +50,28 @@ METHODS = ("egp", "imp")
 
 @dataclass
 class RoundRecord:
-    """What one pruning round did.
+    """What one round (one EASIER iteration) did.
 
     Attributes:
         iteration: 0-based round index.
-        sparsity: fraction of pruned weights over the prunable layers, after the round.
+        sparsity: fraction of pruned weights over the prunable layers, after the round (0 for
+            EASIER, which prunes no weight).
         layers: one dict per prunable layer: ``name``, ``site`` (the site(s) it feeds),
             ``entropy`` (of that site, before pruning), ``nonzero`` (unpruned weights before),
             ``pruned`` (this round), ``collapsible`` (its site is already at zero entropy).
-        seconds: wall time of the round (measure + plan + apply).
+            Empty for EASIER.
+        seconds: wall time of the round's measure + plan + apply.
         zero_entropy_sites: sites at zero entropy when the round measured.
-        stats: the round's entropy measurement, as ``EntropyStats.to_dict()``.
+        stats: the round's entropy measurement, as ``EntropyStats.to_dict()`` (per-site
+            entropies before the round changed anything).
+        removed_sites: sites this round replaced by an affine map (EASIER's chosen sites, or
+            the zero-entropy sites EGP linearises with ``linearize=True``), execution order.
+        accuracy: ``evaluate(model)`` after this round's fine-tuning; ``None`` without
+            ``evaluate``.
+        kept: False when :func:`prune` rolled this round back (its accuracy fell more than
+            ``max_drop`` below the dense accuracy).
+        sites_left: activation sites left in the model after the round.
+        method: ``"egp"``, ``"imp"`` or ``"easier"``.
     """
 
     iteration: int
@@ -52,18 +80,30 @@ class RoundRecord:
     seconds: float
     zero_entropy_sites: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    removed_sites: list[str] = field(default_factory=list)
+    accuracy: float | None = None
+    kept: bool = True
+    sites_left: int | None = None
+    method: str = "egp"
 
     @property
     def pruned(self) -> int:
+        """Weights pruned in this round."""
         return sum(layer["pruned"] for layer in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form of the record."""
         return {
             "iteration": self.iteration,
+            "method": self.method,
             "sparsity": self.sparsity,
             "pruned": self.pruned,
             "seconds": self.seconds,
             "zero_entropy_sites": list(self.zero_entropy_sites),
+            "removed_sites": list(self.removed_sites),
+            "sites_left": self.sites_left,
+            "accuracy": self.accuracy,
+            "kept": self.kept,
             "layers": [dict(x) for x in self.layers],
             "stats": self.stats,
         }
@@ -76,10 +116,15 @@ class PruneResult:
     Attributes:
         model: the pruned model (the same object that was passed), or the collapsed model
             when ``collapse=True``.
-        rounds: one :class:`RoundRecord` per round run.
-        stats: the entropy measurement after the last round (what collapse used).
+        rounds: one :class:`RoundRecord` per round run (a round rolled back by the accuracy
+            tolerance is listed with ``kept=False``).
+        stats: the entropy measurement of the returned model (what collapse used); ``None``
+            in the partial result of :class:`~egp_fast.errors.PruneInterrupted`.
         collapse: the :class:`~egp_fast.collapse.CollapseResult`, when ``collapse=True``.
         config: the arguments of the run, JSON-safe.
+        dense_accuracy: ``evaluate(model)`` before the first round (``None`` without evaluate).
+        best_round: index in ``rounds`` of the round whose model is returned; ``-1`` when it is
+            the model as passed (the first round already fell outside the tolerance).
     """
 
     model: nn.Module
@@ -87,11 +132,21 @@ class PruneResult:
     stats: EntropyStats | None = None
     collapse: Any = None
     config: dict[str, Any] = field(default_factory=dict)
+    dense_accuracy: float | None = None
+    best_round: int = -1
+
+    @property
+    def removed_sites(self) -> list[str]:
+        """Every site removed by the kept rounds, in the order they were removed."""
+        return [s for r in self.rounds if r.kept for s in r.removed_sites]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe summary: config, rounds, final entropies and the collapse report."""
         return {
             "config": dict(self.config),
+            "dense_accuracy": self.dense_accuracy,
+            "best_round": self.best_round,
+            "removed_sites": self.removed_sites,
             "rounds": [r.to_dict() for r in self.rounds],
             "final": self.stats.to_dict() if self.stats is not None else None,
             "collapse": self.collapse.to_dict() if hasattr(self.collapse, "to_dict") else None,
@@ -99,16 +154,33 @@ class PruneResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Leave-nothing-behind snapshot.
+# Snapshot: the state a failed or rolled-back round returns to.
 
 
-class _Snapshot:
-    """Structure, hooks, flags and tensor values of a model, restorable after a failure.
+class ModelSnapshot:
+    """Structure, hooks, flags and tensor values of a model, restorable later.
 
-    Values are copied to the CPU so a GPU model does not need twice its memory.
+    Restores what pruning and linearisation change: submodules (sites replaced by
+    :class:`~egp_fast.collapse_affine.ChannelAffine` or rewritten callers), parameters and
+    buffers (weights, masks) and their values, forward hooks, ``training`` flags, and the
+    graph of a root ``fx.GraphModule`` edited in place. Values are copied to the CPU (a GPU
+    model does not need twice its memory); :meth:`take` on an existing snapshot reuses its
+    CPU buffers for tensors it has seen, so a snapshot per round allocates nothing new once
+    the model stops changing shape.
     """
 
-    def __init__(self, model: nn.Module, values: bool = True) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self.values: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.take(model)
+
+    def take(self, model: nn.Module) -> ModelSnapshot:
+        """Record ``model`` now (replacing what was recorded before).
+
+        ``complete`` is False while this runs: a snapshot interrupted half-way (Ctrl-C) holds
+        a mix of two states and must not be restored, while the model itself is untouched.
+        """
+        self.complete = False
+        self.root = model
         self.modules = [
             (
                 m,
@@ -121,16 +193,30 @@ class _Snapshot:
             )
             for m in model.modules()
         ]
-        self.values: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if values:
-            seen: set[int] = set()
+        # Only the root can be edited in place as a graph (collapse_affine._rewrite_caller);
+        # every other rewrite builds a new GraphModule, restored through _modules.
+        self.graph = (copy.deepcopy(model.graph), model.code) if isinstance(model, fx.GraphModule) else None
+        old = {id(t): (t, v) for t, v in self.values}
+        values: list[tuple[torch.Tensor, torch.Tensor]] = []
+        seen: set[int] = set()
+        with torch.no_grad():
             for m in model.modules():
                 for t in list(m._parameters.values()) + list(m._buffers.values()):
-                    if t is not None and id(t) not in seen:
-                        seen.add(id(t))
-                        self.values.append((t, t.detach().to("cpu", copy=True)))
+                    if t is None or id(t) in seen:
+                        continue
+                    seen.add(id(t))
+                    prev = old.get(id(t))
+                    if prev is not None and prev[0] is t and prev[1].shape == t.shape and prev[1].dtype == t.dtype:
+                        prev[1].copy_(t.detach())
+                        values.append((t, prev[1]))
+                    else:
+                        values.append((t, t.detach().to("cpu", copy=True)))
+        self.values = values
+        self.complete = True
+        return self
 
     def restore(self) -> None:
+        """Put the recorded structure and values back."""
         for m, mods, params, bufs, pre, fwd, training in self.modules:
             for d, saved in (
                 (m._modules, mods),
@@ -142,11 +228,104 @@ class _Snapshot:
                 d.clear()
                 d.update(saved)
             m.training = training
+        if self.graph is not None and self.root.code != self.graph[1]:
+            self.root.graph = copy.deepcopy(self.graph[0])
+            self.root.recompile()
         with torch.no_grad():
             for t, v in self.values:
                 t.copy_(v.to(t.device))
-        for m, *_ in self.modules[:1]:
-            _masks.release(m)
+        _masks.release(self.root)
+
+
+# The previous name, kept for code that imported it.
+_Snapshot = ModelSnapshot
+
+
+# --------------------------------------------------------------------------------------------
+# Methods (strategies).
+
+
+class _WeightMethod:
+    """Shared by EGP and IMP: a round prunes a budget of weights; masks hold them at zero."""
+
+    name = ""
+    prunes_weights = True
+
+    def apply(self, pruner: Pruner, plan: dict[str, int], stats: EntropyStats | None) -> list[str]:
+        view = pruner._layer_view()
+        unknown = [n for n in plan if n not in view]
+        if unknown:
+            raise ConfigError(
+                f"plan names layers this pruner does not prune: {unknown[:5]}; prunable layers "
+                f"are {list(view)[:5]}{'...' if len(view) > 5 else ''}"
+            )
+        names = [n for n in view if plan.get(n, 0)]
+        if names:
+            new = ops.select_smallest(
+                [view[n][0] for n in names],
+                [view[n][1] for n in names],
+                [int(plan[n]) for n in names],
+                backend=backend_for("select_smallest", pruner.backend),
+            )
+            _masks.set_masks(pruner.model, dict(zip(names, new)))
+        return []
+
+    def progressed(self, record: RoundRecord) -> bool:
+        return record.pruned > 0
+
+
+class _EGPMethod(_WeightMethod):
+    """EGP: the budget goes to the producers of live sites, shared by entropy and magnitude."""
+
+    name = "egp"
+
+    def layers(self, pruner: Pruner) -> list[str]:
+        return pruner._graph.producer_layers()
+
+    def plan(self, pruner: Pruner, stats: EntropyStats, remaining: dict[str, int]) -> dict[str, int]:
+        view = pruner._layer_view()
+        layer_h = stats.layer_entropy()
+        missing = [n for n in view if n not in layer_h]
+        entropy = {n: layer_h.get(n, 0.0) for n in view}
+        if missing and len(missing) == len(view):
+            raise ConfigError(
+                "stats does not describe this model's prunable layers (no site produced by "
+                f"{missing[:3]}); measure with this pruner's measure()"
+            )
+        magnitude = {}
+        for n, (w, _) in view.items():
+            kept = remaining[n]
+            # Pruned weights are exactly zero (masks are enforced), so the L1 norm of the whole
+            # weight is the sum of |w| over the kept ones: no masked temporary needed.
+            magnitude[n] = float(torch.linalg.vector_norm(w.detach(), 1)) / kept if kept else 0.0
+        eligible = [n for n in view if entropy[n] > 0 and remaining[n] > 0]
+        budget = pruner.step * sum(remaining[n] for n in eligible)
+        return allocate(entropy, magnitude, remaining, budget)
+
+
+class _IMPMethod(_WeightMethod):
+    """IMP: one global magnitude threshold over every Conv/Linear layer."""
+
+    name = "imp"
+
+    def layers(self, pruner: Pruner) -> list[str]:
+        return weight_layers(pruner.model)
+
+    def plan(self, pruner: Pruner, stats: EntropyStats, remaining: dict[str, int]) -> dict[str, int]:
+        view = pruner._layer_view()
+        count = int(math.floor(pruner.step * sum(remaining.values())))
+        names = list(view)
+        new = ops.global_smallest(
+            [view[n][0] for n in names], [view[n][1] for n in names], count,
+            backend=backend_for("global_smallest", pruner.backend),
+        )
+        return {n: remaining[n] - int(m.sum()) for n, m in zip(names, new)}
+
+
+def _make_method(method: str, linearization: str) -> Any:
+    if method == "easier":
+        return EasierMethod(linearization)
+    return _EGPMethod() if method == "egp" else _IMPMethod()
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,33 +343,75 @@ def _check_step(step: Any) -> float:
 
 def _check_method(method: Any) -> str:
     if method not in METHODS:
-        raise ConfigError(f"method={method!r} is not a pruning method; use 'egp' or 'imp'")
+        raise ConfigError(f"method={method!r} is not a pruning method; use 'egp', 'imp' or 'easier'")
     return method
 
 
+# Options of measure_entropy that Pruner.measure passes through when this install's
+# measure_entropy has them (early stopping: stop/max_flip/confidence/tol).
+
+
+def _measure_supports() -> set[str]:
+    return set(_inspect.signature(measure_entropy).parameters)
+
+
+def _empty_stats(mode: str) -> EntropyStats:
+    return EntropyStats(sites={}, mode=mode, batches=0)
+
+
 class Pruner:
-    """Step-wise EGP (or IMP) pruning of one model.
+    """Step-wise pruning of one model: EGP, IMP or EASIER.
+
+    What a step means depends on the method:
+
+    * ``egp`` / ``imp``: :meth:`plan` returns ``{layer: weights to prune}``; :meth:`apply`
+      prunes them (smallest ``|w|`` first) and masks keep them at zero through fine-tuning.
+    * ``easier``: :meth:`plan` returns ``{site: 1}`` for the sites to remove this iteration
+      (every site at zero entropy, plus the live site with the lowest entropy, ties to the
+      first in execution order); :meth:`apply` replaces them in place by affine maps (the
+      zero-entropy ones by their exact map on the data, the others by ``linearization``).
+      No weight is pruned and no mask is attached.
+
+    :meth:`round` does one measure-plan-apply step and returns its :class:`RoundRecord`;
+    fine-tuning and evaluation stay with the caller (:func:`prune` adds them).
 
     Args:
         model: the network to prune, in place (a DDP/DataParallel wrapper is unwrapped).
         example_inputs: a batch the model accepts, for tracing; default: the inputs of the
             first batch that :meth:`measure` sees.
-        step: fraction of the eligible layers' remaining weights pruned per round, in (0, 1).
-        method: ``"egp"`` (entropy-guided, prunes the producers of activation sites) or
-            ``"imp"`` (one global magnitude threshold over every Conv/Linear layer).
-        layers: prune these layers instead of the method's default set.
-        linearize: replace zero-entropy sites by their affine equivalent at each round, so
-            fine-tuning trains the shallower model (the prune-collapse loop).
+        step: fraction of the eligible layers' remaining weights pruned per round, in (0, 1)
+            (``egp``/``imp``; unused by ``easier``).
+        method: ``"egp"`` (entropy-guided, prunes the producers of activation sites),
+            ``"imp"`` (one global magnitude threshold over every Conv/Linear layer) or
+            ``"easier"`` (removes the lowest-entropy activation site each round).
+        layers: prune these layers instead of the method's default set (not with ``easier``).
+        linearize: ``egp``/``imp``: replace zero-entropy sites by their affine equivalent at
+            each round, so fine-tuning trains the shallower model (the prune-collapse loop).
         backend: force a compute backend for the ops (``None``: automatic).
         entropy_mode: ``"exact"`` or ``"paper"`` (see :func:`measure_entropy`).
         progress: show progress bars.
         masked_linear: swap each pruned ``nn.Linear`` for :class:`egp_fast.modules.MaskedLinear`
             (same Parameters), whose forward skips all-zero weight tiles on a GPU.
+        linearization: ``easier`` only: ``"identity"`` (the site becomes ``y = z``, as in the
+            EASIER paper) or ``"majority"`` (per channel: identity where ``p_on >= 0.5``, zero
+            otherwise; the dead channels then prune away in collapse).
+
+    Raises:
+        ConfigError: a bad argument (the message names it).
 
     Example:
-        >>> pruner = egp_fast.Pruner(model, x)             # doctest: +SKIP
-        >>> stats = pruner.measure(loader)                 # doctest: +SKIP
-        >>> pruner.apply(pruner.plan(stats))               # doctest: +SKIP
+        >>> import torch, egp_fast
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> x = torch.randn(64, 4)
+        >>> pruner = egp_fast.Pruner(net, x, progress=False)
+        >>> stats = pruner.measure([x])
+        >>> pruner.apply(pruner.plan(stats))  # egp/imp remove no site
+        []
+        >>> pruner.sparsity()
+        0.5
+        >>> easier = egp_fast.Pruner(net, x, method="easier", progress=False)
+        >>> easier.plan(easier.measure([x]))
+        {'1': 1}
     """
 
     def __init__(
@@ -206,12 +427,15 @@ class Pruner:
         entropy_mode: str = "exact",
         progress: bool = True,
         masked_linear: bool = False,
+        linearization: str = "identity",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = _unwrap(model)
         self.step = _check_step(step)
         self.method = _check_method(method)
+        self.linearization = check_linearization(linearization)
+        self._method = _make_method(self.method, self.linearization)
         if entropy_mode not in ("exact", "paper"):
             raise ConfigError(f"entropy_mode={entropy_mode!r}; use 'exact' or 'paper'")
         self.entropy_mode = entropy_mode
@@ -222,8 +446,14 @@ class Pruner:
         self.example_inputs = example_inputs
         self._layers = list(layers) if layers is not None else None
         self._graph: SiteGraph | None = None
+        self._planned: EntropyStats | None = None
         self.iteration = 0
         if self._layers is not None:
+            if not self._method.prunes_weights:
+                raise ConfigError(
+                    f"layers= chooses weight layers to prune; method={self.method!r} prunes no "
+                    "weights (it removes activation sites): drop layers="
+                )
             known = set(weight_layers(self.model))
             bad = [n for n in self._layers if n not in known]
             if bad:
@@ -247,6 +477,16 @@ class Pruner:
                 self._graph = discover_sites(self.model, example_inputs)  # new module objects
         return self._graph
 
+    def _retrace(self) -> None:
+        """Discover the sites again after the model's structure changed."""
+        self._graph = None
+        try:
+            self._ensure_graph(self.example_inputs)
+        except ModelError:
+            # discover_sites found no activation: every site has been removed (EASIER's last
+            # iteration, or linearize=True took the last one). Nothing is left to measure.
+            self._graph = SiteGraph([], None, [])
+
     def _swap_masked_linear(self) -> bool:
         from egp_fast.modules import MaskedLinear
 
@@ -266,9 +506,7 @@ class Pruner:
     def _default_layers(self) -> list[str]:
         if self._layers is not None:
             return list(self._layers)
-        if self.method == "imp":
-            return weight_layers(self.model)
-        return self._graph.producer_layers()
+        return self._method.layers(self)
 
     @property
     def graph(self) -> SiteGraph:
@@ -277,8 +515,13 @@ class Pruner:
 
     @property
     def prunable(self) -> list[str]:
-        """Names of the layers this pruner prunes, in site order."""
+        """Names of the layers this pruner prunes, in site order (none for ``easier``)."""
         return list(self._modules())
+
+    @property
+    def sites_left(self) -> int:
+        """Number of activation sites the model still has."""
+        return len(self.graph)
 
     def _modules(self) -> dict[str, nn.Module]:
         # Walking named_modules() costs ~10 ms on resnet18: do it once per traced graph.
@@ -303,10 +546,61 @@ class Pruner:
         total = sum(view[n][1].numel() for n in remaining)
         return 1.0 - sum(remaining.values()) / total if total else 0.0
 
+    def _layer_view(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {n: (m.weight, getattr(m, _masks.MASK)) for n, m in self._modules().items()}
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshot(self) -> ModelSnapshot:
+        """Record the model now (structure, masks, weights, hooks, flags) for :meth:`restore`.
+
+        Returns:
+            A :class:`ModelSnapshot`; ``snapshot.take(pruner.model)`` refreshes it in place,
+            reusing its CPU buffers.
+        """
+        return ModelSnapshot(self.model)
+
+    def restore(self, snapshot: ModelSnapshot) -> None:
+        """Return the model to ``snapshot`` (e.g. EASIER's best iteration) and re-trace it."""
+        if not isinstance(snapshot, ModelSnapshot) or snapshot.root is not self.model:
+            raise ConfigError("restore(snapshot) needs a snapshot taken by this pruner's snapshot()")
+        snapshot.restore()
+        self._modules_cache = None
+        self._retrace()
+
     # -- steps ---------------------------------------------------------------------------
 
-    def measure(self, data: Iterable[Any], max_batches: int | None = None) -> EntropyStats:
-        """Measure the entropy of every site over ``data`` (see :func:`measure_entropy`)."""
+    def measure(
+        self,
+        data: Iterable[Any],
+        max_batches: int | None = None,
+        *,
+        progress: bool | None = None,
+        stop: str | None = None,
+        max_flip: float = 0.01,
+        confidence: float = 0.95,
+        tol: float = 0.02,
+    ) -> EntropyStats:
+        """Measure the entropy of every site over ``data``.
+
+        The options mean what they mean for :func:`egp_fast.measure_entropy`, which this calls
+        with the pruner's traced graph, entropy mode and backend.
+
+        Args:
+            data: an iterable of batches on the model's device.
+            max_batches: measure at most this many batches (``None``: all).
+            progress: show a progress bar (``None``: the pruner's ``progress``).
+            stop: ``None`` (the whole pass) or ``"decided"`` (stop as soon as every site is
+                decided; see :func:`egp_fast.measure_entropy`).
+            max_flip, confidence, tol: the early-stopping criteria of ``stop="decided"``.
+
+        Returns:
+            :class:`egp_fast.EntropyStats` (no site when every site has been removed).
+
+        Raises:
+            DataError: ``data`` yields no batch.
+            ConfigError: ``stop`` is set but this install's ``measure_entropy`` cannot stop early.
+        """
         example = self.example_inputs
         if self._graph is None and example is None:
             try:
@@ -316,100 +610,145 @@ class Pruner:
             a, k = split_batch(first)
             example = k if k else (a[0] if len(a) == 1 else a)
         graph = self._ensure_graph(example)
+        if len(graph) == 0:
+            return _empty_stats(self.entropy_mode)
+        extra = self._stop_options(stop=stop, max_flip=max_flip, confidence=confidence, tol=tol)
         return measure_entropy(
             self.model,
             data,
             example_inputs=self.example_inputs,
             max_batches=max_batches,
             mode=self.entropy_mode,
-            progress=self.progress,
+            progress=self.progress if progress is None else progress,
             backend=self.backend,
             graph=graph,
+            **extra,
         )
 
-    def _layer_view(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {n: (m.weight, getattr(m, _masks.MASK)) for n, m in self._modules().items()}
+    @staticmethod
+    def _stop_options(**given: Any) -> dict[str, Any]:
+        supported = _measure_supports()
+        if given["stop"] is not None and "stop" not in supported:
+            raise ConfigError(
+                f"stop={given['stop']!r}: this version of egp_fast.measure_entropy cannot stop "
+                "early; use stop=None"
+            )
+        return {k: v for k, v in given.items() if k in supported}
+
+    def track(self) -> contextlib.AbstractContextManager[Any]:
+        """Count activation signs during the model's own (training) forwards.
+
+        A context manager around :func:`egp_fast.stats.track_entropy` with this pruner's
+        graph and entropy mode: ``with pruner.track() as t: <one training epoch>`` and then
+        ``pruner.plan(t.stats())`` needs no separate measurement pass (EASIER measures this
+        way). Train-mode forwards differ from eval-mode ones (BatchNorm batch statistics,
+        dropout, augmentation); see docs/confidence.md.
+
+        Returns:
+            A context manager yielding the tracker (``.stats()`` -> :class:`EntropyStats`).
+
+        Raises:
+            DataError: no ``example_inputs`` yet (pass them to the Pruner, or measure once).
+            ConfigError: this install has no ``track_entropy``.
+
+        Example:
+            >>> import torch, egp_fast
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            >>> pruner = egp_fast.Pruner(net, torch.randn(2, 4), progress=False)
+            >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> with pruner.track() as t:  # one "epoch" of three training steps
+            ...     for _ in range(3):
+            ...         opt.zero_grad()
+            ...         net(torch.randn(16, 4)).sum().backward()
+            ...         opt.step()
+            >>> plan = pruner.plan(t.stats())
+            >>> list(plan), t.stats().sites["1"].samples
+            (['0'], 48)
+        """
+        from egp_fast import stats as _stats
+
+        track_entropy = getattr(_stats, "track_entropy", None)
+        if track_entropy is None:
+            raise ConfigError("this version of egp_fast has no egp_fast.stats.track_entropy; use measure(data)")
+        graph = self._ensure_graph(self.example_inputs)
+        return track_entropy(self.model, graph=graph, example_inputs=self.example_inputs, mode=self.entropy_mode,
+                             backend=self.backend)
 
     def plan(self, stats: EntropyStats) -> dict[str, int]:
-        """How many more weights to prune in each prunable layer this round.
+        """What this round changes.
 
         EGP: the budget ``step * (nonzero weights of eligible layers)`` is shared by
         :func:`allocate` among the layers whose site has nonzero entropy. IMP: one global
-        magnitude ranking over all prunable layers.
+        magnitude ranking over all prunable layers. EASIER: the sites to remove.
+
+        Args:
+            stats: the :class:`EntropyStats` of :meth:`measure` (or of :meth:`track`).
 
         Returns:
-            ``{layer: count}`` for every prunable layer (0 for layers left alone).
+            ``egp``/``imp``: ``{layer: count}`` for every prunable layer (0 for layers left
+            alone). ``easier``: ``{site: 1}`` for each site to remove, in execution order.
+
+        Raises:
+            ConfigError: ``stats`` is not an :class:`EntropyStats` of this model.
         """
         if not isinstance(stats, EntropyStats):
             raise ConfigError(f"stats must be the EntropyStats of measure(), got {type(stats).__name__}")
-        return self._plan(stats, self._remaining())
+        self._planned = stats
+        return self._method.plan(self, stats, self._remaining())
 
-    def _plan(self, stats: EntropyStats, remaining: dict[str, int]) -> dict[str, int]:
-        view = self._layer_view()
-        if self.method == "imp":
-            count = int(math.floor(self.step * sum(remaining.values())))
-            names = list(view)
-            new = ops.global_smallest(
-                [view[n][0] for n in names], [view[n][1] for n in names], count,
-                backend=backend_for("global_smallest", self.backend),
-            )
-            return {n: remaining[n] - int(m.sum()) for n, m in zip(names, new)}
-        layer_h = stats.layer_entropy()
-        missing = [n for n in view if n not in layer_h]
-        entropy = {n: layer_h.get(n, 0.0) for n in view}
-        if missing and len(missing) == len(view):
-            raise ConfigError(
-                "stats does not describe this model's prunable layers (no site produced by "
-                f"{missing[:3]}); measure with this pruner's measure()"
-            )
-        magnitude = {}
-        for n, (w, _) in view.items():
-            kept = remaining[n]
-            # Pruned weights are exactly zero (masks are enforced), so the L1 norm of the whole
-            # weight is the sum of |w| over the kept ones: no masked temporary needed.
-            magnitude[n] = float(torch.linalg.vector_norm(w.detach(), 1)) / kept if kept else 0.0
-        eligible = [n for n in view if entropy[n] > 0 and remaining[n] > 0]
-        budget = self.step * sum(remaining[n] for n in eligible)
-        return allocate(entropy, magnitude, remaining, budget)
+    def apply(self, plan: dict[str, int], stats: EntropyStats | None = None) -> list[str]:
+        """Carry out a plan.
 
-    def apply(self, plan: dict[str, int]) -> None:
-        """Prune ``plan[layer]`` more weights (smallest ``|w|`` first) in each layer.
-
-        Masks are updated and the pruned weights zeroed; nothing changes if the plan is
+        ``egp``/``imp``: prune ``plan[layer]`` more weights (smallest ``|w|`` first) in each
+        layer; masks are updated and the pruned weights zeroed; nothing changes if the plan is
         invalid (unknown layer, negative count, more than the layer has left).
-        """
-        view = self._layer_view()
-        names = [n for n in view if plan.get(n, 0)]
-        unknown = [n for n in plan if n not in view]
-        if unknown:
-            raise ConfigError(
-                f"plan names layers this pruner does not prune: {unknown[:5]}; prunable layers "
-                f"are {list(view)[:5]}{'...' if len(view) > 5 else ''}"
-            )
-        if not names:
-            return
-        new = ops.select_smallest(
-            [view[n][0] for n in names],
-            [view[n][1] for n in names],
-            [int(plan[n]) for n in names],
-            backend=backend_for("select_smallest", self.backend),
-        )
-        _masks.set_masks(self.model, dict(zip(names, new)))
+        ``easier``: replace each site with ``plan[site] == 1`` by an affine map (the sites are
+        then gone from :attr:`graph`).
 
-    def round(self, data: Iterable[Any], max_batches: int | None = None) -> RoundRecord:
-        """One round: measure, (linearise), plan and apply. Returns its :class:`RoundRecord`."""
+        Args:
+            plan: the output of :meth:`plan` (possibly edited).
+            stats: the statistics the plan came from (``easier`` needs them to build the maps;
+                default: those of the last :meth:`plan` call).
+
+        Returns:
+            The sites removed (empty for ``egp``/``imp``).
+
+        Raises:
+            ConfigError: the plan names unknown layers or sites, or has impossible counts.
+        """
+        if not isinstance(plan, dict):
+            raise ConfigError(f"plan must be the dict returned by plan(), got {type(plan).__name__}")
+        removed = self._method.apply(self, plan, stats if stats is not None else self._planned)
+        if removed:
+            self._modules_cache = None
+            self._retrace()
+        return removed
+
+    def round(self, data: Iterable[Any], max_batches: int | None = None, **measure_options: Any) -> RoundRecord:
+        """One round: measure, plan and apply (and linearise, with ``linearize=True``).
+
+        Args:
+            data: measurement batches.
+            max_batches: cap on measurement batches.
+            **measure_options: ``stop``, ``max_flip``, ``confidence``, ``tol``, ``progress``
+                as for :meth:`measure`.
+
+        Returns:
+            The round's :class:`RoundRecord` (``accuracy`` is left ``None``: the caller
+            evaluates after fine-tuning).
+        """
         start = time.perf_counter()
-        stats = self.measure(data, max_batches)
+        stats = self.measure(data, max_batches, **measure_options)
         before = self._remaining()
-        plan = self._plan(stats, before)
+        self._planned = stats
+        plan = self._method.plan(self, stats, before)
         sites_of: dict[str, list[str]] = {}
         for s in stats.sites.values():
             for p in s.producers:
                 sites_of.setdefault(p, []).append(s.name)
-        self.apply(plan)
-        layers = []
         zero = set(stats.zero_entropy_sites())
         layer_h = stats.layer_entropy()
+        layers = []
         for n in self.prunable:
             sites = sites_of.get(n, [])
             layers.append(
@@ -422,14 +761,16 @@ class Pruner:
                     "collapsible": bool(sites) and all(s in zero for s in sites),
                 }
             )
+        removed = self.apply(plan, stats)
         after = {n: before[n] - int(plan.get(n, 0)) for n in before}
-        if self.linearize and zero:
-            from egp_fast.collapse import linearize as _linearize
+        if self.linearize and zero and self._method.prunes_weights:
+            from egp_fast.collapse_affine import linearize as _linearize
 
-            _linearize(self.model, stats)
-            self._graph = None  # the sites changed: trace again next time
-            self._ensure_graph(self.example_inputs)
-            after = self._remaining()
+            removed = _linearize(self.model, stats)
+            if removed:
+                self._modules_cache = None
+                self._retrace()
+                after = self._remaining()
         record = RoundRecord(
             iteration=self.iteration,
             sparsity=self._sparsity(after),
@@ -437,6 +778,9 @@ class Pruner:
             seconds=time.perf_counter() - start,
             zero_entropy_sites=sorted(zero, key=list(stats.sites).index),
             stats=stats.to_dict(),
+            removed_sites=list(removed),
+            sites_left=len(self._graph) if self._graph is not None else None,
+            method=self.method,
         )
         self.iteration += 1
         return record
@@ -462,47 +806,119 @@ def prune(
     linearize: bool = False,
     entropy_mode: str = "exact",
     masked_linear: bool = False,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    max_drop: float | None = None,
+    linearization: str = "identity",
+    measure_stop: str | None = None,
 ) -> PruneResult:
-    """Prune ``model`` in rounds with EGP (or IMP), fine-tuning after each round.
+    """Prune ``model`` in rounds with EGP, IMP or EASIER, fine-tuning after each round.
 
-    Each round measures the activation entropies on ``data``, prunes ``step`` of the
-    remaining weights of the eligible layers (EGP: shared by entropy and magnitude; IMP: one
-    global magnitude threshold), then calls ``finetune(model, round)``; masks keep pruned
-    weights at zero through your optimizer. Stops early when no layer is eligible. On any
-    exception the model is restored exactly as it was passed.
+    Each round measures the activation entropies on ``data`` and then, by ``method``:
+
+    * ``"egp"``: prunes ``step`` of the remaining weights of the eligible layers, shared by
+      entropy and magnitude; ``"imp"``: one global magnitude threshold. Masks keep pruned
+      weights at zero through your optimizer. Stops early when no layer is eligible.
+    * ``"easier"``: replaces the live activation site with the lowest entropy (ties: the
+      first in execution order), and every site already at zero entropy, by an affine map
+      (``linearization``); stops early when no site is left.
+
+    Then it calls ``finetune(model, round)`` and, if given, ``evaluate(model)``. With
+    ``evaluate`` and a tolerance (``max_drop``; EASIER always has one) the dense model is
+    evaluated once before the first round, and the run stops at the first round whose
+    accuracy is more than ``max_drop`` below it: that round is rolled back (its record stays,
+    with ``kept=False``) and the model of the last round within the tolerance is returned.
+
+    Rounds are atomic. If anything fails inside a round (measure, plan, apply, ``finetune``,
+    ``evaluate``), the model goes back to the end of the last *completed* round (weights,
+    masks, hooks, ``training`` flags, linearised modules) and:
+
+    * an ``Exception`` is re-raised as :class:`~egp_fast.errors.PruneInterrupted` (``from``
+      the original): ``.result`` is a :class:`PruneResult` of the completed rounds,
+      ``.original`` the exception;
+    * a ``KeyboardInterrupt`` (Ctrl-C) or other ``BaseException`` is re-raised unchanged, with
+      the same partial :class:`PruneResult` attached as its ``.result`` attribute, so Ctrl-C
+      still stops your script but nothing finished is lost.
+
+    A failure before the first round completes (bad batches, a crash in the first
+    fine-tune) restores the model exactly as it was passed and re-raises the original
+    exception.
 
     Args:
-        model: the network, pruned in place.
+        model: the network, changed in place.
         data: measurement batches (tensors, ``(inputs, labels)``, or dicts), on the model's device.
         finetune: ``finetune(model, round_index)`` called after each round; ``None`` skips it.
         iterations: number of rounds, >= 1 (the paper uses 9).
-        step: fraction pruned per round, in (0, 1) (the paper uses 0.5).
-        method: ``"egp"`` or ``"imp"``.
+        step: fraction pruned per round, in (0, 1) (the paper uses 0.5; unused by ``easier``).
+        method: ``"egp"``, ``"imp"`` or ``"easier"``.
         example_inputs: a batch for tracing (default: the first batch of ``data``).
         max_batches: cap on measurement batches per round.
-        collapse: after the last round, fold zero-entropy layers away
+        collapse: after the last round, fold zero-entropy and linearised layers away
             (:func:`egp_fast.collapse`); ``result.model`` is then the collapsed model.
         progress: show progress bars.
         backend: force a compute backend (``None``: automatic).
-        linearize: replace zero-entropy sites by affine maps between rounds.
+        linearize: ``egp``/``imp``: replace zero-entropy sites by affine maps between rounds.
         entropy_mode: ``"exact"`` or ``"paper"``.
         masked_linear: swap pruned ``nn.Linear`` layers for tile-skipping
             :class:`~egp_fast.modules.MaskedLinear` modules.
+        evaluate: ``evaluate(model) -> float``, the accuracy in [0, 1] on a *validation*
+            split (never the test split); required for ``easier``.
+        max_drop: the largest accepted accuracy drop below the dense model, as a fraction
+            (0.01 = one point); default 0.01 for ``easier``, no tolerance for ``egp``/``imp``
+            (set it, with ``evaluate``, to get the same roll-back there).
+        linearization: ``easier``: ``"identity"`` (EASIER's choice: the site becomes
+            ``y = z``) or ``"majority"`` (per channel: identity when mostly ON, zero when
+            mostly OFF).
+        measure_stop: passed to each round's measurement as ``stop`` (``None``: a whole pass;
+            ``"decided"``: stop when every site is decided, see :func:`measure_entropy`).
 
     Returns:
-        :class:`PruneResult`.
+        :class:`PruneResult`: the model, one :class:`RoundRecord` per round (with
+        ``removed_sites`` and ``accuracy``), the final statistics, ``dense_accuracy`` and
+        ``best_round``.
+
+    Raises:
+        ConfigError: a bad argument (named in the message), e.g. ``easier`` without
+            ``evaluate``.
+        DataError: the data cannot be used with the model.
+        PruneInterrupted: a round failed after at least one had completed (see above).
 
     Example:
-        >>> result = egp_fast.prune(model, loader, iterations=2, finetune=train_one_epoch)  # doctest: +SKIP
-        >>> [round(r.sparsity, 2) for r in result.rounds]                                    # doctest: +SKIP
+        >>> import torch, egp_fast
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> data = [torch.randn(64, 4)]
+        >>> result = egp_fast.prune(net, data, iterations=2, progress=False)
+        >>> [r.sparsity for r in result.rounds]
         [0.5, 0.75]
+        >>> deep = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
+        ...                            torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> result = egp_fast.prune(deep, data, method="easier", evaluate=lambda m: 0.9,
+        ...                         iterations=5, progress=False)
+        >>> [r.removed_sites for r in result.rounds], result.best_round
+        ([['3'], ['1']], 1)
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ConfigError(f"iterations={iterations!r} must be an int >= 1 (the number of pruning rounds)")
     if finetune is not None and not callable(finetune):
         raise ConfigError("finetune must be a callable finetune(model, round_index) or None")
+    if evaluate is not None and not callable(evaluate):
+        raise ConfigError("evaluate must be a callable evaluate(model) -> accuracy in [0, 1], or None")
     _check_step(step)
     _check_method(method)
+    check_linearization(linearization)
+    if method == "easier":
+        if evaluate is None:
+            raise ConfigError(
+                "method='easier' needs evaluate=fn: fn(model) -> accuracy in [0, 1] on a validation "
+                "split; EASIER keeps the last model within max_drop of the dense accuracy"
+            )
+        max_drop = 0.01 if max_drop is None else max_drop
+    if max_drop is not None:
+        max_drop = check_max_drop(max_drop)
+        if evaluate is None:
+            raise ConfigError(f"max_drop={max_drop} needs evaluate=fn to measure the accuracy drop")
+    if measure_stop not in (None, "decided"):
+        raise ConfigError(f"measure_stop={measure_stop!r}; use None (a whole pass) or 'decided'")
     if data is None:
         raise DataError("data is None; pass an iterable of batches")
     config = {
@@ -515,9 +931,17 @@ def prune(
         "entropy_mode": entropy_mode,
         "backend": backend,
         "masked_linear": masked_linear,
+        "max_drop": max_drop,
+        "linearization": linearization,
+        "measure_stop": measure_stop,
     }
     target = _unwrap(model)
-    snapshot = _Snapshot(target)
+    # The state a failure returns to: the model as passed, then the end of each completed round.
+    snapshot = ModelSnapshot(target)
+    completed = False
+    rounds: list[RoundRecord] = []
+    result = PruneResult(target, rounds, None, None, config)
+    measure_options = {"stop": measure_stop} if measure_stop is not None else {}
     try:
         pruner = Pruner(
             target,
@@ -529,23 +953,49 @@ def prune(
             entropy_mode=entropy_mode,
             progress=progress,
             masked_linear=masked_linear,
+            linearization=linearization,
         )
-        rounds: list[RoundRecord] = []
+        if evaluate is not None:
+            result.dense_accuracy = check_accuracy(evaluate(model), "before the first round")
         for i in range(iterations):
-            record = pruner.round(data, max_batches)
-            rounds.append(record)
-            if record.pruned == 0:
-                break  # nothing eligible: every prunable site is collapsible or empty
+            if pruner._graph is not None and len(pruner._graph) == 0:
+                break  # EASIER removed every site
+            record = pruner.round(data, max_batches, **measure_options)
+            if not pruner._method.progressed(record):
+                rounds.append(record)  # the record says why: nothing eligible, or no site left
+                result.best_round = len(rounds) - 1
+                break
             if finetune is not None:
                 finetune(model, i)
-        stats = pruner.measure(data, max_batches)
-        result = PruneResult(model, rounds, stats, None, config)
+            if evaluate is not None:
+                record.accuracy = check_accuracy(evaluate(model), f"after round {i}")
+            rounds.append(record)
+            if max_drop is not None and not within_tolerance(record.accuracy, result.dense_accuracy, max_drop):
+                record.kept = False
+                pruner.restore(snapshot)  # back to the best model: the last round within tolerance
+                break
+            snapshot.take(target)
+            completed = True
+            result.best_round = len(rounds) - 1
+        result.stats = pruner.measure(data, max_batches, **measure_options)
         if collapse:
             from egp_fast.collapse import collapse as _collapse
 
-            result.collapse = _collapse(target, stats, pruner.example_inputs)
+            result.collapse = _collapse(target, result.stats, pruner.example_inputs)
             result.model = result.collapse.model
         return result
-    except BaseException:
-        snapshot.restore()
+    except BaseException as e:
+        if snapshot.complete:
+            snapshot.restore()
+        elif rounds and rounds[-1].kept:
+            # Interrupted while recording the round that had just completed: the model is at
+            # its end, untouched; the half-written snapshot is what must not be used.
+            completed = True
+            result.best_round = len(rounds) - 1
+        if not completed:
+            raise
+        partial = PruneResult(target, list(rounds), None, None, config, result.dense_accuracy, result.best_round)
+        if isinstance(e, Exception):
+            raise PruneInterrupted(partial, e) from e
+        e.result = partial  # KeyboardInterrupt, SystemExit: keep their type, attach the work done
         raise
