@@ -4,7 +4,8 @@ Prune the weights of the layers whose activations have the lowest entropy until 
 layers become affine on the data, then fold those layers away.
 """
 
-from egp_fast import ops
+from egp_fast import activations, ops
+from egp_fast.activations import register_activation
 from egp_fast.budget import allocate
 from egp_fast.collapse import CollapseResult, collapse, linearize
 from egp_fast.errors import (
@@ -43,6 +44,7 @@ __all__ = [
     "SiteGraph",
     "SiteStats",
     "__version__",
+    "activations",
     "allocate",
     "attach_masks",
     "available_backends",
@@ -55,6 +57,7 @@ __all__ = [
     "measure_entropy",
     "ops",
     "prune",
+    "register_activation",
     "sparsity",
     "strip_masks",
     "trace",

@@ -14,10 +14,12 @@ residual branch of a ResNet block, not its identity or downsample shortcut).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect as _inspect
 import io
 import operator
 import sys
+import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,12 +30,33 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from egp_fast.activations import ACTIVATION_KINDS, activation_info
 from egp_fast.errors import DataError, ModelError
 
 # --------------------------------------------------------------------------------------------
 # What counts as an activation, a weight layer, and a transparent step between them.
 
-WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+class _HFConv1DMeta(type):
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return _is_hf_conv1d(type(obj))
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        return isinstance(sub, type) and _is_hf_conv1d(sub)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hf_conv1d(t: type) -> bool:
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in t.__mro__)
+
+
+class HFConv1D(metaclass=_HFConv1DMeta):
+    """Stands for ``transformers``' ``Conv1D`` (GPT-2's linear layer, weight ``[in, out]``) in
+    ``isinstance`` checks, without importing ``transformers``."""
+
+
+WEIGHT_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, HFConv1D)
+# Layers that act on the last dim of a [..., C] input, like nn.Linear (token features).
+_LINEAR_LIKE: tuple[type, ...] = (nn.Linear, HFConv1D)
 
 _TRANSPARENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -104,22 +127,10 @@ _CAT_FUNCTIONS = {torch.cat, torch.concat}
 
 
 def _module_kind(m: nn.Module) -> str | None:
-    # ReLU6 derives from Hardtanh: test it first.
-    if isinstance(m, nn.ReLU6):
-        return "relu6"
-    if isinstance(m, nn.ReLU):
-        return "relu"
-    if isinstance(m, nn.Hardtanh):
-        return "hardtanh"
-    if isinstance(m, nn.LeakyReLU):
-        return "leaky_relu"
-    if isinstance(m, nn.PReLU):
-        return "prelu"
-    if isinstance(m, nn.GELU):
-        return "gelu"
-    if isinstance(m, nn.SiLU):
-        return "silu"
-    return None
+    """The site kind of an activation module, or None (see :mod:`egp_fast.activations`:
+    torch.nn classes, then :func:`egp_fast.register_activation`, then probing)."""
+    info = activation_info(m)
+    return None if info is None else info[0]
 
 
 _FUNCTION_KINDS: dict[Any, str] = {
@@ -140,17 +151,14 @@ _FUNCTION_KINDS: dict[Any, str] = {
 
 _METHOD_KINDS = {"relu": "relu", "relu_": "relu"}
 
-SUPPORTED_ACTIVATIONS = ("relu", "relu6", "hardtanh", "leaky_relu", "prelu", "gelu", "silu")
+SUPPORTED_ACTIVATIONS = ACTIVATION_KINDS
 
 
 def _module_params(kind: str, m: nn.Module) -> dict[str, Any]:
-    if kind in ("relu6", "hardtanh"):
-        return {"min_val": float(m.min_val), "max_val": float(m.max_val)}
-    if kind == "leaky_relu":
-        return {"negative_slope": float(m.negative_slope)}
-    if kind == "gelu":
-        return {"approximate": m.approximate}
-    return {}
+    info = activation_info(m)
+    if info is None or info[0] != kind:
+        return {}
+    return dict(info[1])
 
 
 def _function_params(kind: str, node: fx.Node) -> dict[str, Any]:
@@ -329,25 +337,128 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 class _Tracer(fx.Tracer):
-    """Default leaves (torch.nn modules) plus activation modules defined outside torch.nn."""
+    """Default leaves (torch.nn modules) plus activation modules defined outside torch.nn.
+
+    With ``input_names`` the root ``forward`` is traced through a wrapper taking exactly those
+    keyword inputs (fx cannot trace a root whose signature has ``**kwargs``, as every
+    ``transformers`` model's does); the other inputs keep their defaults. ``opaque`` modules are
+    kept as leaves too: the fallback for models whose own code fx cannot follow.
+    """
+
+    def __init__(
+        self,
+        input_names: list[str] | None = None,
+        opaque: frozenset[nn.Module] = frozenset(),
+        fixed: dict[str, Any] | None = None,
+        autowrap_functions: tuple = (),
+    ) -> None:
+        super().__init__(autowrap_functions=autowrap_functions)
+        self._input_names = input_names
+        self._opaque = opaque
+        self._fixed = fixed or {}
+        self.output_types: list[type] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if _module_kind(m) is not None or isinstance(m, WEIGHT_TYPES):
+        if _module_kind(m) is not None or isinstance(m, WEIGHT_TYPES) or m in self._opaque:
             return True
         return super().is_leaf_module(m, qualname)
 
+    def create_args_for_root(self, root_fn: Any, is_module: bool, concrete_args: Any = None) -> Any:
+        if self._input_names is not None:
+            root_fn = _explicit_forward(root_fn, self._input_names, self._fixed, self.output_types)
+        return super().create_args_for_root(root_fn, is_module, concrete_args)
 
-def trace(model: nn.Module) -> fx.GraphModule:
+
+def _explicit_forward(fn: Any, names: list[str], fixed: dict[str, Any], seen: list[type]) -> Any:
+    """``forward(self, <names>)`` calling ``fn(self, name=name..., **fixed)``.
+
+    It is rebuilt on ``fn``'s globals, so fx's automatic wrapping of functions (the
+    ``transformers`` mask builders) applies to the root model's code as well.
+    """
+    for n in names:
+        if not n.isidentifier() or n == "self":
+            raise DataError(f"model input name {n!r} is not a valid argument name")
+    params = ", ".join(names)
+    call = ", ".join([f"{n}={n}" for n in names] + [f"{k}=_fixed[{k!r}]" for k in fixed])
+    src = (
+        "def _make(_orig, _fixed, _seen):\n"
+        f"    def forward(self, {params}):\n"
+        f"        _out = _orig(self, {call})\n"
+        "        _seen.append(type(_out))\n"
+        "        return _out\n"
+        "    return forward\n"
+    )
+    ns: dict[str, Any] = {}
+    exec(compile(src, "<egp_fast.trace>", "exec"), ns)  # noqa: S102 - names checked above
+    f = ns["_make"](fn, fixed, seen)
+    return types.FunctionType(f.__code__, getattr(fn, "__globals__", {}), "forward", None, f.__closure__)
+
+
+def _rebuild_output(cls: type, value: Any) -> Any:
+    """Turn the plain dict fx records for a ``transformers`` ``ModelOutput`` back into one."""
+    return cls(**value)
+
+
+def _root_takes_varargs(model: nn.Module) -> bool:
+    try:
+        sig = _inspect.signature(type(model).forward)
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in sig.parameters.values())
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
+def _default_input_names(model: nn.Module) -> list[str]:
+    main = getattr(model, "main_input_name", None)
+    if isinstance(main, str):
+        return [main]
+    try:
+        sig = _inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:1]
+
+
+def _hf_autowrap() -> tuple:
+    # transformers' attention-mask builders branch on their inputs (fx cannot follow them);
+    # each becomes one call node. Only looked up when transformers is already imported.
+    mu = sys.modules.get("transformers.masking_utils")
+    if mu is None:
+        return ()
+    names = ("create_causal_mask", "create_bidirectional_mask", "create_sliding_window_causal_mask",
+             "create_chunked_causal_mask", "create_masks_for_generate")
+    return tuple(getattr(mu, n) for n in names if callable(getattr(mu, n, None)))
+
+
+def trace(model: nn.Module, input_names: list[str] | None = None) -> fx.GraphModule:
     """Symbolically trace ``model`` with torch.fx, activation and weight modules kept as leaves.
 
     The result shares the model's submodules and parameters (no copy). Use it as the model
     when a functional activation in the root ``forward`` must be linearised in place.
 
+    When plain tracing fails, a second tracer is tried that (1) traces the root ``forward``
+    through a wrapper taking just ``input_names`` as keyword inputs (the others keep their
+    defaults; ``use_cache`` is set to False), (2) keeps every submodule that contains no
+    activation as a leaf (attention, embeddings, norms) and (3) records the ``transformers``
+    mask builders as single calls. This is what traces Hugging Face ``transformers`` models
+    (BERT, ViT, GPT-2, LLaMA...); ``ModelOutput`` results are rebuilt, so
+    ``traced(**inputs).logits`` works. The traced module then takes exactly those inputs.
+
     Args:
-        model: the network; its forward must be traceable (no data-dependent control flow).
+        model: the network; its forward must be traceable (no data-dependent control flow
+            outside the leaves).
+        input_names: the keyword inputs the traced module takes, for the second tracer
+            (default: the model's ``main_input_name``, e.g. ``input_ids``, or its first
+            positional argument). :func:`discover_sites` passes the keys of the example inputs.
 
     Returns:
         An ``fx.GraphModule`` computing the same function.
+
+    Raises:
+        Whatever torch.fx raised on the first attempt, when the second one fails too.
 
     Example:
         >>> import torch, egp_fast
@@ -355,10 +466,83 @@ def trace(model: nn.Module) -> fx.GraphModule:
         >>> isinstance(gm, torch.fx.GraphModule)
         True
     """
-    tracer = _Tracer()
-    graph = tracer.trace(model)
+    # Decide every module's kind now: probing inside the tracer would run under fx's patches.
+    activation_modules = [m for m in model.modules() if _module_kind(m) is not None]
     name = model.__class__.__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, name)
+    except Exception as first:
+        hf = _is_transformers_model(model)
+        if not (hf or input_names is not None or _root_takes_varargs(model)):
+            raise
+        try:
+            return _trace_opaque(model, input_names, activation_modules, hf)
+        except Exception:
+            raise first from None
+
+
+def _failing_module(tb: Any) -> nn.Module | None:
+    """The innermost module whose call was being traced when fx failed (from the traceback)."""
+    found = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "module_call_wrapper":
+            m = tb.tb_frame.f_locals.get("mod")
+            if isinstance(m, nn.Module):
+                found = m
+        tb = tb.tb_next
+    return found
+
+
+def _trace_opaque(
+    model: nn.Module, input_names: list[str] | None, activation_modules: list[nn.Module], hf: bool
+) -> fx.GraphModule:
+    names = list(input_names) if input_names is not None else _default_input_names(model)
+    acts = set(activation_modules)
+    # Modules on the way to an activation are traced through; every other one is a leaf.
+    through: set[nn.Module] = set()
+    for m in model.modules():
+        if any(x in acts for x in m.modules()):
+            through.add(m)
+    fixed: dict[str, Any] = {}
+    try:
+        params = _inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if hf and "use_cache" in params and "use_cache" not in names:
+        fixed["use_cache"] = False  # a KV cache object cannot flow through a graph
+    autowrap = _hf_autowrap() if hf else ()
+    # Trace; when fx fails inside a submodule that holds no activation (attention, embeddings),
+    # make that module (and every module of its class) a leaf and try again. Everything else
+    # stays traced through, so the weight layers next to the activations are graph nodes.
+    opaque: set[nn.Module] = set()
+    while True:
+        tracer = _Tracer(names, frozenset(opaque), fixed, autowrap)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = tracer.trace(model)
+            break
+        except Exception as e:
+            bad = _failing_module(e.__traceback__)
+            if bad is None or bad in through or bad in opaque:
+                raise
+            opaque.update(m for m in model.modules() if type(m) is type(bad) and m not in through)
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    out_types = tracer.output_types
+    cls = out_types[-1] if out_types else dict
+    if issubclass(cls, dict) and cls is not dict:
+        # fx records a ModelOutput as a plain dict; keep the class on the module and rebuild it.
+        gm._egp_output_type = cls
+        out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        with gm.graph.inserting_before(out), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fx warns that the attribute is not a tensor
+            typ = gm.graph.get_attr("_egp_output_type")
+            rebuilt = gm.graph.call_function(_rebuild_output, (typ, out.args[0]))
+        out.args = (rebuilt,)
+        gm.recompile()
+    return gm
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -496,7 +680,7 @@ class _Walker:
 def _channel_dim(shape: tuple[int, ...], producer_modules: list[nn.Module]) -> int:
     if len(shape) <= 2:
         return -1 if len(shape) == 1 else 1
-    if producer_modules and all(isinstance(m, nn.Linear) for m in producer_modules):
+    if producer_modules and all(isinstance(m, _LINEAR_LIKE) for m in producer_modules):
         return -1  # token features [N, L, C] / [N, H, W, C]
     if producer_modules:
         return 1
@@ -546,7 +730,7 @@ def discover_sites(model: nn.Module, example_inputs: Any) -> SiteGraph:
     model = _unwrap(model)
     args, kwargs = normalize_inputs(example_inputs)
     try:
-        gm = trace(model)
+        gm = trace(model, _input_names(model, args, kwargs))
     except Exception as e:  # fx cannot follow data-dependent control flow and friends
         warnings.warn(
             f"egp_fast: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
@@ -617,6 +801,21 @@ def discover_sites(model: nn.Module, example_inputs: Any) -> SiteGraph:
         )
     _, arg_names = _placeholder_args(model, gm, args, kwargs)
     return SiteGraph(sites, gm, arg_names)
+
+
+def _input_names(model: nn.Module, args: tuple, kwargs: dict) -> list[str] | None:
+    """The forward's argument names the example inputs fill (positional first), or None."""
+    names: list[str] = []
+    if args:
+        try:
+            sig = _inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            return None
+        pos = [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(pos) < len(args):
+            return None
+        names = pos[: len(args)]
+    return names + [k for k in kwargs if k not in names]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
