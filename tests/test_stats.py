@@ -154,3 +154,45 @@ def test_forced_zero_entropy_is_collapsible():
     assert s.zero_entropy_sites() == ["2"]
     assert s.sites["2"].piece.tolist() == [1, 0, 1, 0]
     assert s.layer_entropy() == {"0": 0.0}
+
+
+def _paper_reference():
+    import importlib
+    import pathlib
+    import sys
+
+    bench = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("paper_reference")
+
+
+def test_paper_mode_matches_the_independent_reference_on_resnet18():
+    import torchvision
+
+    ref = _paper_reference()
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        net.layer1[0].bn1.bias.fill_(30.0)  # every channel ON: the reference reads exactly 0
+        net.layer2[0].bn1.bias[:64].fill_(-30.0)  # half the channels dead
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    mine = egp_fast.measure_entropy(net, batches, mode="paper", progress=False)
+    theirs = ref.measure_paper_entropy(net, batches)
+    assert list(theirs) == list(mine.sites)
+    for name, h in theirs.items():
+        assert mine.sites[name].entropy == pytest.approx(h, abs=1e-6), name
+    assert theirs["layer1.0.relu"] == 0.0 and mine.sites["layer1.0.relu"].entropy == 0.0
+    # the reference's own producer table and allocation agree with egp_fast's
+    table = ref.site_producers(net, batches[0])
+    assert table == {n: s.producers for n, s in mine.sites.items()}
+    plan = ref.paper_plan(net, theirs, table)
+    layer_h = mine.layer_entropy()
+    modules = dict(net.named_modules())
+    remaining = {n: int(modules[n].weight.count_nonzero()) for n in layer_h}
+    magnitude = {n: float(modules[n].weight.detach().abs().double().mean()) for n in layer_h}
+    budget = 0.5 * sum(remaining[n] for n in layer_h if layer_h[n] > 0)
+    theirs_plan = egp_fast.allocate(layer_h, magnitude, remaining, budget)
+    assert plan.keys() == theirs_plan.keys() and sum(plan.values()) > 0.49 * sum(remaining.values())
+    for n in plan:  # float rounding may move one weight between layers
+        assert abs(plan[n] - theirs_plan[n]) <= 1, n
