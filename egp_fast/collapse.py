@@ -216,9 +216,15 @@ def collapse(
     check_max_flip(max_flip)
     model = _unwrap(model)
     chosen = _selected(stats, sites)
+    # Sites linearised earlier (egp_fast.linearize, the EASIER loop) are folded below whatever
+    # the statistics say: that decision was already made.
+    earlier = {m.site for m in model.modules() if isinstance(m, ChannelAffine) and m.site}
     evid: dict[str, tuple[int | None, float | None]] = {}
     weak: list[dict[str, Any]] = []
     for name, st in list(chosen.items()):
+        if name in earlier:
+            del chosen[name]
+            continue
         n, bound = evidence(st, confidence)
         evid[name] = (n, bound)
         why = weak_reason(name, n, bound, max_flip, confidence)
@@ -253,8 +259,12 @@ def collapse(
         gm = graph.graph_module if graph is not None else _traced_with_shapes(work, example_inputs)
         site_nodes = {s.node: s.name for s in graph.sites} if graph is not None else {}
         folder = Folder(gm, exact, fold, site_nodes)
-        for aff in normalise_wrapped_affines(gm):
-            folder.removed.append({"kind": "linearize", "site": aff.site, "exact": aff.exact,
+        known = {n: m for n, m in work.named_modules() if isinstance(m, ChannelAffine)}
+        for aff in normalise_wrapped_affines(gm, known):
+            # The function changed when the site was linearised (``linearization_exact``); folding
+            # the map that is now in the model is exact.
+            folder.removed.append({"kind": "linearize", "site": aff.site, "exact": True,
+                                   "linearization_exact": aff.exact, "how": aff.how,
                                    "note": "linearised earlier (egp_fast.linearize)"})
         if graph is not None:
             _linearize_graph(gm, graph, stats, chosen, folder)
@@ -302,12 +312,23 @@ def _traced_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule
 def _is_conv1d(m: nn.Module) -> bool:
     """Transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` of shape ``[in, out]``.
 
-    Recognised by what it is (class name, ``nf`` and the weight layout), so transformers need
-    not be importable.
+    Recognised by its name and what it computes (one probe on a small input), so transformers
+    need not be importable and a different layer that happens to share the name is left alone.
     """
     w = getattr(m, "weight", None)
-    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
-            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == m.nf)
+    if not (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
+            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == m.nf):
+        return False
+    b = getattr(m, "bias", None)
+    with torch.no_grad():
+        x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+        want = x @ w + (b if isinstance(b, torch.Tensor) else 0)
+        try:
+            got = m(x)
+        except Exception:
+            return False
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and bool(
+        torch.allclose(got, want, rtol=1e-3, atol=1e-3 * (1 + float(want.abs().max()))))
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:

@@ -384,6 +384,8 @@ class Folder:
                 with self.g.inserting_after(n):
                     new = self.g.call_module(self.add(aff, "egp_const"), (y,))
                 new.meta["egp_shape"] = self.shape(n)
+                if n.meta.get("egp_after_site"):
+                    new.meta["egp_after_site"] = list(n.meta["egp_after_site"])
                 n.replace_all_uses_with(new)
                 self.g.erase_node(n)
                 self.removed.append({"kind": "dead_branch", "layers": self._chain(x), "exact": True,
@@ -431,6 +433,10 @@ class Folder:
                 with self.g.inserting_after(n):
                     new = self.g.call_module(self.add(m), (u,))
                 new.meta.update(egp_shape=self.shape(n), egp_layers=layers, egp_merged=True)
+                # A removed site after the add (EASIER's identity ReLU after a residual) now
+                # follows the merged layer: the next layer may compose with it.
+                if n.meta.get("egp_after_site"):
+                    new.meta["egp_after_site"] = list(n.meta["egp_after_site"])
                 n.replace_all_uses_with(new)
                 self.g.erase_node(n)
                 self.removed.append({"kind": kind, "layers": layers, "exact": True})
@@ -634,8 +640,19 @@ class Folder:
                 e["fold"] = how
 
 
-def normalise_wrapped_affines(gm: fx.GraphModule) -> list[ChannelAffine]:
-    """Turn traced ``_channel_affine`` calls (ChannelAffine modules fx traced into) back into modules."""
+def normalise_wrapped_affines(gm: fx.GraphModule, known: dict[str, ChannelAffine] | None = None) -> list[ChannelAffine]:
+    """Turn traced ``_channel_affine`` calls (ChannelAffine modules fx traced into) back into modules.
+
+    Args:
+        gm: the traced model (edited in place).
+        known: qualified name -> the :class:`ChannelAffine` of the model that was traced. fx keeps
+            only the buffers of a traced-through module (its owner becomes a bare ``nn.Module``),
+            so the site name, ``exact`` and ``how`` are read from here.
+
+    Returns:
+        The new :class:`ChannelAffine` modules, in graph order.
+    """
+    known = known or {}
     found = []
     for n in list(gm.graph.nodes):
         if n.op != "call_function" or n.target is not _channel_affine:
@@ -644,10 +661,14 @@ def normalise_wrapped_affines(gm: fx.GraphModule) -> list[ChannelAffine]:
         if not (isinstance(sc, fx.Node) and sc.op == "get_attr" and isinstance(sh, fx.Node) and sh.op == "get_attr"):
             continue
         owner_path = sc.target.rpartition(".")[0]
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        exact = getattr(owner, "exact", True) if isinstance(owner, ChannelAffine) else True
-        site = getattr(owner, "site", "") if isinstance(owner, ChannelAffine) else ""
+        owner = known.get(owner_path)
+        if owner is None:
+            sub = gm.get_submodule(owner_path) if owner_path else gm
+            owner = sub if isinstance(sub, ChannelAffine) else None
+        exact = owner.exact if owner is not None else True
+        site = owner.site if owner is not None else ""
         aff = ChannelAffine(gm.get_buffer(sc.target), gm.get_buffer(sh.target), dim, exact, site)
+        aff.how = getattr(owner, "how", "data")
         name = f"egp_lin_{len(found)}"
         while hasattr(gm, name):
             name += "_"
