@@ -4,13 +4,27 @@ Every pruned layer carries a bool buffer ``weight_mask`` (``True`` = kept, the p
 ``torch.nn.utils.prune``), so masks travel with ``state_dict()`` under keys such as
 ``layer1.0.conv1.weight_mask``, deep-copy and pickle with the model.
 
-Pruned weights stay exactly zero through any training loop, by two mechanisms:
+How pruned weights stay exactly zero through training, at almost no cost per step:
 
-* a gradient hook on the weight zeroes the gradient of pruned entries (installed lazily by a
-  picklable forward pre-hook, so deep copies and unpickled models get it on first forward);
-* a global optimizer step post-hook re-zeroes pruned weights, and the matching entries of
-  tensor optimizer state (momentum, Adam moments), after every ``optimizer.step()``, so
-  momentum and weight decay cannot revive them.
+* **Gradients.** A post-accumulate-grad hook on the weight zeroes the pruned entries of
+  ``weight.grad`` in place, right after autograd writes it (the gradient is still in cache),
+  with an inverted mask cached per layer and rebuilt only when the mask changes. In-place
+  ``masked_fill_``, not a product: a NaN/Inf gradient must not leak (NaN * 0 = NaN). The hook
+  runs before distributed data parallel reads the gradient.
+* **Optimizer state.** With pruned weights, gradients and state at zero, the elementwise
+  ``torch.optim`` optimizers (SGD with momentum and weight decay, Adam, AdamW, ...) keep them
+  at zero by themselves. So a global optimizer step *pre*-hook zeroes the pruned entries of the
+  weight, its gradient and every weight-shaped state tensor (momentum, Adam moments) only when
+  something may have revived them: the mask changed (a new pruning round), the optimizer's
+  state tensors were replaced (``load_state_dict``) or :func:`enforce` was called. Any other
+  optimizer class (LBFGS, user subclasses) gets that full re-zeroing after every step.
+* **Copies.** A small guard object lives in the layer's ``__dict__``; deep copies and unpickled
+  models carry it, and it installs the gradient hook on the copy's weight as it is rebuilt.
+
+No forward hook is involved, so ``torch.compile`` traces a masked model exactly as the plain
+one (no graph breaks). What is not covered: writing to a masked weight by hand (assigning
+``.data``, ``copy_``, loading a dense ``state_dict`` without masks) or to its gradient after
+``backward()``. Call :func:`enforce` after such writes.
 """
 
 from __future__ import annotations
@@ -26,90 +40,267 @@ from torch.utils.weak import WeakIdKeyDictionary
 from egp_fast.errors import CheckpointError, ConfigError, ModelError
 
 MASK = "weight_mask"
+_GUARD = "_egp_mask_guard"
 
-# Parameter -> weakref to the module that owns its mask. Weak on both sides: dropping a model
-# drops its entries.
+# weight Parameter -> its _Guard. Weak on the key side; the guard holds only weak references,
+# so dropping a model drops its entries.
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_optimizer_hook = None
+_optimizer_hooks: tuple | None = None
+# Bumped by enforce(): every optimizer re-zeroes the pruned entries of its state once.
+_EPOCH = 0
+# optimizer -> {weight: signature of the last re-zeroing}
+_CLEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# Optimizers whose update of an entry depends only on that entry's weight, gradient and state,
+# and is zero when all three are zero: with pruned gradients zeroed, they need no re-zeroing
+# after each step. Exact classes only: a subclass may change step().
+_ELEMENTWISE = frozenset(
+    getattr(torch.optim, n)
+    for n in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "Rprop", "ASGD")
+    if hasattr(torch.optim, n)
+)
 
 
-class _MaskEnforcer:
-    """Forward pre-hook: make sure the weight's gradient hook exists for this Parameter.
+class _Guard:
+    """Mask enforcement of one layer's weight: the gradient hook and the cached inverted mask.
 
-    A top-level class (not a closure) so models with masks pickle and deep-copy.
+    Stored in the layer's ``__dict__`` so it is deep-copied and pickled with the layer; holds
+    weak references only (the layer owns it, the weight's hook owns it).
     """
 
-    def __call__(self, module: nn.Module, args: Any) -> None:
-        _ensure_grad_hook(module)
+    def __init__(self, module: nn.Module, weight: torch.Tensor) -> None:
+        self._module = weakref.ref(module)
+        self._weight = weakref.ref(weight)
+        self._handle = None
+        self._mask_obj: torch.Tensor | None = None
+        self._mask_ver = -1
+        self._pruned: torch.Tensor | None = None
+        self._any = False
+        self.token = 0  # bumped whenever the mask changes
+        self._install()
+
+    # -- copies ----------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        return {"module": self._module(), "weight": self._weight()}
+
+    def __setstate__(self, state: dict) -> None:
+        # Called while the layer itself is being rebuilt (its __dict__ may still be empty), but
+        # the weight Parameter is complete: deepcopy and pickle build it before this point.
+        module, weight = state.get("module"), state.get("weight")
+        self._module = weakref.ref(module) if module is not None else (lambda: None)
+        self._weight = weakref.ref(weight) if weight is not None else (lambda: None)
+        self._handle = None
+        self._mask_obj, self._mask_ver, self._pruned, self._any, self.token = None, -1, None, False, 0
+        self._install()
+
+    def _install(self) -> None:
+        w = self._weight()
+        if w is None:
+            return
+        old = _REGISTRY.get(w)
+        if old is not None and old is not self:
+            old.remove_hook()
+        if isinstance(w, torch.Tensor) and w.requires_grad and w.is_leaf:
+            self._handle = w.register_post_accumulate_grad_hook(self._on_grad)
+        _REGISTRY[w] = self
+        _install_optimizer_hooks()
+
+    def remove_hook(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def has_hook(self) -> bool:
+        return self._handle is not None
+
+    # -- masks -----------------------------------------------------------------------------
+    def pruned(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The inverted mask (True = pruned) if ``p`` is still this layer's masked weight and
+        something is pruned, else None. Rebuilt only when the mask object or its version changes."""
+        module = self._module()
+        if module is None or getattr(module, "weight", None) is not p:
+            return None
+        mask = module._buffers.get(MASK)
+        if mask is None:
+            return None
+        if mask is not self._mask_obj or mask._version != self._mask_ver:
+            self._pruned = torch.logical_not(mask)
+            self._any = bool(self._pruned.any())
+            self._mask_obj, self._mask_ver = mask, mask._version
+            self.token += 1
+        return self._pruned if self._any else None
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        g = p.grad
+        if g is None or g.layout != torch.strided:
+            return  # sparse gradients: the step pre-hook re-zeroes weight and state instead
+        pruned = self.pruned(p)
+        if pruned is not None:
+            g.masked_fill_(pruned, 0)
 
 
-def _mask_grad(module_ref: weakref.ref, grad: torch.Tensor) -> torch.Tensor:
-    module = module_ref()
-    mask = getattr(module, MASK, None) if module is not None else None
-    if mask is None:
-        return grad
-    # where(), not a product: a NaN/Inf gradient must not leak into pruned entries (NaN*0=NaN).
-    return grad.masked_fill(~mask, 0)
+def _guard_of(module: nn.Module) -> _Guard | None:
+    g = module.__dict__.get(_GUARD)
+    return g if isinstance(g, _Guard) else None
 
 
 def _ensure_grad_hook(module: nn.Module) -> None:
     w = module.weight
-    if w in _REGISTRY:
+    g = _guard_of(module)
+    if g is not None and g._weight() is w and _REGISTRY.get(w) is g:
         return
-    ref = weakref.ref(module)
-    handle = w.register_hook(lambda g, ref=ref: _mask_grad(ref, g)) if w.requires_grad else None
-    _REGISTRY[w] = (ref, handle)
-    _install_optimizer_hook()
+    if g is not None:
+        g.remove_hook()
+    object.__setattr__(module, _GUARD, _Guard(module, w))
+
+
+def _drop_guard(module: nn.Module) -> None:
+    g = module.__dict__.pop(_GUARD, None)
+    if isinstance(g, _Guard):
+        g.remove_hook()
+        w = g._weight()
+        if w is not None and _REGISTRY.get(w) is g:
+            del _REGISTRY[w]
+
+
+class _MaskEnforcer:
+    """Forward pre-hook of earlier versions, kept so models pickled by them still load: it
+    installs the current enforcement on first use (skipped while torch.compile traces)."""
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if not torch.compiler.is_compiling() and getattr(module, MASK, None) is not None:
+            _ensure_grad_hook(module)
 
 
 def rebind(module: nn.Module) -> None:
-    """Point the weight's mask enforcement at ``module`` (after swapping it in for another
-    module that shares the same weight Parameter, e.g. ``MaskedLinear.from_linear``)."""
-    entry = _REGISTRY.pop(module.weight, None)
-    if entry is not None and entry[1] is not None:
-        entry[1].remove()
-    if not _has_enforcer(module):
-        module.register_forward_pre_hook(_MaskEnforcer())
+    """Point the weight's mask enforcement at ``module``.
+
+    Call after swapping ``module`` in for another module that shares the same weight Parameter
+    (e.g. :meth:`egp_fast.modules.MaskedLinear.from_linear`).
+
+    Args:
+        module: the layer now owning the weight and its ``weight_mask``.
+
+    Example:
+        >>> import torch, egp_fast
+        >>> from egp_fast.modules import MaskedLinear
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3)); egp_fast.attach_masks(net, ["0"])
+        >>> net[0] = MaskedLinear.from_linear(net[0]); rebind(net[0])
+    """
+    old = _REGISTRY.get(module.weight)
+    if old is not None and old._module() is not module:
+        old.remove_hook()
+        del _REGISTRY[module.weight]
     _ensure_grad_hook(module)
 
 
 def release(model: nn.Module) -> None:
-    """Drop the gradient hooks of weights whose layer no longer carries a mask."""
+    """Bring mask enforcement in line with the masks present in ``model``.
+
+    Layers without a ``weight_mask`` lose their gradient hook; layers with one get it (after a
+    model's buffers were restored from a snapshot, say).
+
+    Args:
+        model: the network.
+
+    Example:
+        >>> import torch, egp_fast
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3)); egp_fast.attach_masks(net, ["0"])
+        >>> del net[0]._buffers["weight_mask"]; release(net); net[0].weight in _REGISTRY
+        False
+    """
     for m in model.modules():
-        w = getattr(m, "weight", None)
-        if isinstance(w, torch.Tensor) and w in _REGISTRY and getattr(m, MASK, None) is None:
-            _, handle = _REGISTRY.pop(w)
-            if handle is not None:
-                handle.remove()
+        w = m._parameters.get("weight") if hasattr(m, "_parameters") else None
+        has_mask = isinstance(m._buffers.get(MASK), torch.Tensor)
+        if has_mask and isinstance(w, torch.Tensor):
+            _ensure_grad_hook(m)
+        elif _guard_of(m) is not None:
+            _drop_guard(m)
+        elif isinstance(w, torch.Tensor) and w in _REGISTRY and _REGISTRY[w]._module() is m:
+            _REGISTRY.pop(w).remove_hook()
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> list[torch.Tensor]:
+    state = optimizer.state.get(p)
+    if not state:
+        return []
+    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == p.shape and v.is_floating_point()]
+
+
+def _rezero(p: torch.Tensor, pruned: torch.Tensor, states: list[torch.Tensor]) -> None:
+    p.masked_fill_(pruned, 0)
+    g = p.grad
+    if g is not None:
+        if g.layout == torch.strided:
+            g.masked_fill_(pruned, 0)
+        else:
+            p.grad = g.to_dense().masked_fill_(pruned, 0)
+    for v in states:
+        v.masked_fill_(pruned, 0)
+
+
+def _masked_params(optimizer: torch.optim.Optimizer):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = _REGISTRY.get(p)
+            if g is None:
+                continue
+            pruned = g.pruned(p)
+            if pruned is not None:
+                yield p, g, pruned
+
+
+def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Zero pruned weights, gradients and state of ``optimizer`` where they may have revived."""
+    try:
+        clean = _CLEAN.setdefault(optimizer, WeakIdKeyDictionary())
+    except TypeError:  # an optimizer that cannot be weakly referenced: re-zero every time
+        clean = None
+    with torch.no_grad():
+        for p, g, pruned in _masked_params(optimizer):
+            states = _state_tensors(optimizer, p)
+            sig = (_EPOCH, g.token, tuple(id(v) for v in states))
+            if clean is None or clean.get(p) != sig:
+                _rezero(p, pruned, states)
+                if clean is not None:
+                    clean[p] = sig
+            elif not g.has_hook and p.grad is not None:
+                _rezero_grad(p, pruned)
+
+
+def _rezero_grad(p: torch.Tensor, pruned: torch.Tensor) -> None:
+    if p.grad.layout == torch.strided:
+        p.grad.masked_fill_(pruned, 0)
+    else:
+        p.grad = p.grad.to_dense().masked_fill_(pruned, 0)
 
 
 def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Record the (clean) state tensors an elementwise step created; re-zero for other optimizers."""
+    elementwise = type(optimizer) in _ELEMENTWISE
+    clean = _CLEAN.get(optimizer)
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                entry = _REGISTRY.get(p)
-                module = entry[0]() if entry is not None else None
-                mask = getattr(module, MASK, None) if module is not None else None
-                if mask is None or module.weight is not p:
-                    continue
-                pruned = ~mask
+        for p, g, pruned in _masked_params(optimizer):
+            states = _state_tensors(optimizer, p)
+            if not elementwise or not g.has_hook or p.grad is None or p.grad.layout != torch.strided:
                 p.masked_fill_(pruned, 0)
-                state = optimizer.state.get(p, {})
-                for v in state.values():
-                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v.is_floating_point():
-                        v.masked_fill_(pruned, 0)
+                for v in states:
+                    v.masked_fill_(pruned, 0)
+            if clean is not None:
+                clean[p] = (_EPOCH, g.token, tuple(id(v) for v in states))
 
 
-def _install_optimizer_hook() -> None:
-    global _optimizer_hook
-    if _optimizer_hook is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+def _install_optimizer_hooks() -> None:
+    global _optimizer_hooks
+    if _optimizer_hooks is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-        _optimizer_hook = register_optimizer_step_post_hook(_after_step)
-
-
-def _has_enforcer(module: nn.Module) -> bool:
-    return any(isinstance(h, _MaskEnforcer) for h in module._forward_pre_hooks.values())
+        # Looked up at call time, so the module's functions can be swapped (tests do).
+        _optimizer_hooks = (
+            register_optimizer_step_pre_hook(lambda o, a, k: _before_step(o, a, k)),
+            register_optimizer_step_post_hook(lambda o, a, k: _after_step(o, a, k)),
+        )
 
 
 def _resolve(model: nn.Module, name: str) -> nn.Module:
@@ -143,8 +334,6 @@ def attach_masks(model: nn.Module, layer_names: Iterable[str]) -> None:
         if getattr(m, MASK, None) is None:
             mask = torch.ones_like(m.weight, dtype=torch.bool)
             m.register_buffer(MASK, mask)
-        if not _has_enforcer(m):
-            m.register_forward_pre_hook(_MaskEnforcer())
         _ensure_grad_hook(m)
 
 
@@ -193,22 +382,36 @@ def _undo_set_masks(undo: list) -> None:
         for m, attached, old, weight in reversed(undo):
             m.weight.copy_(weight)
             if attached:
-                for k, h in list(m._forward_pre_hooks.items()):
-                    if isinstance(h, _MaskEnforcer):
-                        del m._forward_pre_hooks[k]
                 m._buffers.pop(MASK, None)
-                entry = _REGISTRY.pop(m.weight, None)
-                if entry is not None and entry[1] is not None:
-                    entry[1].remove()
+                _drop_guard(m)
             elif old is not None:
                 getattr(m, MASK).copy_(old)
 
 
 def enforce(model: nn.Module) -> None:
-    """Zero every pruned weight now (after loading weights by hand, say)."""
+    """Zero every pruned weight now, and the optimizer state of pruned entries at the next step.
+
+    Needed only after writing to masked weights (or their gradients) by hand: assigning
+    ``.data``, ``copy_``, ``load_state_dict`` of a dense checkpoint. Training with any
+    ``torch.optim`` optimizer keeps pruned weights at zero without it.
+
+    Args:
+        model: the network.
+
+    Example:
+        >>> import torch, egp_fast
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2)); egp_fast.attach_masks(net, ["0"])
+        >>> net[0].weight_mask[0, 0] = False
+        >>> with torch.no_grad(): _ = net[0].weight.fill_(1.0)
+        >>> enforce(net); net[0].weight[0, 0].item()
+        0.0
+    """
+    global _EPOCH
+    _EPOCH += 1
     with torch.no_grad():
         for m in masked_layers(model).values():
             m.weight.masked_fill_(~getattr(m, MASK), 0)
+            _ensure_grad_hook(m)
 
 
 def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
@@ -226,8 +429,13 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, Any], stri
         ``load_state_dict``'s result (missing and unexpected keys).
 
     Example:
-        >>> fresh = torchvision.models.resnet18()                    # doctest: +SKIP
-        >>> egp_fast.load_pruned_state_dict(fresh, pruned.state_dict())  # doctest: +SKIP
+        >>> import torch, egp_fast
+        >>> pruned = torch.nn.Sequential(torch.nn.Linear(4, 2)); egp_fast.attach_masks(pruned, ["0"])
+        >>> set_masks(pruned, {"0": pruned[0].weight.abs() > pruned[0].weight.abs().median()})
+        >>> fresh = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> _ = egp_fast.load_pruned_state_dict(fresh, pruned.state_dict())
+        >>> torch.equal(fresh[0].weight_mask, pruned[0].weight_mask), torch.equal(fresh[0].weight, pruned[0].weight)
+        (True, True)
     """
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
@@ -280,9 +488,10 @@ def strip_masks(model: nn.Module) -> nn.Module:
     """Remove masks and their hooks; pruned weights stay zero. Returns ``model``."""
     for m in masked_layers(model).values():
         for k, h in list(m._forward_pre_hooks.items()):
-            if isinstance(h, _MaskEnforcer):
+            if isinstance(h, _MaskEnforcer):  # a model pickled by an earlier version
                 del m._forward_pre_hooks[k]
         del m._buffers[MASK]
+        _drop_guard(m)
     release(model)
     return model
 
