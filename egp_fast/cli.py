@@ -21,7 +21,6 @@ Checkpoints (``checkpoint.pt``) are written atomically after every epoch and eve
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -30,24 +29,14 @@ from typing import Any
 
 import torch
 
+from egp_fast import _common
+from egp_fast._common import options_hash as _options_hash
 from egp_fast.errors import CheckpointError, ConfigError, EGPError
 
-PROG = "egp-fast"
-
-#: every option of ``prune``/``demo`` with its default (None = derived from the data)
-DEFAULTS: dict[str, Any] = {
-    "model": "cifar_resnet18", "width": None, "weights": None,
-    "data": "digits", "image_size": None, "limit": None,
-    "method": "egp", "rounds": 4, "step": 0.5, "dense_epochs": 15, "epochs": 8,
-    "optimizer": "sgd", "dense_lr": 0.1, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
-    "schedule": "cosine", "milestones": [0.5, 0.75], "gamma": 0.1,
-    "batch_size": 64, "eval_batch_size": 256, "amp": False, "channels_last": False, "seed": 0,
-    "collapse": True, "approx_collapse": False, "measure_batches": None, "entropy_mode": "exact",
-    "workers": 4, "device": "auto", "out": None, "name": None, "runs_root": "runs",
-    "resume": None, "progress": True, "latency": True, "threads": None,
-}
-#: options that may differ when resuming (they do not change the results)
-RUNTIME_OPTIONS = frozenset({"workers", "progress", "resume", "out", "name", "runs_root", "latency", "threads"})
+# Shared with egp_fast.run; re-exported here because callers have imported them from the CLI.
+DEFAULTS = _common.DEFAULTS
+RUNTIME_OPTIONS = _common.RUNTIME_OPTIONS
+PROG = _common.PROG
 
 
 class _UsageError(Exception):
@@ -83,26 +72,50 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, default=S, help="image side (default: 16 digits, 32 cifar10, "
                    "224 folders)")
     g.add_argument("--limit", type=int, default=S, help="use at most N samples of each split (quick runs)")
+    g.add_argument("--val-fraction", type=float, default=S, help="fraction of the TRAINING data held out "
+                   "(stratified, by --seed) as the validation split: EASIER's accuracy tolerance and "
+                   "collapse's held-out flip check use it; the test split only reports (default 0.1; "
+                   "0 disables both)")
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", choices=("egp", "imp"), default=S, help="egp (default) or the imp baseline")
-    g.add_argument("--rounds", type=int, default=S, help="pruning rounds (default 4)")
+    g.add_argument("--method", choices=_common.METHODS, default=S, help="egp (default), the imp baseline, or "
+                   "easier (remove the lowest-entropy activation each step, keep the best model within "
+                   "--max-drop)")
+    g.add_argument("--rounds", type=int, default=S, help="pruning rounds; for easier the most removal steps "
+                   "(default 4; easier: 17)")
+    g.add_argument("--max-drop", type=float, default=S, help="easier: largest validation accuracy drop vs "
+                   "the dense model that a kept step may have, as a fraction (default 0.01 = 1 pt)")
+    g.add_argument("--linearization", choices=("identity", "majority"), default=S, help="easier: a removed "
+                   "site becomes the identity (EASIER) or, per channel, identity/zero by its majority "
+                   "state (default identity)")
     g.add_argument("--step", type=float, default=S, help="zeta: fraction of the remaining eligible weights "
                    "pruned per round, in (0, 1) (default 0.5)")
     g.add_argument("--measure-batches", type=int, default=S, help="cap on entropy measurement batches "
                    "(default: the whole training split)")
     g.add_argument("--entropy-mode", choices=("exact", "paper"), default=S, help="exact counts (default) "
                    "or the reference scripts' per-batch average")
+    g.add_argument("--measure", choices=("full", "auto"), default=S, help="full: measure entropy on the "
+                   "whole training split (default); auto: stop once every site is decided (stop='decided')")
+    g.add_argument("--max-flip", type=float, default=S, help="collapse (and --measure auto) only trusts a "
+                   "zero-entropy site whose flip-probability bound is <= this (default 0.01)")
+    g.add_argument("--confidence", type=float, default=S, help="confidence of the flip bound (default 0.95)")
     g.add_argument("--no-collapse", dest="collapse", action="store_false", default=S,
                    help="skip collapsing zero-entropy sites at the end")
     g.add_argument("--approx-collapse", action="store_true", default=S, help="allow approximate collapse "
                    "(GELU/SiLU sites, padded conv compositions)")
+    g.add_argument("--fold-epochs", type=int, default=S, help="after collapse, fine-tune the collapsed model "
+                   "itself this many epochs and report accuracy before and after (default 0)")
+    g.add_argument("--fold-lr", type=float, default=S, help="learning rate of --fold-epochs (default: --lr)")
     g = p.add_argument_group("training")
     g.add_argument("--dense-epochs", type=int, default=S, help="dense training epochs before pruning "
                    "(default 15; 0 with --weights)")
-    g.add_argument("--epochs", type=int, default=S, help="fine-tune epochs per round (default 8)")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=S, help="default sgd (momentum 0.9)")
-    g.add_argument("--dense-lr", type=float, default=S, help="learning rate of dense training (default 0.1)")
-    g.add_argument("--lr", type=float, default=S, help="learning rate of each fine-tune round (default 0.01)")
+    g.add_argument("--epochs", type=int, default=S, help="fine-tune epochs per round (default 8; easier: 2 "
+                   "per removal step)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=S, help="default sgd (momentum 0.9); "
+                   "adamw for digits_vit")
+    g.add_argument("--dense-lr", type=float, default=S, help="learning rate of dense training (default 0.1; "
+                   "digits_vit 1e-3)")
+    g.add_argument("--lr", type=float, default=S, help="learning rate of each fine-tune round (default 0.01; "
+                   "digits_vit 5e-4)")
     g.add_argument("--momentum", type=float, default=S, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", type=float, default=S, help="default 1e-4 (EGP reference)")
     g.add_argument("--schedule", choices=("cosine", "multistep", "constant"), default=S,
@@ -117,8 +130,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "(default 256)")
     g.add_argument("--amp", action="store_true", default=S, help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     g.add_argument("--channels-last", action="store_true", default=S, help="channels-last memory format")
+    g.add_argument("--compile", action="store_true", default=S, help="torch.compile the model for training "
+                   "and evaluation (masks stay enforced; pays off on long runs, slow to start on a CPU)")
     g.add_argument("--seed", type=int, default=S, help="seed of initialisation and shuffling (default 0)")
-    g.add_argument("--workers", type=int, default=S, help="DataLoader workers for on-disk data (default 4)")
+    g.add_argument("--workers", type=int, default=S, help="DataLoader workers for on-disk data (default: "
+                   "4, at most the cores available to each process)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help="default auto")
     g.add_argument("--threads", type=int, default=S, help="CPU threads (default: 1 for digits, whose tiny "
                    "convolutions run faster single-threaded, especially on a shared machine; torch's "
@@ -215,14 +231,25 @@ def _validate(cfg: dict) -> None:
     step = cfg["step"]
     if not (isinstance(step, (int, float)) and 0 < step < 1):
         raise ConfigError(f"--step (zeta) must be strictly between 0 and 1, got {step}; EGP uses 0.5")
-    for key in ("rounds", "dense_epochs", "epochs", "workers"):
-        if cfg[key] < 0:
+    for key in ("rounds", "dense_epochs", "epochs", "workers", "fold_epochs"):
+        if cfg[key] is not None and cfg[key] < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    if not 0 <= cfg["val_fraction"] < 1:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg['val_fraction']}; e.g. 0.1")
+    if cfg["method"] == "easier" and cfg["val_fraction"] == 0:
+        raise ConfigError("--method easier needs a validation split held out from the training data: "
+                          "--val-fraction must be > 0 (e.g. 0.1); the test split is never used to decide")
+    if not 0 <= cfg["max_drop"] < 1:
+        raise ConfigError(f"--max-drop must be a fraction in [0, 1), got {cfg['max_drop']}; 0.01 is 1 point")
+    if not 0 < cfg["max_flip"] <= 1:
+        raise ConfigError(f"--max-flip must be in (0, 1], got {cfg['max_flip']}; 1.0 trusts any zero entropy")
+    if not 0 < cfg["confidence"] < 1:
+        raise ConfigError(f"--confidence must be in (0, 1), got {cfg['confidence']}; e.g. 0.95")
     for key in ("batch_size", "eval_batch_size", "measure_batches", "limit", "width", "image_size", "threads"):
         if cfg[key] is not None and cfg[key] < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {cfg[key]}")
-    for key in ("lr", "dense_lr"):
-        if not cfg[key] > 0:
+    for key in ("lr", "dense_lr", "fold_lr"):
+        if cfg[key] is not None and not cfg[key] > 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be > 0, got {cfg[key]}")
     if cfg["weight_decay"] < 0 or cfg["momentum"] < 0 or not 0 < cfg["gamma"] <= 1:
         raise ConfigError("--weight-decay and --momentum must be >= 0 and --gamma in (0, 1]")
@@ -230,9 +257,16 @@ def _validate(cfg: dict) -> None:
         raise ConfigError(f"--milestones must be > 0, got {cfg['milestones']}")
     parse_data_spec(cfg["data"])
     try:
-        resolve_model_name(cfg["model"])
+        source, _ = resolve_model_name(cfg["model"])
     except EGPError as e:
         raise ConfigError(f"--model: {e}") from None
+    if source == "vit":  # its sizes must divide: say so before a run directory exists
+        if cfg["width"] is not None and cfg["width"] % 4:
+            raise ConfigError(f"--width {cfg['width']}: digits_vit's width must be divisible by its 4 heads "
+                              "(e.g. 32 or 64)")
+        if cfg["image_size"] is not None and cfg["image_size"] % 4:
+            raise ConfigError(f"--image-size {cfg['image_size']}: digits_vit needs a multiple of its patch "
+                              "size 4 (e.g. 16)")
     if cfg["weights"] is not None and not os.path.isfile(cfg["weights"]):
         raise ConfigError(f"--weights {cfg['weights']}: no such file")
     name = cfg["name"]
@@ -244,20 +278,26 @@ def _validate(cfg: dict) -> None:
 
 def _resolve_derived(cfg: dict) -> dict:
     from egp_fast.data import parse_data_spec
+    from egp_fast.models import resolve_model_name
 
     kind, _ = parse_data_spec(cfg["data"])
     cfg = dict(cfg)
+    for key, value in _common.METHOD_DEFAULTS[cfg["method"]].items():
+        if cfg[key] is None:
+            cfg[key] = value
+    family = "vit" if resolve_model_name(cfg["model"])[0] == "vit" else "other"
+    for key, value in _common.MODEL_DEFAULTS[family].items():
+        if cfg[key] is None:
+            cfg[key] = value
+    if cfg["fold_lr"] is None:
+        cfg["fold_lr"] = cfg["lr"]
     if cfg["width"] is None:
-        cfg["width"] = 16 if kind == "digits" else 64
+        # cifar_resnet18: first-stage width; digits_vit: embedding width (64, its default).
+        vit = cfg["model"] in ("digits_vit", "vit_digits")
+        cfg["width"] = 16 if kind == "digits" and not vit else 64
     if cfg["image_size"] is None:
         cfg["image_size"] = {"digits": 16, "cifar10": 32}.get(kind, 224)
     return cfg
-
-
-def _options_hash(cfg: dict) -> str:
-    keys = sorted(k for k in DEFAULTS if k not in RUNTIME_OPTIONS)
-    blob = json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _is_nonempty_dir(path: str) -> bool:

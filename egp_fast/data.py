@@ -11,7 +11,10 @@ A data *spec* is one string:
 * ``imagenet:PATH`` — the same layout for ImageNet (val images sorted into class folders),
   with the standard ImageNet transforms at 224 px.
 
-:func:`load_data` returns a :class:`DataSource`; :func:`make_loader` builds an epoch-seeded,
+:func:`load_data` returns a :class:`DataSource`; :func:`hold_out` moves a stratified, seeded
+fraction of its training split into a validation split (``val``), which is what decisions use
+(EASIER's accuracy tolerance, collapse's held-out flip check) so the test split only reports;
+:func:`make_loader` builds an epoch-seeded,
 rank-sharded loader over one of its splits. Shuffling is derived from ``(seed, epoch)`` only,
 so a resumed epoch sees exactly the same batches, and evaluation/measurement shards are
 disjoint without padding, so counts summed over ranks equal the one-process counts.
@@ -35,6 +38,7 @@ __all__ = [
     "EpochSampler",
     "Loader",
     "TensorDataset",
+    "hold_out",
     "load_data",
     "make_loader",
     "parse_data_spec",
@@ -122,6 +126,8 @@ class DataSource:
         num_classes: number of labels.
         channels: channels of the images the loaders yield.
         image_size: side of the (square) images the loaders yield.
+        val: validation split held out from the training data (evaluation transforms), or
+            ``None`` (see :func:`hold_out`).
     """
 
     spec: str
@@ -132,6 +138,7 @@ class DataSource:
     num_classes: int
     channels: int
     image_size: int
+    val: Any = None
 
     def describe(self) -> dict:
         """JSON-safe summary: spec, sizes, classes, channels, image size.
@@ -144,6 +151,7 @@ class DataSource:
             1437
         """
         return {"spec": self.spec, "kind": self.kind, "train_size": len(self.train),
+                "val_size": 0 if self.val is None else len(self.val),
                 "test_size": len(self.test), "num_classes": self.num_classes,
                 "channels": self.channels, "image_size": self.image_size}
 
@@ -196,6 +204,80 @@ def load_data(spec: str, *, image_size: int | None = None, channels: int | None 
     src.train_eval = _limit(src.train_eval, limit)
     src.test = _limit(src.test, limit)
     return src
+
+
+def _labels(ds) -> torch.Tensor:
+    """Labels of a split without loading its images."""
+    if isinstance(ds, TensorDataset):
+        return ds.y
+    if isinstance(ds, torch.utils.data.Subset):
+        return _labels(ds.dataset)[torch.as_tensor(list(ds.indices), dtype=torch.int64)]
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        raise DataError(f"cannot hold out a stratified validation split from {type(ds).__name__}: it has no "
+                        "labels attribute (.targets); pass --val-fraction 0")
+    return torch.as_tensor(targets, dtype=torch.int64)
+
+
+def _subset(ds, idx: torch.Tensor):
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(ds.x[idx], ds.y[idx])
+    return torch.utils.data.Subset(ds, idx.tolist())
+
+
+def hold_out(src: DataSource, fraction: float, seed: int = 0) -> DataSource:
+    """Move a stratified, seeded ``fraction`` of the training split into a validation split.
+
+    Per class, ``round(fraction * n_class)`` samples (at least one when the class has two or
+    more and ``fraction > 0``) are drawn with a generator seeded by ``seed``, so the split is a
+    function of the data and the seed alone. ``train`` and ``train_eval`` keep the rest (the
+    same samples, training and evaluation transforms); ``val`` gets the held-out samples with
+    the evaluation transforms. The test split is untouched.
+
+    Args:
+        src: what :func:`load_data` returned (not already split).
+        fraction: in ``[0, 1)``; ``0`` returns ``src`` unchanged (``val`` stays ``None``).
+        seed: seed of the draw.
+
+    Returns:
+        A new :class:`DataSource` with ``val`` set.
+
+    Raises:
+        ConfigError: ``fraction`` outside ``[0, 1)``, or ``src`` already has a validation split.
+        DataError: the split has no labels, or nothing would be left to train on.
+
+    Example:
+        >>> src = hold_out(load_data("digits"), 0.1, seed=0)
+        >>> len(src.train), len(src.val), len(src.test)
+        (1294, 143, 360)
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ConfigError(f"--val-fraction must be a number in [0, 1), got {fraction!r}; e.g. 0.1")
+    if src.val is not None:
+        raise ConfigError("this DataSource already has a validation split; hold out from load_data()'s result")
+    if fraction == 0:
+        return src
+    labels = _labels(src.train)
+    g = torch.Generator().manual_seed(int(seed))
+    val_idx = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        n = idx.numel()
+        k = int(round(fraction * n))
+        if n >= 2:
+            k = min(max(k, 1), n - 1)
+        else:
+            k = 0
+        val_idx.append(idx[torch.randperm(n, generator=g)[:k]])
+    val = torch.sort(torch.cat(val_idx)).values
+    keep = torch.ones(labels.numel(), dtype=torch.bool)
+    keep[val] = False
+    train_idx = torch.nonzero(keep).flatten()
+    if val.numel() == 0 or train_idx.numel() == 0:
+        raise DataError(f"--val-fraction {fraction} of {labels.numel()} training samples leaves an empty "
+                        "split; use more data (--limit) or another fraction")
+    return DataSource(src.spec, src.kind, _subset(src.train, train_idx), _subset(src.train_eval, train_idx),
+                      src.test, src.num_classes, src.channels, src.image_size, val=_subset(src.train_eval, val))
 
 
 def _load_digits(spec: str, size: int, channels: int) -> DataSource:

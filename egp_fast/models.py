@@ -1,11 +1,14 @@
 """Model registry for the ``egp-fast`` command.
 
-Three sources of models, all built with random weights (nothing is ever downloaded):
+Four sources of models, all built with random weights (nothing is ever downloaded):
 
 * ``cifar_resnet18``: the CIFAR-style ResNet-18 (3x3 stem, no max-pool) used by the EGP
   reference scripts, with a configurable width so it also fits tiny images such as the
   upsampled digits. Each block has two ReLU *modules* (``relu1`` after ``bn1``, ``relu2``
   after the residual add), so the 17 sites have readable names.
+* ``digits_vit``: a small Vision Transformer for 16x16 digits (conv patchify, class token,
+  learned positions, pre-norm blocks whose MLPs are ``fc1 -> GELU -> fc2`` as ``nn.Linear``
+  modules, so :func:`egp_fast.collapse` can fold a linearised MLP into one linear layer);
 * any torchvision classification model name (``resnet50``, ``swin_t``...), through
   ``torchvision.models.get_model(name, weights=None, num_classes=...)``;
 * any timm model name (``timm:resnet18`` or a bare name timm knows), through
@@ -28,8 +31,11 @@ __all__ = [
     "CIFAR_NAMES",
     "BasicBlock",
     "CifarResNet",
+    "DigitsViT",
+    "VIT_NAMES",
     "build_model",
     "cifar_resnet18",
+    "digits_vit",
     "load_weights",
     "model_in_channels",
     "resolve_model_name",
@@ -37,6 +43,8 @@ __all__ = [
 
 #: names accepted for the CIFAR-style ResNet-18
 CIFAR_NAMES = ("cifar_resnet18", "resnet18_cifar", "cifar-resnet18")
+#: names accepted for the digits ViT
+VIT_NAMES = ("digits_vit", "vit_digits")
 
 
 class BasicBlock(nn.Module):
@@ -144,6 +152,140 @@ def cifar_resnet18(num_classes: int = 10, width: int = 64, in_channels: int = 3)
     return CifarResNet((2, 2, 2, 2), num_classes=num_classes, width=int(width), in_channels=in_channels)
 
 
+class _Attention(nn.Module):
+    """Multi-head self-attention with one ``qkv`` and one ``proj`` linear layer."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.dim = heads, dim // heads, dim
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Shapes are read from x (never unpacked into Python ints), so torch.fx traces this and
+        # torch.export keeps the batch dimension symbolic.
+        qkv = self.qkv(x).reshape(x.shape[0], -1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(x.shape[0], -1, self.dim))
+
+
+class _Mlp(nn.Module):
+    """``fc2(act(fc1(x)))`` with the GELU as a module: one activation site per block."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = _Mlp(dim, mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class DigitsViT(nn.Module):
+    """A small Vision Transformer for small images (the digits ViT of ``--model digits_vit``).
+
+    Conv patch embedding (kernel = stride = ``patch``), a class token and learned position
+    embeddings, ``depth`` pre-norm blocks (multi-head attention, then an MLP
+    ``fc1 -> GELU -> fc2``), a final LayerNorm and a linear head on the class token. Its
+    ``depth`` GELU sites are named ``blocks.<i>.mlp.act``; their producers are the ``fc1``
+    layers.
+
+    Args:
+        num_classes: classifier outputs.
+        in_channels: image channels.
+        image_size: side of the square input images; must be divisible by ``patch``.
+        patch: patch side.
+        dim: embedding width; must be divisible by ``heads``.
+        depth: number of transformer blocks.
+        heads: attention heads.
+        mlp: hidden width of each MLP.
+
+    Example:
+        >>> net = DigitsViT(10, in_channels=1, image_size=16, patch=4, dim=32, depth=2, heads=4, mlp=64)
+        >>> net(torch.zeros(3, 1, 16, 16)).shape
+        torch.Size([3, 10])
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 16, patch: int = 4,
+                 dim: int = 64, depth: int = 6, heads: int = 4, mlp: int = 256) -> None:
+        super().__init__()
+        tokens = (image_size // patch) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens + 1, dim))
+        self.blocks = nn.Sequential(*(_Block(dim, heads, mlp) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+def digits_vit(num_classes: int = 10, in_channels: int = 1, image_size: int = 16, patch: int = 4, dim: int = 64,
+               depth: int = 6, heads: int = 4, mlp: int = 256) -> DigitsViT:
+    """Build the digits ViT (``--model digits_vit``): 6 blocks of width 64, 17 tokens at 16x16.
+
+    Args:
+        num_classes: classifier outputs.
+        in_channels: image channels (1 for digits).
+        image_size: image side; divisible by ``patch``.
+        patch: patch side (4: a 16x16 digit is 16 patches plus the class token).
+        dim: embedding width; divisible by ``heads``.
+        depth: transformer blocks (one GELU site each).
+        heads: attention heads.
+        mlp: MLP hidden width.
+
+    Returns:
+        The model, randomly initialised.
+
+    Raises:
+        ModelError: a size that does not divide, or a non-positive size.
+
+    Example:
+        >>> net = digits_vit(10)
+        >>> sum(isinstance(m, torch.nn.GELU) for m in net.modules())
+        6
+        >>> net(torch.zeros(2, 1, 16, 16)).shape
+        torch.Size([2, 10])
+    """
+    sizes = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size, "patch": patch,
+             "dim": dim, "depth": depth, "heads": heads, "mlp": mlp}
+    bad = [k for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        raise ModelError(f"digits_vit: {', '.join(f'{k}={sizes[k]!r}' for k in bad)} must be positive integers")
+    if image_size % patch:
+        raise ModelError(f"digits_vit: image_size={image_size} is not divisible by patch={patch}; "
+                         "pick --image-size a multiple of the patch (16 for digits)")
+    if dim % heads:
+        raise ModelError(f"digits_vit: dim={dim} is not divisible by heads={heads}; pass e.g. --width 64")
+    return DigitsViT(num_classes, in_channels, image_size, patch, dim, depth, heads, mlp)
+
+
 def _torchvision_names() -> list[str]:
     try:
         import torchvision.models as tvm
@@ -156,11 +298,11 @@ def resolve_model_name(name: str) -> tuple[str, str]:
     """Say which source builds ``name``.
 
     Args:
-        name: ``cifar_resnet18``, a torchvision classification model name, ``timm:<name>``,
-            or a bare timm model name.
+        name: ``cifar_resnet18``, ``digits_vit``, a torchvision classification model name,
+            ``timm:<name>``, or a bare timm model name.
 
     Returns:
-        ``(source, name)`` with source ``"cifar"``, ``"torchvision"`` or ``"timm"`` and the
+        ``(source, name)`` with source ``"cifar"``, ``"vit"``, ``"torchvision"`` or ``"timm"`` and the
         name without its ``timm:`` prefix.
 
     Raises:
@@ -174,6 +316,8 @@ def resolve_model_name(name: str) -> tuple[str, str]:
         raise ModelError(f"model name must be a non-empty string, got {name!r}")
     if name in CIFAR_NAMES:
         return "cifar", "cifar_resnet18"
+    if name in VIT_NAMES:
+        return "vit", "digits_vit"
     if name.startswith("timm:"):
         bare = name[len("timm:"):]
         timm = _import_timm(name)
@@ -189,7 +333,7 @@ def resolve_model_name(name: str) -> tuple[str, str]:
     if timm is not None and timm.is_model(name):
         return "timm", name
     raise ModelError(
-        f"unknown model {name!r}: use cifar_resnet18, a torchvision classification model name "
+        f"unknown model {name!r}: use cifar_resnet18, digits_vit, a torchvision classification model name "
         "(torchvision.models.list_models()) or timm:<name>"
     )
 
@@ -223,14 +367,17 @@ def model_in_channels(name: str, data_channels: int) -> int:
     return 3 if source == "torchvision" else data_channels
 
 
-def build_model(name: str, num_classes: int, *, in_channels: int = 3, width: int = 64) -> nn.Module:
+def build_model(name: str, num_classes: int, *, in_channels: int = 3, width: int = 64,
+                image_size: int = 16) -> nn.Module:
     """Build a classification model with random weights.
 
     Args:
         name: see :func:`resolve_model_name`.
         num_classes: classifier outputs.
         in_channels: input channels (torchvision models always take 3).
-        width: first-stage width of ``cifar_resnet18`` (ignored by the other sources).
+        width: first-stage width of ``cifar_resnet18``, embedding width of ``digits_vit``
+            (ignored by the other sources).
+        image_size: input image side, used by ``digits_vit`` (its position embeddings).
 
     Returns:
         The model in training mode on the CPU.
@@ -247,6 +394,8 @@ def build_model(name: str, num_classes: int, *, in_channels: int = 3, width: int
     source, bare = resolve_model_name(name)
     if source == "cifar":
         return cifar_resnet18(num_classes, width=width, in_channels=in_channels)
+    if source == "vit":
+        return digits_vit(num_classes, in_channels=in_channels, image_size=image_size, dim=width)
     if source == "torchvision":
         if in_channels != 3:
             raise ModelError(

@@ -129,6 +129,10 @@ def _pct(x: float | None) -> str:
 def round_table(rounds: Sequence[dict]) -> str:
     """The per-round table: round, sparsity, accuracy, zero-entropy sites, time.
 
+    When the records carry them, extra columns follow: ``val acc`` (accuracy on the validation
+    split held out from the training data), ``removed`` (EASIER: activation sites removed so
+    far) and ``batches`` (entropy measurement batches used, with ``--measure auto``).
+
     Args:
         rounds: the ``rounds`` list of report.json.
 
@@ -141,11 +145,23 @@ def round_table(rounds: Sequence[dict]) -> str:
         round  sparsity  accuracy  zero-H sites     time
             0      0.0%     99.0%          0/17    12.0s
     """
-    lines = [f"{'round':>5}  {'sparsity':>8}  {'accuracy':>8}  {'zero-H sites':>12}  {'time':>7}"]
+    val = any(r.get("val_accuracy") is not None for r in rounds)
+    removed = any("n_removed" in r for r in rounds)
+    batches = any(r.get("measure_stopped_early") is not None for r in rounds)
+    head = f"{'round':>5}  {'sparsity':>8}  {'accuracy':>8}  {'zero-H sites':>12}  {'time':>7}"
+    head += f"  {'val acc':>7}" * val + f"  {'removed':>7}" * removed + f"  {'batches':>7}" * batches
+    lines = [head]
     for r in rounds:
         zero = f"{r.get('n_zero', 0)}/{r.get('n_sites', 0)}"
-        lines.append(f"{r['round']:>5}  {_pct(r.get('sparsity')):>8}  {_pct(r.get('accuracy')):>8}  "
-                     f"{zero:>12}  {r.get('seconds', 0.0):>6.1f}s")
+        line = (f"{r['round']:>5}  {_pct(r.get('sparsity')):>8}  {_pct(r.get('accuracy')):>8}  "
+                f"{zero:>12}  {r.get('seconds', 0.0):>6.1f}s")
+        if val:
+            line += f"  {_pct(r.get('val_accuracy')):>7}"
+        if removed:
+            line += f"  {r.get('n_removed', 0):>7}"
+        if batches:
+            line += f"  {'-' if r.get('measure_batches') is None else r['measure_batches']:>7}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -171,20 +187,66 @@ def summary_text(report: dict) -> str:
     if s.get("acc_collapsed") is not None:
         acc += f" -> collapsed {_pct(s.get('acc_collapsed'))}"
     lines.append(acc)
-    lines.append(f"sparsity: {_pct(s.get('sparsity'))} of prunable weights; zero-entropy sites "
-                 f"{s.get('zero_sites', '-')}/{s.get('sites_before', '-')}")
+    if s.get("val_acc_dense") is not None:
+        lines.append(f"validation (held out from training): dense {_pct(s.get('val_acc_dense'))} -> "
+                     f"pruned {_pct(s.get('val_acc_pruned'))}")
+    if cfg.get("method") == "easier" and "best_round" in s:
+        lines.append(f"easier: kept step {s['best_round']} with {len(s.get('easier_removed') or [])} sites "
+                     f"removed (max drop {100 * cfg.get('max_drop', 0):g} pt); stopped: {s.get('stopped')}")
+    else:
+        lines.append(f"sparsity: {_pct(s.get('sparsity'))} of prunable weights; zero-entropy sites "
+                     f"{s.get('zero_sites', '-')}/{s.get('sites_before', '-')}")
     if s.get("sites_after") is not None:
         lines.append(f"sites: {s.get('sites_before')} -> {s.get('sites_after')}; depth (weight layers on the "
                      f"longest path): {s.get('depth_before', '-')} -> {s.get('depth_after', '-')}")
-    if s.get("latency_pruned_ms") is not None:
-        lat = f"latency (batch {s.get('latency_batch')}, {s.get('device', '?')}): pruned " \
-              f"{s['latency_pruned_ms']:.2f} ms"
-        if s.get("latency_collapsed_ms") is not None:
-            lat += f" -> collapsed {s['latency_collapsed_ms']:.2f} ms"
+    lines.extend(_evidence_lines(s))
+    if s.get("acc_fold_after") is not None:
+        lines.append(f"fold-finetune ({cfg.get('fold_epochs', '?')} epochs on the collapsed model): "
+                     f"{_pct(s.get('acc_fold_before'))} -> {_pct(s.get('acc_fold_after'))}")
+    for key, bs in (("", s.get("latency_batch")), ("_b1", 1)):
+        if s.get(f"latency{key}_pruned_ms") is None or (key and s.get("latency_batch") == 1):
+            continue
+        lat = f"latency (batch {bs}, {s.get('device', '?')}"
+        if s.get(f"latency{key}_rounds"):
+            lat += f", interleaved x{s[f'latency{key}_rounds']}"
+        lat += f"): pruned {s[f'latency{key}_pruned_ms']:.2f} ms"
+        if s.get(f"latency{key}_collapsed_ms") is not None:
+            lat += f" -> collapsed {s[f'latency{key}_collapsed_ms']:.2f} ms"
+        sp, iqr = s.get(f"latency{key}_speedup"), s.get(f"latency{key}_speedup_iqr")
+        if sp is not None:
+            lat += f", {sp:.2f}x" + (f" (IQR {iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
+            if s.get(f"latency{key}_inside_noise"):
+                lat += ": inside the noise, no measurable difference"
         lines.append(lat)
     if s.get("wall_seconds") is not None:
         lines.append(f"wall time: {s['wall_seconds']:.1f} s")
     return "\n".join(lines)
+
+
+def _evidence_lines(s: dict) -> list[str]:
+    """How sure the collapse was: flip bounds of the collapsed sites, held-out flips, weak sites."""
+    rows = s.get("evidence") or []
+    out = []
+    bounds = [r["flip_bound"] for r in rows if r.get("flip_bound") is not None]
+    if rows:
+        line = f"evidence: {len(rows)} collapsed site(s)"
+        if bounds:
+            n = min(r["samples"] for r in rows if r.get("samples") is not None)
+            line += (f", flip bound <= {100 * max(bounds):.2g}% at {100 * s.get('confidence', 0.95):g}% "
+                     f"confidence (>= {n} samples)")
+        held = [r for r in rows if r.get("held_out_samples")]
+        if held:
+            flipped = sum(r.get("held_out_flipped") or 0 for r in held)
+            worst = max(r.get("held_out_flip_rate") or 0.0 for r in held)
+            line += (f"; held-out check: {flipped} flipped sample(s) over {held[0]['held_out_samples']} "
+                     f"(worst site {100 * worst:.2g}%)")
+        out.append(line)
+    weak = s.get("left_weak") or []
+    if weak:
+        out.append(f"left in place for weak evidence (max flip {100 * s.get('max_flip', 0.01):g}%): "
+                   + "; ".join(f"{w['site']}: {w['reason']}" for w in weak[:3])
+                   + (f"; and {len(weak) - 3} more" if len(weak) > 3 else ""))
+    return out
 
 
 def _label(run: dict) -> str:
