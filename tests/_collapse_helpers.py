@@ -42,3 +42,67 @@ def force(model, x, plan, margin=10.0):
             mod.bias += sign * (2.0 * box["max"] + margin)
         names.append(name)
     return names
+
+
+def remove_sites(model, stats, names, how="identity"):
+    """Replace activation *modules* (called once) by what EASIER leaves behind, in place.
+
+    ``how="identity"``: ``y = z`` on every channel; ``"majority"``: identity where the neuron was
+    ON at least half the time, zero otherwise. Independent of ``egp_fast.linearize`` so the
+    collapse tests do not depend on it; the ChannelAffine is built the same way.
+    """
+    from egp_fast.collapse_affine import ChannelAffine
+
+    for name in names:
+        st = stats.sites[name]
+        c = int(st.piece.numel())
+        scale = torch.ones(c) if how == "identity" else (st.p_on >= 0.5).float()
+        parent, _, attr = name.rpartition(".")
+        ref = next(model.parameters())
+        aff = ChannelAffine(scale.to(ref), torch.zeros(c).to(ref), st.channel_dim, False, name)
+        aff.how = how
+        setattr(model.get_submodule(parent) if parent else model, attr, aff)
+    return model
+
+
+class Conv1D(torch.nn.Module):
+    """Same semantics as transformers' ``Conv1D`` (GPT-2): weight ``[in, out]``, ``y = x W + b``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf) * 0.05)
+        self.bias = torch.nn.Parameter(torch.randn(nf) * 0.05)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+class GPT2MLPBlock(torch.nn.Module):
+    """GPT-2's block MLP with its residual: ``x + c_proj(act(c_fc(ln(x))))``."""
+
+    def __init__(self, d=16, h=64, act=None):
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(d)
+        self.c_fc = Conv1D(h, d)
+        self.act = act if act is not None else torch.nn.GELU(approximate="tanh")
+        self.c_proj = Conv1D(d, h)
+
+    def forward(self, x):
+        return x + self.c_proj(self.act(self.c_fc(self.ln(x))))
+
+
+class ViTBlock(torch.nn.Module):
+    """A pre-norm transformer MLP block: ``x + fc2(gelu(fc1(ln(x))))``."""
+
+    def __init__(self, d=32, h=128):
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(d)
+        self.fc1 = torch.nn.Linear(d, h)
+        self.act = torch.nn.GELU()
+        self.fc2 = torch.nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.ln(x))))

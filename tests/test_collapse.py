@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _collapse_helpers import force
+from _collapse_helpers import Conv1D, GPT2MLPBlock, ViTBlock, force, remove_sites
 from torch import nn
 
 import egp_fast
@@ -153,7 +153,7 @@ def test_input_model_not_modified():
         net[1].bias += 100.0
     x = torch.randn(2, 3, 6, 6)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    y = net(x)
+    y = net(x).detach()
     collapse(net, _stats(net, x), x, measure_latency=False, max_flip=1.0)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert isinstance(net[2], nn.ReLU) and torch.equal(net(x), y)
@@ -343,7 +343,7 @@ def test_linearize_module_called_twice():
         net.layer1[0].bn1.bias += 100.0
     st = _stats(net, x)
     assert "layer1.0.relu" in st.zero_entropy_sites() and "layer1.0.relu:1" not in st.zero_entropy_sites()
-    y = net(x)
+    y = net(x).detach()
     params = {id(p) for p in net.parameters()}
     done = linearize(net, st, sites=["layer1.0.relu"])
     assert done == ["layer1.0.relu"]
@@ -375,7 +375,7 @@ def test_linearize_single_module_and_functional():
     x = torch.randn(16, 4)
     st = _stats(net, x)
     assert set(st.zero_entropy_sites()) == {"body.1", "relu"}
-    y = net(x)
+    y = net(x).detach()
     with pytest.warns(UserWarning, match="root module"):
         done = linearize(net, st)
     assert done == ["body.1"] and isinstance(net.body[1], ChannelAffine)
@@ -399,3 +399,123 @@ def test_linearize_stats_validation():
 def test_public_exports():
     assert egp_fast.collapse is collapse and egp_fast.linearize is linearize
     assert egp_fast.CollapseResult.__name__ == "CollapseResult"
+
+
+# ---------------------------------------------------------------------------- EASIER: removed sites fold
+
+
+def test_vit_block_identity_gelu_folds_mlp_into_one_linear_exactly():
+    torch.manual_seed(0)
+    net = nn.Sequential(ViTBlock(), ViTBlock(), nn.Linear(32, 4))
+    x = torch.randn(4, 17, 32)
+    st = _stats(net, x)
+    remove_sites(net, st, ["0.act", "1.act"])
+    y = net(x).detach()
+    out = collapse(net, st, x, measure_latency=False, sites=[])  # fold="auto", exact=True
+    assert _kinds(out).count("compose_linear") == 2 and out.exact
+    lin = [e for e in out.removed if e["kind"] == "linearize"]
+    assert [e["site"] for e in lin] == ["0.act", "1.act"]
+    assert all(e["how"] == "identity" and e["linearization_exact"] is False for e in lin)
+    assert _rel(y, out.model(x)) <= 1e-4 and out.relative_deviation <= 1e-4
+    # Each MLP (32 -> 128 -> 32) is now one 32 -> 32 linear: FLOPs and depth fall.
+    assert out.after["longest_path"] == out.before["longest_path"] - 2
+    assert out.after["flops"] < out.before["flops"] / 4
+    mods = dict(out.model.named_modules())
+    assert not any(isinstance(m, nn.GELU) for m in mods.values())
+
+
+def test_gpt2_conv1d_mlp_folds_like_linear():
+    torch.manual_seed(0)
+    block = GPT2MLPBlock()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        block.c_fc.bias += 100.0  # every GELU unit far in its linear piece
+    st = _stats(block, x)
+    assert st.zero_entropy_sites() == ["act"]
+    out = collapse(block, st, x, measure_latency=False, max_flip=1.0)
+    assert out.removed_sites == ["act"] and "compose_linear" in _kinds(out)
+    assert _rel(block(x), out.model(x)) <= 1e-4
+    linears = [m for m in out.model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 1 and linears[0].weight.shape == (16, 16)
+    assert not any(isinstance(m, Conv1D) for m in out.model.modules())
+    # Identity linearisation (EASIER) of the same block folds the same way, exactly.
+    plain = GPT2MLPBlock()
+    st = _stats(plain, x)
+    remove_sites(plain, st, ["act"])
+    folded = collapse(plain, st, x, measure_latency=False, sites=[])
+    assert "compose_linear" in _kinds(folded) and folded.exact
+    assert _rel(plain(x), folded.model(x)) <= 1e-4
+
+
+def test_majority_linearisation_drops_dead_channels():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    x = torch.randn(64, 6)
+    with torch.no_grad():
+        net[0].bias[:6] -= 3.0  # half the units mostly OFF
+    st = _stats(net, x)
+    remove_sites(net, st, ["1"], how="majority")
+    y = net(x).detach()
+    out = collapse(net, st, x, measure_latency=False, sites=[], fold="never")
+    assert "dead_channels" in _kinds(out) and out.after["params"] < out.before["params"]
+    assert _rel(y, out.model(x)) <= 1e-5
+    assert collapse(net, st, x, measure_latency=False, sites=[]).after["longest_path"] == 1
+
+
+def test_conv1d_lookalike_with_other_semantics_is_not_converted():
+    class Conv1D(nn.Module):  # same name, weight used as [out, in]: not transformers' layer
+        def __init__(self):
+            super().__init__()
+            self.nf = 4
+            self.weight = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return x @ self.weight.t()
+
+    from egp_fast.collapse import _is_conv1d
+
+    assert not _is_conv1d(Conv1D())
+    assert _is_conv1d(GPT2MLPBlock().c_fc)
+
+
+def test_untraceable_conv1d_model_swaps_sites_and_says_why():
+    class Gpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = GPT2MLPBlock()
+
+        def forward(self, x):
+            if x.sum() > 1e9:  # data-dependent control flow: fx cannot trace it
+                return x
+            return self.block(x)
+
+    net = Gpt()
+    with torch.no_grad():
+        net.block.c_fc.bias += 100.0
+    x = torch.randn(2, 5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st = _stats(net, x)
+        out = collapse(net, st, x, measure_latency=False, max_flip=1.0)
+    assert out.removed_sites == ["block.act"]
+    assert any("nothing folded" in e["reason"] for e in out.left)
+    assert _rel(net(x), out.model(x)) <= 1e-4
+
+
+def test_cifar_block_both_relus_identity():
+    torch.manual_seed(0)
+    block = BasicBlock(8, 8).eval()
+    x = torch.randn(2, 8, 6, 6)
+    st = _stats(block, x)
+    remove_sites(block, st, ["relu1", "relu2"])
+    y = block(x).detach()
+    ex = collapse(block, st, x, measure_latency=False, sites=[], exact=True, fold="always")
+    assert ex.exact and "compose_conv" not in _kinds(ex) and _rel(y, ex.model(x)) <= 1e-5
+    assert any("zero-padded" in e["reason"] for e in ex.left)
+    approx = collapse(block, st, x, measure_latency=False, sites=[], exact=False, fold="always")
+    # conv2 . conv1 -> one 5x5 conv, and the identity shortcut embedded in it: one layer left.
+    assert {"compose_conv", "residual_identity"} <= set(_kinds(approx))
+    assert approx.after["weight_layers"] == 1 and not approx.exact
+    dev = (y - approx.model(x)).abs()
+    assert approx.max_deviation == pytest.approx(float(dev.max()), rel=1e-4)
+    assert float(dev[..., 2:-2, 2:-2].max()) <= 1e-4 * float(y.abs().max())  # exact off the border

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from _collapse_helpers import force
+from _collapse_helpers import force, remove_sites
 
 from egp_fast.collapse import collapse
 from egp_fast.models import cifar_resnet18
@@ -109,3 +109,57 @@ def test_cifar_resnet18_inexact_collapse_is_shallower(k):
     with torch.no_grad():
         dev = float((model(x) - out.model(x)).abs().max())
     assert out.max_deviation == pytest.approx(dev, rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- EASIER: removed sites fold
+
+
+def test_cifar_resnet18_all_relus_identity_folds():
+    # EASIER's end state on the digits ResNet: every ReLU replaced by the identity.
+    torch.manual_seed(0)
+    model = cifar_resnet18(10, width=16).eval()
+    x = torch.randn(2, 3, 16, 16)
+    stats = measure_entropy(model, [x], progress=False)
+    assert len(stats.sites) == 17
+    remove_sites(model, stats, list(stats.sites))
+    with torch.no_grad():
+        y = model(x)
+    ex = collapse(model, stats, x, exact=True, measure_latency=False, sites=[])
+    assert ex.exact and ex.after["sites"] == 0 and ex.relative_deviation <= 1e-4
+    assert len(ex.removed_sites) == 17
+    assert "compose_conv" not in [e["kind"] for e in ex.removed]  # every 3x3 pair is zero-padded
+    auto = collapse(model, stats, x, exact=False, fold="auto", measure_latency=False, sites=[])
+    assert auto.after["flops"] <= auto.before["flops"]  # 5x5 merges cost more: refused by cost
+    assert any("fold='auto'" in e["reason"] for e in auto.left)
+    always = collapse(model, stats, x, exact=False, fold="always", measure_latency=False, sites=[])
+    kinds = [e["kind"] for e in always.removed]
+    assert kinds.count("residual_identity") + kinds.count("residual_parallel") == 8
+    # The blocks' merged convs compose across the removed ReLUs too: stem .. last block, then fc.
+    assert always.after["longest_path"] == 2 < always.before["longest_path"] == 18
+    assert not always.exact
+    with torch.no_grad():
+        dev = float((y - always.model(x)).abs().max())
+    assert always.max_deviation == pytest.approx(dev, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["swin_t", pytest.param("vit_b_16", marks=pytest.mark.slow)])
+def test_torchvision_transformer_mlps_identity_fold_exactly(name):
+    build, shape, _ = CASES[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    if name == "vit_b_16":
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # zero-initialised by torchvision
+    x = torch.randn(*shape)
+    stats = measure_entropy(model, [x], progress=False)
+    mlp = [s for s in stats.sites if ".mlp." in s]
+    assert mlp and len(mlp) == len(stats.sites)
+    remove_sites(model, stats, mlp)
+    with torch.no_grad():
+        y = model(x)
+    out = collapse(model, stats, x, measure_latency=False, sites=[])  # exact=True, fold="auto"
+    kinds = [e["kind"] for e in out.removed]
+    assert kinds.count("compose_linear") == len(mlp) and out.exact
+    assert out.after["sites"] == 0 and out.after["flops"] < out.before["flops"]
+    assert out.after["longest_path"] == out.before["longest_path"] - len(mlp)
+    with torch.no_grad():
+        assert _rel(y, out.model(x)) <= 1e-4
