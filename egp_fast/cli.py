@@ -104,7 +104,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "(GELU/SiLU sites, padded conv compositions)")
     g.add_argument("--fold-epochs", type=int, default=S, help="after collapse, fine-tune the collapsed model "
                    "itself this many epochs and report accuracy before and after (default 0)")
-    g.add_argument("--fold-lr", type=float, default=S, help="learning rate of --fold-epochs (default: --lr)")
+    g.add_argument("--fold-lr", type=float, default=S, help="learning rate of --fold-epochs (default: --lr / 10; "
+                   "the folded model has no BatchNorm left)")
     g = p.add_argument_group("training")
     g.add_argument("--dense-epochs", type=int, default=S, help="dense training epochs before pruning "
                    "(default 15; 0 with --weights)")
@@ -290,7 +291,9 @@ def _resolve_derived(cfg: dict) -> dict:
         if cfg[key] is None:
             cfg[key] = value
     if cfg["fold_lr"] is None:
-        cfg["fold_lr"] = cfg["lr"]
+        # The collapsed model has no BatchNorm left (folded into the convs), so it takes smaller
+        # steps than the masked model did.
+        cfg["fold_lr"] = cfg["lr"] / 10
     if cfg["width"] is None:
         # cifar_resnet18: first-stage width; digits_vit: embedding width (64, its default).
         vit = cfg["model"] in ("digits_vit", "vit_digits")

@@ -183,13 +183,14 @@ def summary_text(report: dict) -> str:
     if cfg.get("model") == "cifar_resnet18":
         head += f" (width {cfg.get('width')})"
     lines = [head]
-    acc = f"accuracy: dense {_pct(s.get('acc_dense'))} -> pruned {_pct(s.get('acc_pruned'))}"
+    after = "sites removed" if cfg.get("method") == "easier" else "pruned"
+    acc = f"accuracy: dense {_pct(s.get('acc_dense'))} -> {after} {_pct(s.get('acc_pruned'))}"
     if s.get("acc_collapsed") is not None:
         acc += f" -> collapsed {_pct(s.get('acc_collapsed'))}"
     lines.append(acc)
     if s.get("val_acc_dense") is not None:
         lines.append(f"validation (held out from training): dense {_pct(s.get('val_acc_dense'))} -> "
-                     f"pruned {_pct(s.get('val_acc_pruned'))}")
+                     f"{after} {_pct(s.get('val_acc_pruned'))}")
     if cfg.get("method") == "easier" and "best_round" in s:
         lines.append(f"easier: kept step {s['best_round']} with {len(s.get('easier_removed') or [])} sites "
                      f"removed (max drop {100 * cfg.get('max_drop', 0):g} pt); stopped: {s.get('stopped')}")
@@ -225,8 +226,12 @@ def summary_text(report: dict) -> str:
 
 def _evidence_lines(s: dict) -> list[str]:
     """How sure the collapse was: flip bounds of the collapsed sites, held-out flips, weak sites."""
-    rows = s.get("evidence") or []
+    rows = [r for r in s.get("evidence") or [] if r.get("samples") is not None]
     out = []
+    earlier = len(s.get("evidence") or []) - len(rows)
+    if earlier:
+        out.append(f"folded: {earlier} site(s) removed earlier by the method (identity/majority maps: no "
+                   "zero-entropy evidence needed)")
     bounds = [r["flip_bound"] for r in rows if r.get("flip_bound") is not None]
     if rows:
         line = f"evidence: {len(rows)} collapsed site(s)"

@@ -506,7 +506,9 @@ class Run:
         ev = evaluate(cmodel, self.test_loader, device=self.device, amp=cfg["amp"], progress=self.show,
                       desc="eval collapsed", dist=self.info)
         b, a = res.before, res.after
-        summary = {"acc_collapsed": ev["acc"], "sites_before": b.get("sites"), "sites_after": a.get("sites"),
+        # sites_before stays the original model's count (EASIER has already removed some sites
+        # from the model collapse sees); the collapse's own before/after are in report["collapse"].
+        summary = {"acc_collapsed": ev["acc"], "sites_after": a.get("sites"),
                    "depth_before": b.get("longest_path"), "depth_after": a.get("longest_path"),
                    "params_before": b.get("params"), "params_after": a.get("params"),
                    "flops_before": b.get("flops"), "flops_after": a.get("flops"),
