@@ -11,6 +11,13 @@ Groups (provider ``reference`` is the baseline of every group, measured in the s
   table); the one-time trace is recorded in ``extra_info["trace_s"]``.
 * ``e2e_measure_overhead``: ``egp_fast.measure_entropy`` versus a plain ``no_grad`` forward over
   the same batches (resnet18, batch 64, 32x32): the price of measuring.
+* ``e2e_measure_calls``: issue 11's bars, side by side (interleaved): a *first*
+  ``measure_entropy`` call on a model (site discovery included; a fresh copy each time) and a
+  *repeated* call (discovery cached) versus four plain ``no_grad`` forwards of the same
+  4 batches of 64 (resnet18, 32x32). Targets: <= 1.15x and <= 1.05x.
+* ``e2e_track_step``: a CPU resnet18 training step (forward, backward, SGD step; batch 32,
+  32x32) inside ``egp_fast.stats.track_entropy`` versus the same step without it,
+  interleaved. Target: <= 1.03x.
 * ``e2e_global_prune``: one global magnitude pruning step (half of resnet50's Conv/Linear
   weights) with ``egp_fast.ops.global_smallest`` + mask update versus
   ``torch.nn.utils.prune.global_unstructured(..., L1Unstructured, amount=0.5)`` (the op-level
@@ -37,6 +44,7 @@ from torch.nn.utils import prune as torch_prune
 import egp_fast
 from egp_fast import masks as egp_masks
 from egp_fast import ops
+from egp_fast.stats import track_entropy
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA_DEVICE else [])
 
@@ -234,6 +242,108 @@ def _paired_overhead(model, batches, graph, device: str, pairs: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# First and repeated measurement calls; training-time tracking.
+
+
+def _timed(fn, device: str, clock=time.perf_counter) -> float:
+    sync(device)
+    t0 = clock()
+    fn()
+    sync(device)
+    return clock() - t0
+
+
+def measure_call_ratios(
+    device: str = "cpu", pairs: int = 7, batch: int = 64, count: int = 4, clock=time.perf_counter
+) -> dict:
+    """First-call and repeated-call ``measure_entropy`` time over four plain forwards.
+
+    Each pair times, in alternating order, the plain forwards, a first call on a fresh copy
+    of the model (copied outside the timed region) and a repeated call on a model measured
+    before. Returns the median ratios, their min/max and the median plain time.
+    """
+    model = _base("resnet18", device)
+    batches = _batches(batch, count, device)
+    warm = copy.deepcopy(model)
+    egp_fast.measure_entropy(warm, batches, progress=False)  # discovery cached for `warm`
+
+    def plain():
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+
+    first_r, again_r, plain_t = [], [], []
+    for i in range(pairs):
+        fresh = copy.deepcopy(model)
+        order = [("plain", plain), ("first", lambda: egp_fast.measure_entropy(fresh, batches, progress=False)),
+                 ("again", lambda: egp_fast.measure_entropy(warm, batches, progress=False))]
+        if i % 2:
+            order.reverse()
+        t = {name: _timed(fn, device, clock) for name, fn in order}
+        first_r.append(t["first"] / t["plain"])
+        again_r.append(t["again"] / t["plain"])
+        plain_t.append(t["plain"])
+
+    def med(v):
+        return sorted(v)[len(v) // 2]
+
+    return {
+        "first_ratio": med(first_r), "first_min": min(first_r), "first_max": max(first_r),
+        "repeat_ratio": med(again_r), "repeat_min": min(again_r), "repeat_max": max(again_r),
+        "plain_s": med(plain_t), "pairs": pairs, "batches": count, "batch": batch,
+    }
+
+
+def track_step_ratio(
+    device: str = "cpu", pairs: int = 9, steps: int = 3, batch: int = 32, clock=time.perf_counter
+) -> dict:
+    """A resnet18 training step with ``track_entropy`` counting over one without, interleaved."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    xs = _batches(batch, steps, device)
+    ys = [torch.randint(0, 10, (batch,), device=device) for _ in range(steps)]
+    graph = egp_fast.discover_sites(model, xs[0][:2])
+
+    def train():
+        for x, y in zip(xs, ys):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    def tracked():
+        with track_entropy(model, graph=graph) as tracker:
+            train()
+        assert tracker.batches == steps
+
+    train()
+    tracked()  # warm both paths
+    ratios = []
+    for i in range(pairs):
+        if i % 2:
+            t_t, t_p = _timed(tracked, device, clock), _timed(train, device, clock)
+        else:
+            t_p, t_t = _timed(train, device, clock), _timed(tracked, device, clock)
+        ratios.append(t_t / t_p)
+    ratios.sort()
+    return {"track_ratio": ratios[len(ratios) // 2], "track_min": ratios[0], "track_max": ratios[-1],
+            "pairs": pairs, "steps": steps, "batch": batch}
+
+
+@pytest.mark.benchmark(group="e2e_measure_calls")
+@pytest.mark.parametrize("device", DEVICES)
+def test_measure_first_and_repeated_call(benchmark, device):
+    info = benchmark.pedantic(lambda: measure_call_ratios(device), rounds=1, iterations=1)
+    benchmark.extra_info.update(_env(device), arch="resnet18", input=[64, 3, 32, 32], **info)
+
+
+@pytest.mark.benchmark(group="e2e_track_step")
+def test_track_entropy_training_step(benchmark):
+    info = benchmark.pedantic(lambda: track_step_ratio("cpu"), rounds=1, iterations=1)
+    benchmark.extra_info.update(_env("cpu"), arch="resnet18", input=[32, 3, 32, 32], **info)
+
+
+# --------------------------------------------------------------------------------------------
 # Global magnitude pruning.
 
 
@@ -294,3 +404,26 @@ def test_global_prune(benchmark, provider, arch, device):
         elements_per_s=total / _median(benchmark),
     )
     restore()
+
+
+if __name__ == "__main__":  # quick side-by-side figures without pytest-benchmark
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--what", choices=["measure", "track", "both"], default="both")
+    ap.add_argument("--pairs", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with process CPU time instead of wall time (steadier on a loaded machine)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = "cuda" if HAS_CUDA_DEVICE else "cpu"
+    clk = time.process_time if a.cpu_time else time.perf_counter
+    out = {"device": _device_name(dev), "clock": clk.__name__}
+    if a.what in ("measure", "both"):
+        out["measure"] = measure_call_ratios(dev, pairs=a.pairs, clock=clk)
+    if a.what in ("track", "both"):
+        out["track"] = track_step_ratio(dev, pairs=a.pairs, clock=clk)
+    print(json.dumps(out, indent=1))
