@@ -357,6 +357,30 @@ class _Tracer(fx.Tracer):
         self._opaque = opaque
         self._fixed = fixed or {}
         self.output_types: list[type] = []
+        self.object_paths: dict[int, str] = {}
+        self.input_meta: dict[str, dict[str, Any]] | None = None
+
+    def create_arg(self, a: Any) -> Any:
+        # A library object the model holds (a transformers config) passed to a wrapped call: read
+        # it from the module at run time. fx would rebuild it from its public fields and lose the
+        # private ones (the config's attention implementation, which the mask builders read).
+        path = self.object_paths.get(id(a)) if self.object_paths else None
+        if path is not None:
+            return self.create_node("get_attr", path, (), {})
+        return super().create_arg(a)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        meta = self.input_meta.get(node.target) if node.op == "placeholder" and self.input_meta else None
+        return _InputProxy(node, self, meta) if meta is not None else fx.Proxy(node, self)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        out = super().getattr(attr, attr_val, parameter_proxy_cache)
+        if self.input_meta is not None and isinstance(out, fx.Proxy) and isinstance(attr_val, torch.Tensor):
+            # A parameter's dtype, device and shape are fixed: let the model's code read them.
+            meta = {"dtype": attr_val.dtype, "device": attr_val.device, "ndim": attr_val.dim(),
+                    "shape": attr_val.shape}
+            return _InputProxy(out.node, self, meta)
+        return out
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if _module_kind(m) is not None or isinstance(m, WEIGHT_TYPES) or m in self._opaque:
@@ -367,6 +391,27 @@ class _Tracer(fx.Tracer):
         if self._input_names is not None:
             root_fn = _explicit_forward(root_fn, self._input_names, self._fixed, self.output_types)
         return super().create_args_for_root(root_fn, is_module, concrete_args)
+
+
+class _InputProxy(fx.Proxy):
+    """An input whose dtype, device and number of dims are known from the example inputs.
+
+    Models check ``pixel_values.dtype`` against their weights' before casting (ViT); those
+    facts do not change between batches of one loader, so the trace may use them.
+    """
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, meta: dict[str, Any]) -> None:
+        super().__init__(node, tracer)
+        self._egp_meta = meta
+
+    def __getattr__(self, k: str) -> Any:
+        meta = self.__dict__.get("_egp_meta")
+        if meta is not None and k in meta:
+            return meta[k]
+        return super().__getattr__(k)
+
+    def dim(self) -> int:
+        return self._egp_meta["ndim"]
 
 
 def _explicit_forward(fn: Any, names: list[str], fixed: dict[str, Any], seen: list[type]) -> Any:
@@ -411,6 +456,18 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
 
 
+def _named_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    if example_inputs is None:
+        return {}
+    try:
+        args, kwargs = normalize_inputs(example_inputs)
+    except DataError:
+        return {}
+    names = _input_names(model, args, kwargs) or []
+    values = list(args) + [kwargs[k] for k in names[len(args):]]
+    return dict(zip(names, values))
+
+
 def _default_input_names(model: nn.Module) -> list[str]:
     main = getattr(model, "main_input_name", None)
     if isinstance(main, str):
@@ -433,7 +490,7 @@ def _hf_autowrap() -> tuple:
     return tuple(getattr(mu, n) for n in names if callable(getattr(mu, n, None)))
 
 
-def trace(model: nn.Module, input_names: list[str] | None = None) -> fx.GraphModule:
+def trace(model: nn.Module, input_names: list[str] | None = None, example_inputs: Any = None) -> fx.GraphModule:
     """Symbolically trace ``model`` with torch.fx, activation and weight modules kept as leaves.
 
     The result shares the model's submodules and parameters (no copy). Use it as the model
@@ -453,6 +510,9 @@ def trace(model: nn.Module, input_names: list[str] | None = None) -> fx.GraphMod
         input_names: the keyword inputs the traced module takes, for the second tracer
             (default: the model's ``main_input_name``, e.g. ``input_ids``, or its first
             positional argument). :func:`discover_sites` passes the keys of the example inputs.
+        example_inputs: optional batch (tensor, tuple or dict); the second tracer reads the
+            dtype, device and number of dims of each input from it (and nothing else: batch
+            size and sequence length stay free). Its keys give ``input_names`` when that is None.
 
     Returns:
         An ``fx.GraphModule`` computing the same function.
@@ -474,11 +534,11 @@ def trace(model: nn.Module, input_names: list[str] | None = None) -> fx.GraphMod
         graph = tracer.trace(model)
         return fx.GraphModule(tracer.root, graph, name)
     except Exception as first:
-        hf = _is_transformers_model(model)
+        hf = any(_is_transformers_model(m) for m in model.modules())
         if not (hf or input_names is not None or _root_takes_varargs(model)):
             raise
         try:
-            return _trace_opaque(model, input_names, activation_modules, hf)
+            return _trace_opaque(model, input_names, activation_modules, hf, _named_inputs(model, example_inputs))
         except Exception:
             raise first from None
 
@@ -495,10 +555,75 @@ def _failing_module(tb: Any) -> nn.Module | None:
     return found
 
 
+@contextlib.contextmanager
+def _wrap_calls(tracer: fx.Tracer, modules: set[nn.Module], functions: tuple) -> Iterator[None]:
+    """Inside the traced modules' source modules, make ``functions`` record one call node.
+
+    fx's own automatic wrapping looks at the globals of ``forward``, which for a decorated
+    ``transformers`` forward are the decorator's module, not the model's: patch the globals of
+    the undecorated functions instead (restored on exit).
+    """
+    if not functions:
+        yield
+        return
+    targets = {id(f): f for f in functions}
+
+    def wrapped(orig: Any) -> Any:
+        @functools.wraps(orig)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            leaves = list(args) + list(kwargs.values())
+            if any(isinstance(v, fx.Proxy) for v in leaves):
+                return tracer.create_proxy("call_function", orig, args, kwargs)
+            return orig(*args, **kwargs)
+
+        return call
+
+    patched: list[tuple[dict, str, Any]] = []
+    seen: set[int] = set()
+    try:
+        for m in modules:
+            fn = _inspect.unwrap(getattr(type(m), "forward", None) or (lambda: None))
+            g = getattr(fn, "__globals__", None)
+            if g is None or id(g) in seen:
+                continue
+            seen.add(id(g))
+            for k, v in list(g.items()):
+                if id(v) in targets:
+                    patched.append((g, k, v))
+                    g[k] = wrapped(v)
+        yield
+    finally:
+        for g, k, v in reversed(patched):
+            g[k] = v
+
+
+def _library_objects(model: nn.Module) -> dict[int, str]:
+    """id -> attribute path of the transformers objects (configs) the model's modules hold."""
+    paths: dict[int, str] = {}
+    for name, mod in model.named_modules():
+        for k, v in vars(mod).items():
+            if k.startswith("_") or isinstance(v, (nn.Module, torch.Tensor)):
+                continue
+            if type(v).__module__.startswith("transformers."):
+                paths.setdefault(id(v), f"{name}.{k}" if name else k)
+    return paths
+
+
 def _trace_opaque(
-    model: nn.Module, input_names: list[str] | None, activation_modules: list[nn.Module], hf: bool
+    model: nn.Module,
+    input_names: list[str] | None,
+    activation_modules: list[nn.Module],
+    hf: bool,
+    example_inputs: dict[str, Any] | None,
 ) -> fx.GraphModule:
-    names = list(input_names) if input_names is not None else _default_input_names(model)
+    if input_names is None and example_inputs:
+        input_names = list(example_inputs)
+    if input_names is not None:
+        names: list[str] | None = list(input_names)
+    elif _root_takes_varargs(model):
+        names = _default_input_names(model)
+    else:
+        names = None  # a plain signature (a GraphModule traced earlier): trace it as it is
     acts = set(activation_modules)
     # Modules on the way to an activation are traced through; every other one is a leaf.
     through: set[nn.Module] = set()
@@ -510,17 +635,24 @@ def _trace_opaque(
         params = _inspect.signature(type(model).forward).parameters
     except (TypeError, ValueError):
         params = {}
-    if hf and "use_cache" in params and "use_cache" not in names:
+    if hf and names is not None and "use_cache" in params and "use_cache" not in names:
         fixed["use_cache"] = False  # a KV cache object cannot flow through a graph
     autowrap = _hf_autowrap() if hf else ()
+    meta = {
+        k: {"dtype": v.dtype, "device": v.device, "ndim": v.dim()}
+        for k, v in (example_inputs or {}).items()
+        if isinstance(v, torch.Tensor)
+    }
     # Trace; when fx fails inside a submodule that holds no activation (attention, embeddings),
     # make that module (and every module of its class) a leaf and try again. Everything else
     # stays traced through, so the weight layers next to the activations are graph nodes.
     opaque: set[nn.Module] = set()
     while True:
         tracer = _Tracer(names, frozenset(opaque), fixed, autowrap)
+        tracer.object_paths = _library_objects(model) if hf else {}
+        tracer.input_meta = meta
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _wrap_calls(tracer, through, autowrap):
                 warnings.simplefilter("ignore")
                 graph = tracer.trace(model)
             break
@@ -730,7 +862,7 @@ def discover_sites(model: nn.Module, example_inputs: Any) -> SiteGraph:
     model = _unwrap(model)
     args, kwargs = normalize_inputs(example_inputs)
     try:
-        gm = trace(model, _input_names(model, args, kwargs))
+        gm = trace(model, _input_names(model, args, kwargs), example_inputs)
     except Exception as e:  # fx cannot follow data-dependent control flow and friends
         warnings.warn(
             f"egp_fast: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
