@@ -103,7 +103,9 @@ def reference_global_smallest(
 
 
 def _remaining(m: torch.Tensor) -> int:
-    return int(m.sum())
+    # count_nonzero, not sum: a bool sum casts to an int64 copy first (8 bytes per weight: twice
+    # an fp32 layer, for a check).
+    return int(m.count_nonzero())
 
 
 def select_smallest(
