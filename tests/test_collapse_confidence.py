@@ -290,3 +290,25 @@ def test_collapse_latency_fields_and_table():
     d = out.to_dict()
     assert set(d["latency"]["batches"]) == {"1", "64"}
     json.dumps(d)
+
+
+def test_compare_latency_alternates_the_two_models():
+    calls = []
+
+    class Tag(nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            calls.append(self.tag)
+            return self.lin(x)
+
+    a, b = Tag("a"), Tag("b")
+    r = compare_latency(a, b, torch.randn(1, 2), batch_sizes=(1,), budget_s=1e-6, min_rounds=4,
+                        max_rounds=4, min_run_s=0.0)
+    assert r["batches"][1]["rounds"] == 4 and r["batches"][1]["forwards_per_run"] == 1
+    timed = calls[-8:]  # after warm-up and calibration
+    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert a.training and b.training  # flags restored
