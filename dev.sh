@@ -32,9 +32,9 @@ setup() {
     "${pip[@]}" install --upgrade pip setuptools wheel
     # shellcheck disable=SC2086
     "${pip[@]}" install $TORCH_SPEC
-    "${pip[@]}" install numpy tqdm ninja pybind11 pytest pytest-benchmark hypothesis scikit-learn matplotlib timm
+    "${pip[@]}" install numpy tqdm ninja pybind11 pytest pytest-benchmark hypothesis scikit-learn matplotlib timm "transformers>=4.40"
     echo "dev.sh: building egp_fast (C++/CUDA extension; a few minutes on 2 cores)"
-    MAX_JOBS="${MAX_JOBS:-2}" "${pip[@]}" install --no-build-isolation -e ".[test,demo,timm]"
+    MAX_JOBS="${MAX_JOBS:-2}" "${pip[@]}" install --no-build-isolation -e ".[test,demo,timm,hf]"
     "$VENV/bin/python" -c "import egp_fast; print('dev.sh: egp_fast', egp_fast.__version__, 'backends:', egp_fast.available_backends())"
     echo "$want" > "$stamp"
 }
