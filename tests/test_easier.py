@@ -213,3 +213,24 @@ def test_within_tolerance_edges():
     assert within_tolerance(0.89, 0.90, 0.01)
     assert not within_tolerance(0.8899, 0.90, 0.01)
     assert within_tolerance(0.95, 0.90, 0.0)
+
+
+def test_the_step_by_step_loop_of_docs_easier_md():
+    model = Branches([0.0, 2.0, 1.0, 0.5])  # removal order: acts.1, acts.2, acts.3, acts.0
+    x = _data()
+    accuracies = iter([0.9, 0.9, 0.8])  # dense, after step 0, after step 1 (outside the tolerance)
+    pruner = egp_fast.Pruner(model, x[0], method="easier", linearization="identity", progress=False)
+    best = pruner.snapshot()
+    dense = next(accuracies)
+    for _ in range(17):
+        plan = pruner.plan(pruner.measure(x))
+        if not plan:
+            break
+        pruner.apply(plan)
+        if not within_tolerance(next(accuracies), dense, 0.01):
+            pruner.restore(best)
+            break
+        best.take(model)
+    assert _removed(model) == ["acts.1"] and [s.name for s in pruner.graph] == ["acts.0", "acts.2", "acts.3"]
+    out = egp_fast.collapse(model, pruner.measure(x), x[0][:2], measure_latency=False)
+    assert out.after["sites"] == 3
