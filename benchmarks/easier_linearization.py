@@ -63,7 +63,7 @@ def run(seed: int, args: argparse.Namespace) -> dict:
         def finetune(m, i):
             _train(m, train, args.ft_epochs, args.ft_lr, seed + 1000 * (i + 1))
 
-        def val_acc(m):
+        def val_acc(m, tests=tests):
             tests.append(evaluate(m, test, device=CPU)["acc"])  # recorded, never used to decide
             return evaluate(m, val, device=CPU)["acc"]
 
