@@ -305,3 +305,93 @@ def test_cuda_run_with_amp(tmp_path):
 
     shutil.copytree(out, resumed)
     assert main(["prune", "--resume", str(resumed), "--no-progress"]) == 0
+
+
+# ------------------------------------------------------------------ EASIER, fold-finetune, --measure auto
+EASIER = ["--method", "easier", *TINY[:TINY.index("--epochs")], "--epochs", "1", "--lr", "0.03",
+          "--batch-size", "32", "--eval-batch-size", "128", "--no-progress", "--no-latency"]
+
+
+def _affine_sites(state_dict) -> set[str]:
+    return {k[: -len(".scale")] for k in state_dict if k.endswith(".scale")}
+
+
+def test_easier_removes_lowest_entropy_site_and_rolls_back_past_the_tolerance(tmp_path, monkeypatch, capsys):
+    """Round 2's validation accuracy is forced below the tolerance: the run stops there and keeps
+    round 1's model (one site removed), which is what gets saved, collapsed and fold-finetuned."""
+    import egp_fast.train as train_module
+
+    real = train_module.evaluate
+    calls = {"val": 0}
+
+    def evaluate(model, loader, **kw):
+        out = real(model, loader, **kw)
+        if kw.get("desc") == "eval val":
+            calls["val"] += 1
+            if calls["val"] == 3:  # dense, round 1, round 2: round 2 falls outside the tolerance
+                out = {**out, "acc": 0.0}
+        return out
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    out = tmp_path / "easier"
+    assert main(["prune", *EASIER, "--rounds", "3", "--max-drop", "0.05", "--fold-epochs", "1",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    rounds = rep["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[2]["val_accuracy"] == 0.0
+    assert rep["easier"]["best_round"] == 1 and "below the dense" in rep["easier"]["stopped"]
+    # each step removed the live site of lowest entropy measured after the previous step
+    for prev, cur in zip(rounds, rounds[1:]):
+        assert cur["removed_sites"] == [min(prev["entropy"], key=prev["entropy"].get)]
+    assert [len(s) for s in rep["easier"]["removed"]] == [1, 1]
+    summ = rep["summary"]
+    assert summ["acc_pruned"] == rounds[1]["accuracy"] and summ["easier_removed"] == rounds[1]["removed_sites"]
+    # the kept model is round 1's: one linearised site in model.pt, and its collapse is exact
+    assert _affine_sites(torch.load(out / "model.pt", weights_only=True)) == set(rounds[1]["removed_sites"])
+    assert summ["acc_collapsed"] == pytest.approx(summ["acc_pruned"]) and summ["sites_after"] == 16
+    # fold-finetune: accuracy before and after, and the saved collapsed model is the fine-tuned one
+    fold = rep["fold_finetune"]
+    assert fold["acc_before"] == pytest.approx(summ["acc_collapsed"]) and fold["epochs"] == 1
+    printed = capsys.readouterr().out
+    assert summ["acc_fold_after"] == fold["acc_after"] and "fold-finetune (1 epochs on the collapsed model)" in printed
+    assert "kept step 1 with 1 sites removed" in printed
+    model = torch.export.load(str(out / "collapsed.pt2")).module()
+    src = load_data("digits", image_size=8, limit=500)
+    with torch.no_grad():
+        pred = model(src.test.x).argmax(1)
+    assert float((pred == src.test.y).float().mean()) == pytest.approx(fold["acc_after"])
+
+
+def test_measure_auto_stops_early_and_reports_batches(tmp_path):
+    out = tmp_path / "auto"
+    argv = ["prune", "--width", "8", "--image-size", "8", "--dense-epochs", "2", "--epochs", "1", "--rounds", "1",
+            "--batch-size", "64", "--eval-batch-size", "16", "--measure", "auto", "--no-progress", "--no-latency",
+            "--no-collapse", "--out", str(out)]
+    assert main(argv) == 0
+    rep = json.loads((out / "report.json").read_text())
+    full = -(-rep["data"]["train_size"] // 16)
+    batches = [r["measure_batches"] for r in rep["rounds"]]
+    assert all(1 <= b <= full for b in batches) and any(r["measure_stopped_early"] for r in rep["rounds"]), batches
+
+
+def test_worker_default_follows_available_cores(monkeypatch):
+    from egp_fast import _common
+
+    monkeypatch.setattr(_common.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert _common.available_cores() == 2
+    assert _common.default_workers() == 2 and _common.default_workers(world_size=2) == 1
+    monkeypatch.setattr(_common.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert _common.default_workers() == 4
+
+
+@pytest.mark.slow
+def test_compile_option_trains_with_masks_held(tmp_path):
+    """--compile: torch.compile wraps the training model; pruned weights stay exactly zero."""
+    out = tmp_path / "compiled"
+    assert main(["prune", *QUICK, "--rounds", "1", "--compile", "--no-collapse", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["complete"] and rep["config"]["compile"] is True
+    sd = torch.load(out / "model.pt", weights_only=True)
+    masks = {k[: -len("_mask")]: v for k, v in sd.items() if k.endswith("weight_mask")}
+    assert masks and all(float(sd[k][~m.bool()].abs().sum()) == 0.0 for k, m in masks.items())
+    assert rep["rounds"][1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
