@@ -282,7 +282,12 @@ class SiteGraph:
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``(args, kwargs)`` from a tensor, a tuple/list of positional args, or a dict of kwargs."""
+    """``(args, kwargs)`` from a tensor, a tuple/list of positional args, or a dict of kwargs.
+
+    Label keys of a dict (``label``, ``labels``, ``target``, ``targets``, ``y``) are dropped, as
+    :func:`egp_fast.stats.split_batch` drops them from data batches: a batch of a Hugging Face
+    loader can serve as example inputs, and the traced model does not require labels.
+    """
     if example_inputs is None:
         raise DataError(
             "example_inputs is None; pass a batch the model accepts (a tensor, a tuple of "
@@ -291,7 +296,9 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, An
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
     if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
+        from egp_fast.stats import LABEL_KEYS  # stats imports this module
+
+        return (), {k: v for k, v in example_inputs.items() if k not in LABEL_KEYS}
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
     raise DataError(

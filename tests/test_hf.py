@@ -279,3 +279,17 @@ def _has_sites(model, batch):
         return True
     except egp_fast.ModelError:
         return False
+
+
+def test_docs_worked_example_runs(capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "huggingface.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, "docs/huggingface.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "2 sites, 2 producer layers, found by fx trace" in printed
+    assert "0.4997" in printed and "8 -> 7 weight layers" in printed
