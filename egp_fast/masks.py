@@ -8,9 +8,13 @@ How pruned weights stay exactly zero through training, at almost no cost per ste
 
 * **Gradients.** A post-accumulate-grad hook on the weight zeroes the pruned entries of
   ``weight.grad`` in place, right after autograd writes it (the gradient is still in cache),
-  with an inverted mask cached per layer and rebuilt only when the mask changes. In-place
-  ``masked_fill_``, not a product: a NaN/Inf gradient must not leak (NaN * 0 = NaN). The hook
-  runs before distributed data parallel reads the gradient.
+  with a mask cached per layer and rebuilt only when the mask changes. Not a product: a
+  NaN/Inf gradient must not leak (NaN * 0 = NaN). On the CPU the cached mask is an integer
+  bit mask (all ones = kept, zero = pruned) ANDed into the gradient's bits, which gives an
+  exact +0.0 and costs what a multiply does (resnet18's 11.2M weights, one thread of this
+  2-core CPU: 6.8 ms, against 57 ms for a boolean ``masked_fill_``, which ATen does not
+  vectorize there); elsewhere a cached inverted bool mask and ``masked_fill_``. The hook runs
+  before distributed data parallel reads the gradient.
 * **Optimizer state.** With pruned weights, gradients and state at zero, the elementwise
   ``torch.optim`` optimizers (SGD with momentum and weight decay, Adam, AdamW, ...) keep them
   at zero by themselves. So a global optimizer step *pre*-hook zeroes the pruned entries of the
@@ -54,6 +58,9 @@ _CLEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Optimizers whose update of an entry depends only on that entry's weight, gradient and state,
 # and is zero when all three are zero: with pruned gradients zeroed, they need no re-zeroing
 # after each step. Exact classes only: a subclass may change step().
+# Integer dtypes of each float width, for the bit-mask zeroing on the CPU.
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
 _ELEMENTWISE = frozenset(
     getattr(torch.optim, n)
     for n in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "Rprop", "ASGD")
@@ -75,6 +82,7 @@ class _Guard:
         self._mask_obj: torch.Tensor | None = None
         self._mask_ver = -1
         self._pruned: torch.Tensor | None = None
+        self._bits: dict[int, torch.Tensor] = {}
         self._any = False
         self.token = 0  # bumped whenever the mask changes
         self._install()
@@ -91,6 +99,7 @@ class _Guard:
         self._weight = weakref.ref(weight) if weight is not None else (lambda: None)
         self._handle = None
         self._mask_obj, self._mask_ver, self._pruned, self._any, self.token = None, -1, None, False, 0
+        self._bits = {}
         self._install()
 
     def _install(self) -> None:
@@ -126,18 +135,33 @@ class _Guard:
             return None
         if mask is not self._mask_obj or mask._version != self._mask_ver:
             self._pruned = torch.logical_not(mask)
+            self._bits = {}
             self._any = bool(self._pruned.any())
             self._mask_obj, self._mask_ver = mask, mask._version
             self.token += 1
         return self._pruned if self._any else None
 
+    def zero_(self, t: torch.Tensor, pruned: torch.Tensor) -> None:
+        """Set the pruned entries of ``t`` (a dense tensor of the weight's shape) to +0.0."""
+        if t.layout != torch.strided:
+            raise ModelError("masks: only dense (strided) tensors can be masked in place")
+        ints = _BITS.get(t.element_size()) if t.device.type == "cpu" and t.is_floating_point() else None
+        if ints is None or t.device != pruned.device:
+            t.masked_fill_(pruned.to(t.device), 0)
+            return
+        bits = self._bits.get(t.element_size())
+        if bits is None:
+            # -1 (every bit set) where kept, 0 where pruned
+            bits = self._bits[t.element_size()] = torch.logical_not(pruned).to(ints).neg_()
+        t.view(ints).bitwise_and_(bits)
+
     def _on_grad(self, p: torch.Tensor) -> None:
         g = p.grad
         if g is None or g.layout != torch.strided:
-            return  # sparse gradients: the step pre-hook re-zeroes weight and state instead
+            return  # sparse gradients: the step hooks re-zero weight and state instead
         pruned = self.pruned(p)
         if pruned is not None:
-            g.masked_fill_(pruned, 0)
+            self.zero_(g, pruned)
 
 
 def _guard_of(module: nn.Module) -> _Guard | None:
@@ -228,16 +252,12 @@ def _state_tensors(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> list[to
     return [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == p.shape and v.is_floating_point()]
 
 
-def _rezero(p: torch.Tensor, pruned: torch.Tensor, states: list[torch.Tensor]) -> None:
-    p.masked_fill_(pruned, 0)
-    g = p.grad
-    if g is not None:
-        if g.layout == torch.strided:
-            g.masked_fill_(pruned, 0)
-        else:
-            p.grad = g.to_dense().masked_fill_(pruned, 0)
+def _rezero(p: torch.Tensor, guard: _Guard, pruned: torch.Tensor, states: list[torch.Tensor]) -> None:
+    guard.zero_(p, pruned)
+    if p.grad is not None:
+        _rezero_grad(p, guard, pruned)
     for v in states:
-        v.masked_fill_(pruned, 0)
+        guard.zero_(v, pruned)
 
 
 def _masked_params(optimizer: torch.optim.Optimizer):
@@ -262,16 +282,16 @@ def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> No
             states = _state_tensors(optimizer, p)
             sig = (_EPOCH, g.token, tuple(id(v) for v in states))
             if clean is None or clean.get(p) != sig:
-                _rezero(p, pruned, states)
+                _rezero(p, g, pruned, states)
                 if clean is not None:
                     clean[p] = sig
             elif not g.has_hook and p.grad is not None:
-                _rezero_grad(p, pruned)
+                _rezero_grad(p, g, pruned)
 
 
-def _rezero_grad(p: torch.Tensor, pruned: torch.Tensor) -> None:
+def _rezero_grad(p: torch.Tensor, guard: _Guard, pruned: torch.Tensor) -> None:
     if p.grad.layout == torch.strided:
-        p.grad.masked_fill_(pruned, 0)
+        guard.zero_(p.grad, pruned)
     else:
         p.grad = p.grad.to_dense().masked_fill_(pruned, 0)
 
@@ -284,9 +304,9 @@ def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Non
         for p, g, pruned in _masked_params(optimizer):
             states = _state_tensors(optimizer, p)
             if not elementwise or not g.has_hook or p.grad is None or p.grad.layout != torch.strided:
-                p.masked_fill_(pruned, 0)
+                g.zero_(p, pruned)
                 for v in states:
-                    v.masked_fill_(pruned, 0)
+                    g.zero_(v, pruned)
             if clean is not None:
                 clean[p] = (_EPOCH, g.token, tuple(id(v) for v in states))
 
