@@ -21,7 +21,15 @@ from typing import Any
 from egp_fast.collapse_affine import _linearize
 from egp_fast.errors import ConfigError, NumericsError
 
-__all__ = ["LINEARIZATIONS", "EasierMethod", "check_accuracy", "choose_sites", "within_tolerance"]
+__all__ = [
+    "LINEARIZATIONS",
+    "EasierMethod",
+    "check_accuracy",
+    "check_linearization",
+    "check_max_drop",
+    "choose_sites",
+    "within_tolerance",
+]
 
 #: How EASIER replaces a chosen site that still changes state: ``"identity"`` (``y = z``, the
 #: paper's choice) or ``"majority"`` (per channel: identity where ``p_on >= 0.5``, zero otherwise).
@@ -39,6 +47,9 @@ def choose_sites(stats: Any) -> list[str]:
 
     Returns:
         Site names; empty when ``stats`` has no site.
+
+    Raises:
+        ConfigError: ``stats`` is not an :class:`~egp_fast.EntropyStats`.
 
     Example:
         >>> import torch, egp_fast
@@ -66,6 +77,15 @@ def within_tolerance(accuracy: float, dense_accuracy: float, max_drop: float) ->
     """True when ``accuracy`` is at most ``max_drop`` below ``dense_accuracy``.
 
     A tiny slack (1e-12) absorbs float rounding, so a drop of exactly ``max_drop`` is kept.
+    :func:`egp_fast.prune` and the ``egp-fast`` command decide EASIER's stop with it.
+
+    Args:
+        accuracy: validation accuracy after an iteration, in [0, 1].
+        dense_accuracy: validation accuracy of the dense model, in [0, 1].
+        max_drop: accepted drop, as a fraction (0.01 = one point).
+
+    Returns:
+        Whether the iteration is within the tolerance.
 
     Example:
         >>> within_tolerance(0.95, 0.96, 0.01), within_tolerance(0.94, 0.96, 0.01)
@@ -111,7 +131,21 @@ def check_accuracy(value: Any, when: str) -> float:
 
 
 def check_max_drop(max_drop: Any) -> float:
-    """Validate ``max_drop`` (accuracy points as a fraction: 0.01 = one point)."""
+    """Validate ``max_drop`` (accuracy points as a fraction: 0.01 = one point).
+
+    Args:
+        max_drop: the value given by the user.
+
+    Returns:
+        ``float(max_drop)``.
+
+    Raises:
+        ConfigError: not a finite number >= 0.
+
+    Example:
+        >>> check_max_drop(0.01)
+        0.01
+    """
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not max_drop >= 0:
         raise ConfigError(
             f"max_drop={max_drop!r} must be a number >= 0: the largest accuracy drop below the "
@@ -123,7 +157,21 @@ def check_max_drop(max_drop: Any) -> float:
 
 
 def check_linearization(linearization: Any) -> str:
-    """Validate ``linearization`` (``"identity"`` or ``"majority"``)."""
+    """Validate ``linearization`` (``"identity"`` or ``"majority"``).
+
+    Args:
+        linearization: the value given by the user.
+
+    Returns:
+        The same string.
+
+    Raises:
+        ConfigError: not one of :data:`LINEARIZATIONS`.
+
+    Example:
+        >>> check_linearization("majority")
+        'majority'
+    """
     if linearization not in LINEARIZATIONS:
         raise ConfigError(
             f"linearization={linearization!r}; use 'identity' (EASIER: the activation becomes "
@@ -141,6 +189,13 @@ class EasierMethod:
 
     Args:
         linearization: ``"identity"`` or ``"majority"``.
+
+    Raises:
+        ConfigError: unknown ``linearization``.
+
+    Example:
+        >>> EasierMethod("majority").linearization
+        'majority'
     """
 
     name = "easier"

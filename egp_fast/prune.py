@@ -167,6 +167,19 @@ class ModelSnapshot:
     model does not need twice its memory); :meth:`take` on an existing snapshot reuses its
     CPU buffers for tensors it has seen, so a snapshot per round allocates nothing new once
     the model stops changing shape.
+
+    Args:
+        model: the module to record (recorded at construction).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 2)
+        >>> snap = ModelSnapshot(net)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.zero_()
+        >>> snap.restore()
+        >>> bool((net.weight != 0).any())
+        True
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -557,11 +570,33 @@ class Pruner:
         Returns:
             A :class:`ModelSnapshot`; ``snapshot.take(pruner.model)`` refreshes it in place,
             reusing its CPU buffers.
+
+        Example:
+            >>> import torch, egp_fast
+            >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8),
+            ...                           torch.nn.ReLU(), torch.nn.Linear(8, 2))
+            >>> x = torch.randn(32, 4)
+            >>> pruner = egp_fast.Pruner(net, x, method="easier", progress=False)
+            >>> best = pruner.snapshot()
+            >>> removed = pruner.apply(pruner.plan(pruner.measure([x])))
+            >>> pruner.sites_left
+            1
+            >>> pruner.restore(best)
+            >>> pruner.sites_left
+            2
         """
         return ModelSnapshot(self.model)
 
     def restore(self, snapshot: ModelSnapshot) -> None:
-        """Return the model to ``snapshot`` (e.g. EASIER's best iteration) and re-trace it."""
+        """Return the model to ``snapshot`` (e.g. EASIER's best iteration) and re-trace it.
+
+        Args:
+            snapshot: a :class:`ModelSnapshot` of this pruner's model (see :meth:`snapshot`,
+            which has an example).
+
+        Raises:
+            ConfigError: the snapshot is of another model.
+        """
         if not isinstance(snapshot, ModelSnapshot) or snapshot.root is not self.model:
             raise ConfigError("restore(snapshot) needs a snapshot taken by this pruner's snapshot()")
         snapshot.restore()
