@@ -1,31 +1,45 @@
-"""Collapsed vs original latency (CPU) for the CIFAR-stem ResNet-18 and Swin-T with forced sites.
+"""Collapse: depth, FLOPs and CPU latency before/after, exact collapses first.
 
-k sites are forced to zero entropy (the bias before each is pushed far above or below what the
-data produces; ON and OFF alternate), the statistics are measured with ``measure_entropy``, and
-the model is collapsed with ``exact=False, fold="always"``. Three variants are timed at batch 1
-and 64: the original, BatchNorm folding only (``collapse(..., sites=[])``, so the gain of
-removing sites is not confused with BN folding) and the collapsed model.
+Cases (random-init models; the sites are chosen, not found by pruning):
 
-Run: ``.venv/bin/python -m pytest benchmarks/bench_collapse.py --benchmark-only``
-Table for docs/collapse.md: ``.venv/bin/python benchmarks/bench_collapse.py``
+* ``resnet18_cifar``: CIFAR-stem ResNet-18 (width 64, 32x32), k of its ``relu1`` sites forced to
+  zero entropy (the bias before each pushed far above or below what the data produces, ON and
+  OFF alternating), statistics from ``measure_entropy``.
+* ``swin_t``: torchvision Swin-T (32x32), k GELU sites forced the same way.
+* ``vit_easier``: a 6-block ViT-style stack (width 64, MLP 256, 17 tokens) with every GELU
+  replaced by the identity, as EASIER leaves it; collapse folds each MLP into one linear.
+
+Every case is collapsed with ``exact=True`` (output unchanged up to rounding) and, where that
+differs, with ``exact=False, fold="always"`` (zero-padded conv pairs composed: exact only away
+from the border), whose measured deviation is printed next to it. Latency: original and
+collapsed model timed interleaved (:func:`egp_fast.collapse.compare_latency`), medians and
+the interquartile range of the paired ratios.
+
+Run: ``.venv/bin/python benchmarks/bench_collapse.py`` (markdown tables for docs/collapse.md),
+or ``.venv/bin/python -m pytest benchmarks/bench_collapse.py --benchmark-only``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import platform
+import time
 
 import pytest
 import torch
+from torch import nn
 
-from egp_fast.collapse import collapse, depth_report
+from egp_fast.collapse import collapse, compare_latency
+from egp_fast.collapse_affine import ChannelAffine
 from egp_fast.graph import discover_sites
 from egp_fast.models import cifar_resnet18
 from egp_fast.stats import measure_entropy
 
-RESNET_SITES = ["layer1.0.relu1", "layer2.1.relu1", "layer3.0.relu1", "layer4.1.relu1",
-                "layer1.1.relu1", "layer2.0.relu1", "layer3.1.relu1", "layer4.0.relu1"]
-_ORDER = ["layer1.0.relu1", "layer1.1.relu1", "layer2.0.relu1", "layer2.1.relu1", "layer3.0.relu1",
-          "layer3.1.relu1", "layer4.0.relu1", "layer4.1.relu1"]
+RESNET_ORDER = ["layer1.0.relu1", "layer1.1.relu1", "layer2.0.relu1", "layer2.1.relu1", "layer3.0.relu1",
+                "layer3.1.relu1", "layer4.0.relu1", "layer4.1.relu1"]
+RESNET_PICK = ["layer1.0.relu1", "layer2.1.relu1", "layer3.0.relu1", "layer4.1.relu1",
+               "layer1.1.relu1", "layer2.0.relu1", "layer3.1.relu1", "layer4.0.relu1"]
 
 
 def _force(model, x, plan, margin=10.0):
@@ -46,82 +60,119 @@ def _force(model, x, plan, margin=10.0):
             mod.bias += sign * (2.0 * box["max"] + margin)
 
 
-def build_resnet(k: int):
+class _ViTBlock(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.ln(x))))
+
+
+def build(case: str, k: int):
     torch.manual_seed(0)
-    model = cifar_resnet18(10, width=64).eval()
-    x = torch.randn(8, 3, 32, 32)
-    # Forced in execution order: forcing a site changes the pre-activations of every later one.
-    sites = sorted(RESNET_SITES[:k], key=_ORDER.index)
-    _force(model, x, [(s, 1 if i % 2 == 0 else -1) for i, s in enumerate(sites)])
-    return model, x, sites
+    if case == "resnet18_cifar":
+        model = cifar_resnet18(10, width=64).eval()
+        x = torch.randn(8, 3, 32, 32)
+        sites = sorted(RESNET_PICK[:k], key=RESNET_ORDER.index)  # forcing one changes later ones
+        _force(model, x, [(s, 1 if i % 2 == 0 else -1) for i, s in enumerate(sites)])
+        return model, x, sites, measure_entropy(model, [x], progress=False)
+    if case == "swin_t":
+        import torchvision
 
-
-def build_swin(k: int):
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.swin_t(num_classes=10).eval()
-    x = torch.randn(2, 3, 32, 32)
-    names = [s.name for s in discover_sites(model, x).sites]
-    sites = names[:: max(1, len(names) // k)][:k] if k < len(names) else names
-    _force(model, x, [(s, 1 if i % 2 == 0 else -1) for i, s in enumerate(sites)])
-    return model, x, sites
+        model = torchvision.models.swin_t(num_classes=10).eval()
+        x = torch.randn(2, 3, 32, 32)
+        names = [s.name for s in discover_sites(model, x).sites]
+        sites = names[:: max(1, len(names) // k)][:k] if k < len(names) else names
+        _force(model, x, [(s, 1 if i % 2 == 0 else -1) for i, s in enumerate(sites)])
+        return model, x, sites, measure_entropy(model, [x], progress=False)
+    if case == "vit_easier":
+        model = nn.Sequential(*[_ViTBlock(64, 256) for _ in range(6)], nn.LayerNorm(64), nn.Linear(64, 10)).eval()
+        x = torch.randn(8, 17, 64)
+        stats = measure_entropy(model, [x], progress=False)
+        sites = list(stats.sites)[:k]
+        for name in sites:  # what EASIER's identity linearisation leaves behind
+            c = stats.sites[name].channels
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, ChannelAffine(torch.ones(c), torch.zeros(c), -1, False, name))
+        return model, x, [], stats
+    raise ValueError(case)
 
 
 @functools.cache
-def variants(arch: str, k: int):
-    model, x, sites = build_resnet(k) if arch == "resnet18_cifar" else build_swin(k)
-    stats = measure_entropy(model, [x], progress=False)
-    bn_only = collapse(model, stats, x, sites=[], measure_latency=False, max_flip=1.0).model
-    out = collapse(model, stats, x, exact=False, fold="always", measure_latency=False, max_flip=1.0, sites=sites)
-    return {"original": model, "bn_folded": bn_only, "collapsed": out.model}, x, out
-
-
-@functools.cache
-def _flops(arch: str, k: int, variant: str, batch: int) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    models, x, _ = variants(arch, k)
-    xb = x[:1].expand(batch, *x.shape[1:]).contiguous()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        models[variant](xb)
-    return int(counter.get_total_flops())
+def variants(case: str, k: int):
+    model, x, sites, stats = build(case, k)
+    res = {"original": (model, None)}
+    res["bn_folded"] = (collapse(model, stats, x, sites=[], measure_latency=False).model, None)
+    exact = collapse(model, stats, x, exact=True, measure_latency=False, sites=sites, max_flip=1.0)
+    res["collapsed_exact"] = (exact.model, exact)
+    inexact = collapse(model, stats, x, exact=False, fold="always", measure_latency=False, sites=sites, max_flip=1.0)
+    if inexact.after["longest_path"] != exact.after["longest_path"] or not inexact.exact:
+        res["collapsed_inexact"] = (inexact.model, inexact)
+    return res, x
 
 
 @pytest.mark.benchmark(group="collapse")
 @pytest.mark.parametrize("batch", [1, 64])
-@pytest.mark.parametrize("variant", ["original", "bn_folded", "collapsed"])
-@pytest.mark.parametrize("arch,k", [("resnet18_cifar", 4), ("swin_t", 8)])
-def test_collapse_latency(benchmark, arch, k, variant, batch):
-    models, x, out = variants(arch, k)
-    model = models[variant]
+@pytest.mark.parametrize("variant", ["original", "bn_folded", "collapsed_exact", "collapsed_inexact"])
+@pytest.mark.parametrize("case,k", [("resnet18_cifar", 4), ("swin_t", 8), ("vit_easier", 6)])
+def test_collapse_latency(benchmark, case, k, variant, batch):
+    models, x = variants(case, k)
+    if variant not in models:
+        pytest.skip("exact=False gives the same model here")
+    model, out = models[variant]
     xb = x[:1].expand(batch, *x.shape[1:]).contiguous()
-    benchmark.extra_info.update(arch=arch, k=k, variant=variant, batch=batch, threads=torch.get_num_threads(),
-                                flops=_flops(arch, k, variant, batch),
-                                sites=out.after["sites"] if variant == "collapsed" else out.before["sites"])
+    benchmark.extra_info.update(case=case, k=k, variant=variant, batch=batch, threads=torch.get_num_threads(),
+                                exact=out.exact if out is not None else True,
+                                relative_deviation=out.relative_deviation if out is not None else 0.0)
     with torch.no_grad():
-        # batch 1 is ~40 ms and noisy on a shared CPU: more rounds for a stable median
         benchmark.pedantic(model, args=(xb,), rounds=21 if batch == 1 else 5, warmup_rounds=2, iterations=1)
 
 
-def main() -> None:
-    for arch, k in (("resnet18_cifar", 4), ("resnet18_cifar", 8), ("swin_t", 8)):
-        models, x, out = variants(arch, k)
-        bn = depth_report(models["bn_folded"], x)
-        before = depth_report(models["original"], x)
-        after = depth_report(models["collapsed"], x)
-        print(f"\n### {arch}, {k} sites forced, input {list(x.shape[1:])}, {torch.get_num_threads()} threads")
-        print(f"max |dev| {out.max_deviation:.3g} (relative {out.relative_deviation:.3g}), exact={out.exact}")
-        rows = [("nonlinear sites", "sites", "{:d}"), ("weight layers on longest path", "longest_path", "{:d}"),
-                ("parameters", "params", "{:,d}"), (f"FLOPs (batch {x.shape[0]})", "flops", "{:,d}"),
-                ("latency batch 1 (ms)", "latency_ms_b1", "{:.2f}"), ("latency batch 64 (ms)", "latency_ms_b64", "{:.1f}")]
-        print("| | original | BN folded only | collapsed |\n|---|---:|---:|---:|")
-        for label, key, fmt in rows:
-            print(f"| {label} | {fmt.format(before[key])} | {fmt.format(bn[key])} | {fmt.format(after[key])} |")
-        kinds: dict[str, int] = {}
-        for e in out.removed:
-            kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
-        print("removed:", kinds)
+def _row(label: str, out, lat) -> str:
+    a, b = out.before, out.after
+    cells = [label, f"{a['sites']} → {b['sites']}", f"{a['longest_path']} → {b['longest_path']}",
+             f"{a['params'] / 1e6:.2f}M → {b['params'] / 1e6:.2f}M", f"{a['flops'] / 1e9:.3f}G → {b['flops'] / 1e9:.3f}G"]
+    for bs in (1, 64):
+        r = lat["batches"][bs]
+        lo, hi = r["speedup_iqr"]
+        note = ", noise" if r["inside_noise"] else ""
+        cells.append(f"{r['a_ms']:.1f} → {r['b_ms']:.1f} ms ({r['speedup']:.2f}x, IQR {lo:.2f}-{hi:.2f}{note})")
+    dev = out.relative_deviation
+    if out.exact:
+        cells.append(f"exact (rel. dev. {dev:.1g})")
+    elif all(e["exact"] for e in out.removed if e["kind"] != "linearize"):
+        cells.append(f"GELU sites linearised (approximate), folds exact; rel. dev. {dev:.1g}")
+    else:
+        cells.append(f"**not exact**: rel. dev. {dev:.2g}")
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(cases=(("resnet18_cifar", 4), ("resnet18_cifar", 8), ("swin_t", 8), ("vit_easier", 6))) -> None:
+    cpu = platform.processor() or platform.machine()
+    print(f"CPU: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    head = ("| case | sites | longest path | params | FLOPs (example batch) | latency b1 | latency b64 | output |\n"
+            "|---|---|---|---|---|---|---|---|")
+    rows_exact, rows_inexact = [], []
+    for case, k in cases:
+        models, x = variants(case, k)
+        original = models["original"][0]
+        for variant, rows in (("collapsed_exact", rows_exact), ("collapsed_inexact", rows_inexact)):
+            if variant not in models:
+                continue
+            model, out = models[variant]
+            lat = compare_latency(original, model, x, budget_s=6.0, max_rounds=15)
+            label = f"{case}, k={k}" + (" (exact=False, fold='always')" if variant == "collapsed_inexact" else "")
+            rows.append(_row(label, out, lat))
+    print("\n#### exact=True (output unchanged)\n")
+    print(head)
+    print("\n".join(rows_exact))
+    if rows_inexact:
+        print("\n#### exact=False (zero-padded convs composed; output differs at the border)\n")
+        print(head)
+        print("\n".join(rows_inexact))
 
 
 if __name__ == "__main__":
