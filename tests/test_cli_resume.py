@@ -115,3 +115,43 @@ def test_resume_from_each_checkpoint_kind(tmp_path, cut):
     assert _rows(part) == _rows(full)
     (mp, _), (mf, _) = _masks(part), _masks(full)
     assert all(torch.equal(mp[k], mf[k]) for k in mf)
+
+
+def test_easier_resume_rebuilds_the_removed_sites(tmp_path):
+    """EASIER changes the model's structure each step: a resumed run rebuilds the removed sites on a
+    fresh model before loading the checkpoint, and ends where an uninterrupted run ends."""
+    from egp_fast.train import load_checkpoint, save_checkpoint
+
+    small = ["--method", "easier", "--width", "4", "--image-size", "8", "--limit", "200", "--dense-epochs", "1",
+             "--epochs", "1", "--rounds", "2", "--max-drop", "0.5", "--batch-size", "32", "--no-progress",
+             "--no-latency", "--no-collapse"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["prune", *small, "--out", str(full)]) == 0
+    saved = []
+    import egp_fast.run as run_module
+
+    orig = run_module.Run._checkpoint
+
+    def spy(self, opt=None, sch=None):
+        orig(self, opt, sch)
+        st = self.state
+        if st["phase"] == "round" and st["round"] == 2 and st["epoch"] == 0:  # round 2's site just removed
+            saved.append(load_checkpoint(self.ckpt_path))
+            raise KeyboardInterrupt
+
+    run_module.Run._checkpoint = spy
+    try:
+        assert main(["prune", *small, "--out", str(part)]) == 130
+    finally:
+        run_module.Run._checkpoint = orig
+    assert saved and any(k.endswith(".scale") for k in saved[0]["model"])  # a ChannelAffine in the checkpoint
+    save_checkpoint(part / "checkpoint.pt", {k: v for k, v in saved[0].items() if k != "format"})
+    assert main(["prune", "--resume", str(part), "--no-progress"]) == 0
+    assert _rows(part) == _rows(full)
+    a = torch.load(part / "model.pt", weights_only=True)
+    b = torch.load(full / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((part / "report.json").read_text())
+    rb = json.loads((full / "report.json").read_text())
+    assert ra["easier"]["removed"] == rb["easier"]["removed"] and len(ra["easier"]["removed"]) == 2
+    assert [r["removed_sites"] for r in ra["rounds"]] == [r["removed_sites"] for r in rb["rounds"]]
