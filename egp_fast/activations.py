@@ -318,7 +318,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor) -> tuple[str, dict[str, Any]] | None:
 
 
 def _probeable(m: nn.Module) -> bool:
-    if isinstance(m, _NEVER):
+    if isinstance(m, _NEVER) or getattr(m, "_egp_not_activation", False):
         return False
     if next(m.children(), None) is not None:
         return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect as _inspect
 import io
 import operator
@@ -44,7 +45,7 @@ class _HFConv1DMeta(type):
         return isinstance(sub, type) and _is_hf_conv1d(sub)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_hf_conv1d(t: type) -> bool:
     return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in t.__mro__)
 
@@ -446,9 +447,18 @@ def _explicit_forward(fn: Any, names: list[str], fixed: dict[str, Any], seen: li
     return types.FunctionType(f.__code__, getattr(fn, "__globals__", {}), "forward", None, f.__closure__)
 
 
-def _rebuild_output(cls: type, value: Any) -> Any:
-    """Turn the plain dict fx records for a ``transformers`` ``ModelOutput`` back into one."""
+def _rebuild_output(module: str, qualname: str, value: Any) -> Any:
+    """Turn the plain dict fx records for a ``transformers`` ``ModelOutput`` back into one.
+
+    The class travels by name (strings survive fx's code generation and ``torch.load``).
+    """
+    cls: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
     return cls(**value)
+
+
+fx.wrap("_rebuild_output")
 
 
 def _root_takes_varargs(model: nn.Module) -> bool:
@@ -580,7 +590,9 @@ def _wrap_calls(tracer: fx.Tracer, modules: set[nn.Module], functions: tuple) ->
         def call(*args: Any, **kwargs: Any) -> Any:
             leaves = list(args) + list(kwargs.values())
             if any(isinstance(v, fx.Proxy) for v in leaves):
-                return tracer.create_proxy("call_function", orig, args, kwargs)
+                proxy = tracer.create_proxy("call_function", orig, args, kwargs)
+                proxy.node.meta["is_wrapped"] = True  # codegen re-wraps it (torch.load re-traces)
+                return proxy
             return orig(*args, **kwargs)
 
         return call
@@ -602,6 +614,76 @@ def _wrap_calls(tracer: fx.Tracer, modules: set[nn.Module], functions: tuple) ->
     finally:
         for g, k, v in reversed(patched):
             g[k] = v
+
+
+class _BoundCall(nn.Module):
+    """``fn(*args, **kwargs)`` with some arguments fixed to objects the model holds (its config).
+
+    A call node cannot hold such an object as a constant (fx would rebuild a config from its
+    public fields, and lose the attention implementation), and a ``get_attr`` of it does not
+    survive ``torch.load``, which re-traces the code; a module holding it does.
+    """
+
+    _egp_not_activation = True  # never probed as an activation
+
+    def __init__(self, fn: Any, fixed_args: dict[int, Any], fixed_kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.fixed_args = fixed_args
+        self.fixed_kwargs = fixed_kwargs
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        full = list(args)
+        for i in sorted(self.fixed_args):
+            full.insert(i, self.fixed_args[i])
+        return self.fn(*full, **kwargs, **self.fixed_kwargs)
+
+    def extra_repr(self) -> str:
+        return f"fn={getattr(self.fn, '__qualname__', self.fn)!r}"
+
+
+def _bind_library_objects(gm: fx.GraphModule, paths: set[str]) -> None:
+    """Turn calls that take a library object (``get_attr`` of a config) into :class:`_BoundCall`s."""
+    if not paths:
+        return
+    g = gm.graph
+    changed = False
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+
+        def held(a: Any) -> bool:
+            return isinstance(a, fx.Node) and a.op == "get_attr" and a.target in paths
+
+        if not any(held(a) for a in list(node.args) + list(node.kwargs.values())):
+            continue
+        fixed_args = {i: _attr(gm, a.target) for i, a in enumerate(node.args) if held(a)}
+        fixed_kwargs = {k: _attr(gm, a.target) for k, a in node.kwargs.items() if held(a)}
+        name = f"_egp_call{sum(1 for n, _ in gm.named_children() if n.startswith('_egp_call'))}"
+        gm.add_submodule(name, _BoundCall(node.target, fixed_args, fixed_kwargs))
+        with g.inserting_before(node):
+            new = g.call_module(
+                name,
+                tuple(a for a in node.args if not held(a)),
+                {k: a for k, a in node.kwargs.items() if not held(a)},
+            )
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        changed = True
+    if changed:
+        for node in list(g.nodes):
+            if node.op == "get_attr" and node.target in paths and not node.users:
+                g.erase_node(node)
+        g.lint()
+        gm.recompile()
+
+
+def _attr(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _library_objects(model: nn.Module) -> dict[int, str]:
@@ -669,16 +751,15 @@ def _trace_opaque(
                 raise
             opaque.update(m for m in model.modules() if type(m) is type(bad) and m not in through)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    _bind_library_objects(gm, set(tracer.object_paths.values()))
     out_types = tracer.output_types
     cls = out_types[-1] if out_types else dict
     if issubclass(cls, dict) and cls is not dict:
-        # fx records a ModelOutput as a plain dict; keep the class on the module and rebuild it.
-        gm._egp_output_type = cls
+        # fx records a ModelOutput as a plain dict: rebuild the class from its name.
         out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-        with gm.graph.inserting_before(out), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # fx warns that the attribute is not a tensor
-            typ = gm.graph.get_attr("_egp_output_type")
-            rebuilt = gm.graph.call_function(_rebuild_output, (typ, out.args[0]))
+        with gm.graph.inserting_before(out):
+            rebuilt = gm.graph.call_function(_rebuild_output, (cls.__module__, cls.__qualname__, out.args[0]))
+        rebuilt.meta["is_wrapped"] = True  # kept as one call when torch.load re-traces the code
         out.args = (rebuilt,)
         gm.recompile()
     return gm

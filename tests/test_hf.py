@@ -129,6 +129,25 @@ def test_traced_model_gives_the_same_outputs_on_other_shapes(name):
     torch.testing.assert_close(got.logits, ref.logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_traced_model_survives_deepcopy_save_load_and_backward(name, tmp_path):
+    import copy
+
+    build, batch, _, _ = MODELS[name]
+    model = build()
+    example = batch()
+    gm = _quiet(trace, model, list(example), example)
+    ref = _out(model, example)
+    torch.save(gm, tmp_path / "gm.pt")
+    loaded = _quiet(torch.load, tmp_path / "gm.pt", weights_only=False)  # re-traces the code
+    for other in (copy.deepcopy(gm), loaded):
+        torch.testing.assert_close(_out(other, example), ref, rtol=0, atol=1e-6)
+        assert type(other(**example)) is type(model(**example))
+    gm.train()
+    gm(**example).logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "intermediate" in n or "mlp" in n)
+
+
 def test_bert_mask_reaches_the_traced_attention():
     model = _bert()
     example = _text_batch()
