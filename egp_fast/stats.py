@@ -117,6 +117,14 @@ class SiteStats:
         return _flip_bound(self.samples, self.collapsible, confidence)
 
     def to_dict(self, channels: bool = False) -> dict[str, Any]:
+        """A JSON-safe summary (``flip_bound_95``: :meth:`flip_bound` at 95%).
+
+        Args:
+            channels: also list the per-channel ``p_on``, ``channel_entropy`` and ``piece``.
+
+        Returns:
+            A dict of plain Python values.
+        """
         d = {
             "name": self.name,
             "kind": self.kind,
@@ -178,6 +186,14 @@ class EntropyStats:
         return out
 
     def to_dict(self, channels: bool = False) -> dict[str, Any]:
+        """A JSON-safe summary of the pass and of every site (see :meth:`SiteStats.to_dict`).
+
+        Args:
+            channels: include the per-channel values of every site.
+
+        Returns:
+            A dict of plain Python values.
+        """
         return {
             "mode": self.mode,
             "batches": self.batches,

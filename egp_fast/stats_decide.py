@@ -100,7 +100,7 @@ def layer_entropies(
     rows: torch.Tensor,
     obs: torch.Tensor,
     sizes: list[int],
-    multi: dict[int, tuple[int, list[int]]],
+    multi: dict[int, tuple[int, int]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer entropy and "every channel constant" of every site, for each row of counts.
 
@@ -109,8 +109,8 @@ def layer_entropies(
         obs: int64 ``[R, S]``: observations per site in each row.
         sizes: channels per site (``S`` entries); the first ``sum(sizes)`` entries of a row
             are the first-breakpoint counts of every site.
-        multi: site index -> (offset of its further-breakpoint counts, their count) for
-            multi-piece sites (ReLU6, Hardtanh).
+        multi: site index -> (offset of its further-breakpoint counts, how many further
+            breakpoints) for multi-piece sites (ReLU6, Hardtanh).
 
     Returns:
         ``(entropy [R, S] float64, constant [R, S] bool)``: the exact-mode layer entropy

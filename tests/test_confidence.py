@@ -195,6 +195,22 @@ def test_stop_decided_respects_min_and_max_batches():
     assert not r.stopped_early and r.batches == 3
 
 
+def test_stop_decided_with_multi_piece_sites():
+    # ReLU6 site: channel 0 always in the middle piece (zero entropy), channel 1 moving.
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU6())
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[0.01, 0.0], [0.0, 5.0]]))
+        net[0].bias.copy_(torch.tensor([3.0, 0.0]))
+    data = _batches(20, 64)
+    data = [x[:, :2] for x in data]
+    full = egp_fast.measure_entropy(net, data, progress=False)
+    early = egp_fast.measure_entropy(net, data, progress=False, stop="decided", tol=0.05)
+    assert early.stopped_early and early.batches < full.batches
+    # tol is a 95% interval of the early estimate, not a hard bound: allow twice it
+    assert abs(early.sites["1"].entropy - full.sites["1"].entropy) <= 2 * 0.05
+    assert early.sites["1"].piece[0] == full.sites["1"].piece[0] == 1
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
