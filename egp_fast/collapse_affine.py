@@ -454,6 +454,53 @@ def _linearize(
     return done, refused
 
 
+def _unremovable(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """The sites among ``names`` that :func:`linearize` cannot replace in place, with the reason.
+
+    The same checks :func:`_linearize` makes, without changing anything: a functional call (or
+    one call of a module called twice) in the root's own forward needs a root ``GraphModule``;
+    a model fx cannot trace allows only activation modules called once.
+    """
+    from egp_fast.graph import trace
+
+    model = _unwrap(model)
+    if not names:
+        return {}
+    try:
+        gm = trace(model)
+    except Exception as e:
+        why = f"torch.fx cannot trace the model ({type(e).__name__}); only activation modules called once can be swapped"
+        out = {}
+        for name in names:
+            base = name.split(":")[0]
+            try:
+                m = model.get_submodule(base)
+            except AttributeError:
+                m = None
+            if m is None or _module_kind(m) is None or ":" in name or any(n.startswith(base + ":") for n in names):
+                out[name] = why
+        return out
+    acts = _activation_nodes(gm)
+    module_calls: dict[str, int] = {}
+    for _, _, mod in acts:
+        if mod is not None:
+            module_calls[mod] = module_calls.get(mod, 0) + 1
+    wanted = set(names)
+    out = {}
+    for node, name, mod in acts:
+        if name not in wanted or (mod is not None and module_calls[mod] == 1):
+            continue
+        caller = _caller_path(node)
+        if caller is None:
+            out[name] = "its caller module is itself called more than once per forward"
+        elif not caller and not isinstance(model, fx.GraphModule):
+            out[name] = (
+                "a functional activation (or a module called twice) in the root module's own forward "
+                "cannot be rewritten in place; pass egp_fast.trace(model) (a GraphModule) instead"
+            )
+    return out
+
+
 def _linearize_modules_only(
     model: nn.Module, chosen: dict[str, Any], why: str, how: str | dict[str, str] = "data"
 ) -> tuple[list[str], list[tuple[str, str]]]:

@@ -16,9 +16,11 @@ evaluate=fn)`` runs it, ``egp_fast.Pruner(model, x, method="easier")`` steps thr
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
-from egp_fast.collapse_affine import _linearize
+from egp_fast.collapse_affine import _linearize, _unremovable
 from egp_fast.errors import ConfigError, NumericsError
 
 __all__ = [
@@ -36,7 +38,7 @@ __all__ = [
 LINEARIZATIONS = ("identity", "majority")
 
 
-def choose_sites(stats: Any) -> list[str]:
+def choose_sites(stats: Any, exclude: Iterable[str] = ()) -> list[str]:
     """The sites one EASIER iteration removes, in execution order.
 
     Every site already at zero entropy (all channels constant on the data), plus the live site
@@ -44,6 +46,7 @@ def choose_sites(stats: Any) -> list[str]:
 
     Args:
         stats: :class:`egp_fast.EntropyStats` of the current model (its sites are the live ones).
+        exclude: sites not to choose (e.g. those that cannot be replaced in place).
 
     Returns:
         Site names; empty when ``stats`` has no site.
@@ -64,8 +67,9 @@ def choose_sites(stats: Any) -> list[str]:
     sites = getattr(stats, "sites", None)
     if not isinstance(sites, dict):
         raise ConfigError(f"stats must be the EntropyStats of measure(), got {type(stats).__name__}")
-    zero = [n for n, s in sites.items() if s.collapsible]
-    live = [s for s in sites.values() if not s.collapsible]
+    skip = set(exclude)
+    zero = [n for n, s in sites.items() if s.collapsible and n not in skip]
+    live = [s for s in sites.values() if not s.collapsible and s.name not in skip]
     chosen = set(zero)
     if live:
         # min() keeps the first of equal keys: ties go to the earlier site in execution order.
@@ -187,6 +191,10 @@ class EasierMethod:
     replaces them in place: sites at zero entropy by their exact map on the data
     (``how="data"``), the others by ``linearization``. No weight is pruned.
 
+    A site that cannot be replaced in place (a functional activation in the root module's own
+    ``forward``, unless the model is an ``fx.GraphModule``: pass ``egp_fast.trace(model)``) is
+    never chosen; a warning names it once, with the reason, and :attr:`skipped` lists it.
+
     Args:
         linearization: ``"identity"`` or ``"majority"``.
 
@@ -203,13 +211,19 @@ class EasierMethod:
 
     def __init__(self, linearization: str = "identity") -> None:
         self.linearization = check_linearization(linearization)
+        self.skipped: dict[str, str] = {}
 
     def layers(self, pruner: Any) -> list[str]:
         """EASIER prunes no weight layer: no masks are attached."""
         return []
 
     def plan(self, pruner: Any, stats: Any, remaining: dict[str, int]) -> dict[str, int]:
-        return {n: 1 for n in choose_sites(stats)}
+        blocked = _unremovable(pruner.model, list(stats.sites))
+        for name, why in blocked.items():
+            if name not in self.skipped:
+                warnings.warn(f"method='easier' skips site {name}: {why}", stacklevel=3)
+            self.skipped[name] = why
+        return {n: 1 for n in choose_sites(stats, exclude=blocked)}
 
     def apply(self, pruner: Any, plan: dict[str, int], stats: Any) -> list[str]:
         """Linearise the planned sites; returns their names in execution order."""
@@ -239,4 +253,5 @@ class EasierMethod:
         return done
 
     def progressed(self, record: Any) -> bool:
+        """A round made progress when it removed a site."""
         return bool(record.removed_sites)

@@ -234,3 +234,31 @@ def test_the_step_by_step_loop_of_docs_easier_md():
     assert _removed(model) == ["acts.1"] and [s.name for s in pruner.graph] == ["acts.0", "acts.2", "acts.3"]
     out = egp_fast.collapse(model, pruner.measure(x), x[0][:2], measure_latency=False)
     assert out.after["sites"] == 3
+
+
+class RootFunctional(nn.Module):
+    """A functional ReLU in the root's own forward (cannot be rewritten in place) and a module one."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 8)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(self.act(self.fc1(x)))))
+
+
+def test_sites_that_cannot_be_replaced_in_place_are_skipped_with_a_warning():
+    torch.manual_seed(0)
+    model = RootFunctional()
+    x = _data()
+    with pytest.warns(UserWarning, match="skips site relu.*egp_fast.trace"):
+        res = egp_fast.prune(model, x, method="easier", evaluate=lambda m: 1.0, iterations=5, progress=False)
+    assert res.removed_sites == ["act"] and res.rounds[-1].removed_sites == [] and len(res.rounds) == 2
+    # the same model as a GraphModule: every site can go
+    torch.manual_seed(0)
+    gm = egp_fast.trace(RootFunctional())
+    res = egp_fast.prune(gm, x, method="easier", evaluate=lambda m: 1.0, iterations=5, progress=False)
+    assert sorted(res.removed_sites) == ["act", "relu"]

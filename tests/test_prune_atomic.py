@@ -173,3 +173,140 @@ def test_snapshot_reuses_its_buffers_and_restores_a_root_graph_module():
     assert not torch.allclose(gm(x), before)
     snap.restore()
     assert gm.code == code and torch.equal(gm(x), before)
+
+
+# --------------------------------------------------------------------------------------------
+# Every stage of round 2 (of 3), as an error and as Ctrl-C, for every method: the model is the
+# end of round 1, down to hooks, mask enforcement and training flags; round 1's record survives.
+
+
+class _Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)  # the same module called twice
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.block = _Block(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.block(self.act(self.stem(x)))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(self.pool(x), 1))))
+
+
+def _full_state(model):
+    from egp_fast import masks as masks_mod
+
+    out = {}
+    for name, m in model.named_modules():
+        out[f"module:{name}"] = (type(m), m.training, list(m._forward_pre_hooks.items()),
+                                 list(m._forward_hooks.items()), list(m._modules.items()),
+                                 list(m._parameters.items()), list(m._buffers.items()))
+    for name, p in model.named_parameters():
+        out[f"param:{name}"] = (p.requires_grad, p in masks_mod._REGISTRY)
+    out["values"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return out
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if k == "values":
+            assert a[k].keys() == b[k].keys() and all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore:method=.easier. skips site")
+@pytest.mark.parametrize("exc", [_Boom("injected"), KeyboardInterrupt()], ids=["error", "interrupt"])
+@pytest.mark.parametrize("stage", ["measure", "apply", "finetune", "evaluate", "final_measure", "collapse"])
+@pytest.mark.parametrize("method", ["egp", "imp", "easier"])
+def test_a_failure_in_round_two_keeps_round_one(method, stage, exc, monkeypatch):
+    import sys
+
+    prune_mod = sys.modules["egp_fast.prune"]
+    torch.manual_seed(0)
+    net = _Net()
+    net.train()
+    net.block.bn2.eval()  # mixed flags come back per module
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(6, 3, 6, 6, generator=g) for _ in range(3)]
+    ends = {}
+    calls = {"measure": 0, "evaluate": 0}
+
+    def finetune(m, i):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        for x in data[:2]:
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+        if stage == "finetune" and i == 1:
+            raise exc
+        ends[i] = _full_state(m)
+
+    def evaluate(m):
+        calls["evaluate"] += 1
+        if stage == "evaluate" and calls["evaluate"] == 3:  # dense, round 1, round 2 <- fails
+            raise exc
+        return 0.5
+
+    real_measure = prune_mod.measure_entropy
+
+    def measure(*a, **k):
+        calls["measure"] += 1
+        if (stage == "measure" and calls["measure"] == 2) or (stage == "final_measure" and calls["measure"] == 3):
+            raise exc
+        return real_measure(*a, **k)
+
+    monkeypatch.setattr(prune_mod, "measure_entropy", measure)
+    if stage == "apply":
+        target = prune_mod.EasierMethod if method == "easier" else prune_mod._WeightMethod
+        real_apply = target.apply
+        applied = {"n": 0}
+
+        def apply(self, *a, **k):
+            applied["n"] += 1
+            if applied["n"] == 2:
+                raise exc
+            return real_apply(self, *a, **k)
+
+        monkeypatch.setattr(target, "apply", apply)
+    if stage == "collapse":
+        def broken(*a, **k):
+            raise exc
+
+        monkeypatch.setattr(sys.modules["egp_fast.collapse"], "collapse", broken)
+    iterations = 2 if stage in ("final_measure", "collapse") else 3
+    expected = PruneInterrupted if isinstance(exc, Exception) else KeyboardInterrupt
+    with pytest.raises(expected) as info:
+        egp_fast.prune(net, data, method=method, iterations=iterations, finetune=finetune, evaluate=evaluate,
+                       collapse=stage == "collapse", progress=False)
+    monkeypatch.undo()
+    partial = info.value.result
+    done = 2 if stage in ("final_measure", "collapse") else 1
+    assert len(partial.rounds) == done and partial.best_round == done - 1
+    if isinstance(exc, Exception):
+        assert info.value.original is exc and info.value.__cause__ is exc
+    _assert_same_state(ends[done - 1], _full_state(net))
+    # the model keeps working: one more round runs on it
+    res = egp_fast.prune(net, data, method=method, iterations=1, evaluate=evaluate, progress=False)
+    assert res.rounds[0].removed_sites if method == "easier" else res.rounds[0].pruned > 0
