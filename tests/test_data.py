@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from egp_fast.data import EpochSampler, TensorDataset, load_data, make_loader, parse_data_spec
+from egp_fast.data import EpochSampler, TensorDataset, hold_out, load_data, make_loader, parse_data_spec
 from egp_fast.errors import ConfigError, DataError
 
 
@@ -236,3 +236,56 @@ def test_loader_batches_drop_last_and_channels_last():
     assert x.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ConfigError, match="--batch-size"):
         make_loader(ds, 0)
+
+
+# ------------------------------------------------------------------ validation split held out from training
+def _rows(x):
+    return {tuple(r.tolist()) for r in x.flatten(1)}
+
+
+def test_hold_out_is_stratified_disjoint_and_seeded():
+    src = load_data("digits")
+    a = hold_out(src, 0.1, seed=0)
+    assert (len(a.train), len(a.val), len(a.test)) == (1294, 143, 360)
+    assert a.test is src.test and a.train_eval.x.shape == a.train.x.shape
+    # stratified: every class gets round(10%) of its training samples
+    per_class = torch.bincount(src.train.y, minlength=10)
+    assert torch.equal(torch.bincount(a.val.y, minlength=10), (per_class.double() * 0.1).round().long())
+    # disjoint and covering: train + val is the original training split
+    tr, va = _rows(a.train.x), _rows(a.val.x)
+    assert not tr & va and tr | va == _rows(src.train.x) and not va & _rows(src.test.x)
+    # a function of the seed alone
+    assert torch.equal(hold_out(src, 0.1, seed=0).val.x, a.val.x)
+    assert not torch.equal(hold_out(src, 0.1, seed=1).val.x, a.val.x)
+    assert hold_out(src, 0, seed=0) is src and src.val is None
+    assert a.describe()["val_size"] == 143
+
+
+def test_hold_out_of_on_disk_folders(tmp_path):
+    _write_folder(tmp_path, n=4)
+    src = hold_out(load_data(f"imagefolder:{tmp_path}", image_size=16), 0.25, seed=0)
+    assert (len(src.train), len(src.val)) == (6, 2)  # one of each class's 4 images
+    labels = [src.val[i][1] for i in range(len(src.val))]
+    assert sorted(labels) == [0, 1]
+    assert isinstance(src.train, torch.utils.data.Subset) and set(src.train.indices).isdisjoint(src.val.indices)
+
+
+@pytest.mark.parametrize("fraction, err", [(1.0, ConfigError), (-0.1, ConfigError), (True, ConfigError)])
+def test_hold_out_bad_fraction(fraction, err):
+    with pytest.raises(err, match="--val-fraction"):
+        hold_out(load_data("digits", limit=50), fraction)
+
+
+def test_hold_out_twice_and_too_little_data():
+    once = hold_out(load_data("digits"), 0.1)
+    with pytest.raises(ConfigError, match="already has a validation split"):
+        hold_out(once, 0.1)
+    with pytest.raises(DataError, match="empty split"):
+        hold_out(_one_per_class(), 0.1)  # one sample per class: nothing can be held out
+
+
+def _one_per_class():
+    from egp_fast.data import DataSource
+
+    ds = TensorDataset(torch.zeros(3, 1, 8, 8), torch.arange(3))
+    return DataSource("digits", "digits", ds, ds, ds, 3, 1, 8)
