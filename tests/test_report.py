@@ -144,3 +144,50 @@ def test_report_command_errors(tmp_path, capsys):
     b = _run_dir(tmp_path / "b", _report("imp", [0], [0.9]))
     assert main(["report", str(a), str(b), "--out", str(a)]) == 2  # never into a run directory
     assert "is a run directory" in capsys.readouterr().err
+
+
+def test_round_table_extra_columns_for_validation_easier_and_measure_auto():
+    rounds = [{"round": 0, "sparsity": 0.0, "accuracy": 0.97, "val_accuracy": 0.986, "n_sites": 17, "n_zero": 0,
+               "seconds": 2.0, "n_removed": 0, "measure_batches": 6, "measure_stopped_early": False},
+              {"round": 1, "sparsity": 0.0, "accuracy": 0.975, "val_accuracy": 0.993, "n_sites": 17, "n_zero": 0,
+               "seconds": 1.0, "n_removed": 1, "measure_batches": 2, "measure_stopped_early": True}]
+    table = round_table(rounds).splitlines()
+    assert table[0].split()[-3:] == ["acc", "removed", "batches"] and "val acc" in table[0]
+    assert table[2].split() == ["1", "0.0%", "97.5%", "0/17", "1.0s", "99.3%", "1", "2"]
+    # records without those keys keep the plain table
+    assert "val acc" not in round_table([{"round": 0, "sparsity": 0.0, "accuracy": 0.9}])
+
+
+def test_summary_reports_evidence_interleaved_latency_and_fold_finetune():
+    rep = _report("egp", [0, 1], [0.99, 0.98])
+    s = rep["summary"]
+    s.update(latency_pruned_ms=31.4, latency_collapsed_ms=26.3, latency_speedup=1.19, latency_speedup_iqr=[1.1, 1.25],
+             latency_inside_noise=False, latency_rounds=15, latency_b1_pruned_ms=4.0, latency_b1_collapsed_ms=3.9,
+             latency_b1_speedup=1.02, latency_b1_speedup_iqr=[0.95, 1.1], latency_b1_inside_noise=True,
+             latency_b1_rounds=15, val_acc_dense=0.986, val_acc_pruned=0.979, max_flip=0.01, confidence=0.95,
+             evidence=[{"site": "layer1.0.relu1", "samples": 1294, "flip_bound": 0.0023, "held_out_samples": 143,
+                        "held_out_flipped": 0, "held_out_flip_rate": 0.0}],
+             left_weak=[{"site": "layer4.1.relu1", "reason": "seen on 180 samples: flip bound 1.65% > 1%"}],
+             acc_fold_before=0.97, acc_fold_after=0.985)
+    rep["config"]["fold_epochs"] = 2
+    text = summary_text(rep)
+    assert "pruned 31.40 ms -> collapsed 26.30 ms, 1.19x (IQR 1.10-1.25)" in text
+    assert "latency (batch 1, cpu, interleaved x15)" in text and "1.02x (IQR 0.95-1.10): inside the noise" in text
+    assert "flip bound <= 0.23% at 95% confidence (>= 1294 samples)" in text
+    assert "held-out check: 0 flipped sample(s) over 143" in text
+    assert "layer4.1.relu1: seen on 180 samples" in text
+    assert "validation (held out from training): dense 98.6% -> pruned 97.9%" in text
+    assert "fold-finetune (2 epochs on the collapsed model): 97.0% -> 98.5%" in text
+
+
+def test_summary_of_an_easier_run():
+    rep = _report("easier", [0, 0, 0], [0.97, 0.975, 0.972])
+    rep["config"]["max_drop"] = 0.01
+    rep["summary"].update(best_round=2, stopped="validation accuracy 97.2% is more than 1 pt below the dense 98.6%",
+                          easier_removed=["layer1.1.relu2", "layer1.0.relu2"],
+                          evidence=[{"site": "layer1.1.relu2", "samples": None, "flip_bound": None},
+                                    {"site": "layer1.0.relu2", "samples": None, "flip_bound": None}])
+    text = summary_text(rep)
+    assert "-> sites removed 97.2%" in text
+    assert "easier: kept step 2 with 2 sites removed (max drop 1 pt); stopped: validation accuracy" in text
+    assert "folded: 2 site(s) removed earlier by the method" in text and "sparsity:" not in text
