@@ -6,6 +6,10 @@ Subcommands:
   ``runs/<method>-<data>-<timestamp>``). With no options it is the demo: a CIFAR-style
   ResNet-18 of width 16 trained on scikit-learn's digits (16x16), 4 EGP rounds of 50 % with
   8 fine-tune epochs each, then collapse. ``--method imp`` runs the IMP baseline the same way.
+  ``--method easier`` removes the lowest-entropy activation site per step (2 fine-tune epochs
+  each), stops at ``--max-drop`` below the dense validation accuracy and keeps the best step;
+  ``--model digits_vit`` trains a small ViT instead. ``--fold-epochs N`` fine-tunes the
+  collapsed model itself afterwards.
 * ``egp-fast demo [options]`` — the same command under a memorable name.
 * ``egp-fast report RUN_DIR [RUN_DIR ...]`` — re-render tables and plots; several runs are
   compared side by side (EGP vs IMP).
@@ -13,6 +17,12 @@ Subcommands:
 Distributed: ``torchrun --nproc_per_node=N -m egp_fast.cli prune ...`` (NCCL on GPU, gloo on the
 CPU). ``--batch-size`` is the global batch, split over the ranks; entropy counts are summed
 over ranks; every rank applies identical masks (checked); only rank 0 writes files.
+
+Data: ``--val-fraction`` (default 0.1) of the training split is held out, stratified by class
+and seeded by ``--seed``; EASIER's tolerance and collapse's held-out flip check
+(``--max-flip``/``--confidence``) use it, the test split only reports. ``--measure auto`` stops
+each entropy measurement once every site is decided. DataLoader workers default to at most the
+cores available to each process.
 
 Checkpoints (``checkpoint.pt``) are written atomically after every epoch and every round;
 ``--resume RUN_DIR`` continues exactly where the run stopped.
