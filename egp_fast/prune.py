@@ -356,7 +356,10 @@ def _check_step(step: Any) -> float:
 
 def _check_method(method: Any) -> str:
     if method not in METHODS:
-        raise ConfigError(f"method={method!r} is not a pruning method; use 'egp', 'imp' or 'easier'")
+        raise ConfigError(
+            f"method={method!r} is not a pruning method; use 'egp' or 'imp' (weight pruning) or "
+            "'easier' (activation removal)"
+        )
     return method
 
 
