@@ -879,7 +879,8 @@ def prune(
 
     A failure before the first round completes (bad batches, a crash in the first
     fine-tune) restores the model exactly as it was passed and re-raises the original
-    exception.
+    exception. Optimizers and schedulers are yours and are not rolled back: build them anew
+    before training the restored model further.
 
     Args:
         model: the network, changed in place.
