@@ -80,6 +80,8 @@ def main() -> dict:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tols", default="0.02,0.005,0.001,0.0002",
+                    help="comma-separated tol values to compare stop='decided' at (the first is reported in the line)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -102,8 +104,13 @@ def main() -> dict:
     pruner = egp_fast.Pruner(model, x[: a.batch], progress=False)
     for rnd in range(a.rounds):
         full = pruner.measure(data)
-        early = pruner.measure(data, stop="decided")
         plan_full = pruner.plan(full)
+        by_tol = []
+        for tol in [float(t) for t in a.tols.split(",")]:
+            e = pruner.measure(data, stop="decided", tol=tol)
+            by_tol.append({"tol": tol, "batches": e.batches, "same_zero": e.zero_entropy_sites() == full.zero_entropy_sites(),
+                           "max_entropy_diff": _entropy_diff(e, full), "plan": _plan_diff(pruner.plan(e), plan_full)})
+        early = pruner.measure(data, stop="decided", tol=float(a.tols.split(",")[0]))
         plan_early = pruner.plan(early)
         row = {
             "round": rnd + 1,
@@ -116,6 +123,7 @@ def main() -> dict:
             "same_zero": full.zero_entropy_sites() == early.zero_entropy_sites(),
             "max_entropy_diff": _entropy_diff(early, full),
             "plan": _plan_diff(plan_early, plan_full),
+            "by_tol": by_tol,
             "max_flip_bound_of_zero_sites": max(
                 [early.sites[n].flip_bound() for n in early.zero_entropy_sites()], default=None
             ),
@@ -152,6 +160,10 @@ def main() -> dict:
             f"max |dH| {row['track_max_entropy_diff']:.3f}, same top layer "
             f"{row['track_plan']['same_top_layer']}, budget moved {row['track_plan']['budget_moved']:.3f}"
         )
+        for t in by_tol:
+            print(f"    tol {t['tol']:g}: {t['batches']}/{full.batches} batches, same zero {t['same_zero']}, "
+                  f"max |dH| {t['max_entropy_diff']:.5f}, plan max rel diff {t['plan']['max_rel_diff']:.4f} "
+                  f"({t['plan']['worst_layer']}), budget moved {t['plan']['budget_moved']:.4f}")
     report["seconds"] = time.perf_counter() - t0
     print(f"total {report['seconds']:.1f} s")
     if a.json:
