@@ -275,7 +275,7 @@ def measure_call_ratios(
     first_r, again_r, plain_t = [], [], []
     for i in range(pairs):
         fresh = copy.deepcopy(model)
-        order = [("plain", plain), ("first", lambda: egp_fast.measure_entropy(fresh, batches, progress=False)),
+        order = [("plain", plain), ("first", lambda m=fresh: egp_fast.measure_entropy(m, batches, progress=False)),
                  ("again", lambda: egp_fast.measure_entropy(warm, batches, progress=False))]
         if i % 2:
             order.reverse()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,10 +29,11 @@ import torch.nn as nn
 
 from egp_fast import ops
 from egp_fast.errors import ConfigError, DataError, EGPError, ModelError, NumericsError
-from egp_fast.graph import Site, SiteGraph, _describe, _unwrap, discover_sites, eval_mode, normalize_inputs
+from egp_fast.graph import Site, SiteGraph, _describe, _unwrap, eval_mode
 from egp_fast.ops._dispatch import backend_for
 from egp_fast.stats_decide import Decider, check_confidence, check_fraction
 from egp_fast.stats_decide import flip_bound as _flip_bound
+from egp_fast.stats_discover import _compare_outputs, cached_graph  # noqa: F401  (re-exported)
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 _PAPER_EPS = 1e-5
@@ -302,9 +302,8 @@ class _Counter:
         self.total_samples = 0
         self.current_n = 0  # samples in the batch being measured
         self.paper = paper
-        zeros = (lambda: torch.zeros(len(sites), dtype=torch.float64, device=device))
-        self.paper_sum = zeros() if paper else None
-        self.paper_sq = zeros() if paper else None
+        self.paper_sum = torch.zeros(len(sites), dtype=torch.float64, device=device) if paper else None
+        self.paper_sq = torch.zeros(len(sites), dtype=torch.float64, device=device) if paper else None
         self.batches = 0
         self.backend: str | None = None
         self._impl: dict[tuple[torch.dtype, torch.device], Any] = {}
@@ -568,145 +567,6 @@ def _finish(
             samples=int(counter.samples[i]),
         )
     return EntropyStats(result, mode, counter.batches, seconds, samples=int(counter.total_samples))
-
-
-# --------------------------------------------------------------------------------------------
-# Site discovery, cached per model.
-
-# model -> (structure key, SiteGraph). Weak keys: the cache never keeps a model alive (the
-# SiteGraph references the model's submodules, not the model object itself).
-_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_DISCOVERY_SAMPLES = 2
-
-
-def _structure_key(model: nn.Module, example: Any) -> tuple:
-    """A cheap signature of what discovery depends on (resnet18: ~0.3 ms).
-
-    Module identities and types in tree order (a swapped module, e.g. after ``linearize``, changes
-    it), parameter shapes, and the layout of the example (dtypes and shapes past dim 0).
-    """
-    mods = tuple((id(m), type(m)) for m in model.modules())
-    params = tuple(p.shape for p in model.parameters())
-    args, kwargs = normalize_inputs(example)
-    layout = tuple(
-        (t.dtype, tuple(t.shape[1:]), t.device.type) if isinstance(t, torch.Tensor) else type(t).__name__
-        for t in list(args) + [kwargs[k] for k in sorted(kwargs)]
-    )
-    return mods, params, tuple(sorted(kwargs)), layout
-
-
-def _few_samples(example: Any, n: int = _DISCOVERY_SAMPLES) -> Any:
-    """``example`` cut to its first ``n`` samples (dim 0 of every tensor that has the batch's
-    dim 0); ``example`` itself when that cuts nothing. Two, not one: a ``squeeze()`` in a
-    forward would drop a batch dimension of 1 and change the layout discovery records."""
-    args, kwargs = normalize_inputs(example)
-    first = _tensors(args) + _tensors(kwargs)
-    if not first or first[0].dim() == 0 or first[0].shape[0] <= n:
-        return example
-    b = first[0].shape[0]
-
-    def cut(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b:
-            return v[:n]
-        return v
-
-    if isinstance(example, torch.Tensor):
-        return cut(example)
-    if isinstance(example, Mapping):
-        return {k: cut(v) for k, v in example.items()}
-    return type(example)(cut(v) for v in example) if isinstance(example, tuple) else [cut(v) for v in example]
-
-
-def _discover(model: nn.Module, example: Any) -> SiteGraph:
-    """Discover on a few samples (shape propagation is a forward: one sample costs 1/B of one);
-    fall back to the whole example when the model rejects the cut (e.g. a hard-coded batch)."""
-    small = _few_samples(example)
-    if small is not example:
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                graph = discover_sites(model, small)
-        except DataError as e:
-            # Retry on the whole example only when the cut itself is the likely cause (a shape
-            # error); any other failure is the model's own and must reach the user.
-            if not _looks_like_shape_error(e.__cause__):
-                raise
-            return discover_sites(model, example)
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return graph
-    return discover_sites(model, example)
-
-
-_SHAPE_WORDS = ("shape", "size", "dimension", "batch", "view", "reshape", "mismatch", "expected")
-
-
-def _looks_like_shape_error(e: BaseException | None) -> bool:
-    return isinstance(e, (RuntimeError, ValueError, IndexError)) and any(
-        w in str(e).lower() for w in _SHAPE_WORDS
-    )
-
-
-def cached_graph(model: nn.Module, example_inputs: Any) -> SiteGraph:
-    """The :class:`SiteGraph` of ``model``, discovered once and reused while it is unchanged.
-
-    The cache is keyed on the model object and a structure signature (module identities and
-    types, parameter shapes, the example's layout), so replacing a module (``linearize``,
-    ``collapse``, swapping layers) or feeding another input layout discovers again.
-
-    Args:
-        model: the network.
-        example_inputs: a batch it accepts (see :func:`discover_sites`).
-
-    Returns:
-        The (possibly cached) :class:`SiteGraph`.
-
-    Raises:
-        ModelError: the model has no supported activation.
-        DataError: the model rejects ``example_inputs``.
-
-    Example:
-        >>> import torch, egp_fast
-        >>> from egp_fast.stats import cached_graph
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
-        >>> cached_graph(net, torch.randn(3, 4)) is cached_graph(net, torch.randn(5, 4))
-        True
-    """
-    model = _unwrap(model)
-    key = _structure_key(model, example_inputs)
-    hit = _GRAPHS.get(model)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    graph = _discover(model, example_inputs)
-    _GRAPHS[model] = (key, graph)
-    return graph
-
-
-# --------------------------------------------------------------------------------------------
-# Checking the traced graph against the real model.
-
-_RTOL, _ATOL = 1e-4, 1e-5
-
-
-def _compare_outputs(real: Any, traced: Any) -> str | None:
-    """None when the two outputs agree (structure, shapes, dtypes, allclose); else why not."""
-    a, b = _tensors(real), _tensors(traced)
-    if len(a) != len(b):
-        return f"model.forward returned {len(a)} tensor(s), the traced graph {len(b)}"
-    for k, (x, y) in enumerate(zip(a, b)):
-        if x.shape != y.shape or x.dtype != y.dtype:
-            return (
-                f"output tensor {k}: model.forward gave {x.dtype} {list(x.shape)}, the traced "
-                f"graph {y.dtype} {list(y.shape)}"
-            )
-        if x.is_floating_point() or x.is_complex():
-            same = torch.allclose(x, y, rtol=_RTOL, atol=_ATOL, equal_nan=True)
-        else:
-            same = torch.equal(x, y)
-        if not same:
-            diff = (x.to(torch.float64) - y.to(torch.float64)).abs().nan_to_num(float("inf")).max()
-            return f"output tensor {k} differs (max abs difference {float(diff):.3g})"
-    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import egp_fast
 from egp_fast import stats as stats_mod
+from egp_fast import stats_discover
 from egp_fast.errors import DataError, ModelError
 
 
@@ -150,13 +151,13 @@ def test_module_called_a_varying_number_of_times_warns():
 @pytest.fixture
 def spy(monkeypatch):
     calls = []
-    real = stats_mod.discover_sites
+    real = stats_discover.discover_sites
 
     def wrapped(model, example_inputs):
         calls.append(example_inputs)
         return real(model, example_inputs)
 
-    monkeypatch.setattr(stats_mod, "discover_sites", wrapped)
+    monkeypatch.setattr(stats_discover, "discover_sites", wrapped)
     return calls
 
 
