@@ -49,7 +49,16 @@ def _structure_key(model: nn.Module, example: Any) -> tuple:
         (t.dtype, tuple(t.shape[1:]), t.device.type) if isinstance(t, torch.Tensor) else type(t).__name__
         for t in list(args) + [kwargs[k] for k in sorted(kwargs)]
     )
-    return mods, params, tuple(sorted(kwargs)), layout
+    return mods, params, tuple(sorted(kwargs)), layout, _registry_state()
+
+
+def _registry_state() -> tuple:
+    # register_activation changes which modules are sites: a registration discovers again.
+    try:
+        from egp_fast.activations import registered_activations
+    except ImportError:  # an install without user-registered activations
+        return ()
+    return tuple((id(c), k) for c, k in registered_activations().items())
 
 
 def _few_samples(example: Any, n: int = _DISCOVERY_SAMPLES) -> Any:

@@ -243,3 +243,27 @@ def test_failure_on_the_cut_example_that_is_not_about_shapes_is_raised(spy):
         warnings.simplefilter("ignore")  # fx cannot trace the shape check: hooks discovery
         with pytest.raises(DataError, match="two is unlucky"):
             egp_fast.measure_entropy(Picky(), [torch.randn(4, 2)], progress=False)
+
+
+def test_registering_an_activation_invalidates_the_cache(spy):
+    register = getattr(egp_fast, "register_activation", None)
+    if register is None:
+        pytest.skip("this install has no egp_fast.register_activation")
+
+    class Mine(nn.Module):
+        def forward(self, x):
+            return torch.clamp_min(x, 0.0)
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), Mine())
+    x = [torch.randn(4, 3)]
+    egp_fast.measure_entropy(net, x, progress=False)
+    register(Mine, "relu")
+    try:
+        s = egp_fast.measure_entropy(net, x, progress=False)
+    finally:
+        from egp_fast import activations
+
+        # no public unregister: drop the test's class so other tests see the registry as before
+        getattr(activations, "_REGISTRY", {}).pop(Mine, None)
+        getattr(activations, "_PROBE_CACHE", {}).clear()
+    assert len(spy) == 2 and "3" in s.sites
