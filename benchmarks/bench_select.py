@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import backend_of, machine, providers, requires_cuda, run_timed, sync  # noqa: E402
 
 from egp_fast.ops import global_smallest, select_smallest, sign_count_  # noqa: E402
+from egp_fast.ops.select import reference_select_smallest  # noqa: E402
 
 
 def _resnet(name: str) -> torch.nn.Module:
@@ -51,11 +53,27 @@ def _weights_and_masks(model, device="cpu"):
 
 
 def topk_per_layer(weights, masks, counts):
-    """The naive path: ``torch.topk(|w|, k, largest=False)`` over each layer's kept entries, as
-    ``torch.nn.utils.prune.l1_unstructured`` does (not tie-exact; a speed baseline only)."""
+    """The fair baseline, the fastest standard way: per layer, ``torch.topk`` on ``|w|`` with the
+    already-pruned entries forced first (score -1), ``k = already pruned + counts[i]``, unsorted;
+    ``torch.nn.utils.prune.l1_unstructured`` runs the same topk. Not tie-exact: a speed baseline."""
     out = []
     for w, m, k in zip(weights, masks, counts):
-        new = m.clone()
+        new = m.clone(memory_format=torch.contiguous_format)
+        if k > 0:
+            scores = w.detach().abs().masked_fill_(~m, -1).reshape(-1)
+            total = m.numel() - int(m.count_nonzero()) + k
+            idx = torch.topk(scores, total, largest=False, sorted=False).indices
+            new.view(-1)[idx] = False
+        out.append(new)
+    return out
+
+
+def topk_gather_per_layer(weights, masks, counts):
+    """An extra row: ``torch.topk`` over the gathered kept entries only (what
+    ``prune.PruningContainer`` does when a layer is pruned again)."""
+    out = []
+    for w, m, k in zip(weights, masks, counts):
+        new = m.clone(memory_format=torch.contiguous_format)
         flat = new.view(-1)
         idx = flat.nonzero().squeeze(1)
         if k > 0:
@@ -240,21 +258,48 @@ def _best_time(fn, device="cpu", repeats=5, warmup=2, setup=None, calls=1) -> fl
     return min(times)
 
 
-def _report_cpu(repeats: int) -> None:
-    print(f"# CPU: {machine()}, torch {torch.__version__}")
+def _interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Times every function of ``fns`` once per round, rounds interleaved, so load from other
+    processes hits all alike. Returns ``{name: (best wall s, median wall s, best CPU s)}``; CPU
+    time (``time.process_time``, all threads) leaves out the time spent waiting for a core."""
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            t1, c1 = time.perf_counter(), time.process_time()
+            if r >= warmup:
+                wall[name].append(t1 - t0)
+                cpu[name].append(c1 - c0)
+    return {k: (min(wall[k]), statistics.median(wall[k]), min(cpu[k])) for k in fns}
+
+
+def _report_cpu(repeats: int, select_only: bool = False) -> None:
+    print(f"# CPU: {machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     model = _resnet("resnet50")
     ws, ms = _weights_and_masks(model)
     counts = _half_counts(ms)
     total = sum(w.numel() for w in ws)
-    t_topk = _best_time(lambda: topk_per_layer(ws, ms, counts), repeats=repeats)
-    t_ref = _best_time(lambda: select_smallest(ws, ms, counts, backend="torch"), repeats=repeats)
-    t_cpp = _best_time(lambda: select_smallest(ws, ms, counts, backend="cpp"), repeats=repeats)
-    print(
-        f"select_smallest resnet50 ({total / 1e6:.1f}M, 50% per layer): topk/layer {t_topk * 1e3:.1f} ms, "
-        f"reference(sort) {t_ref * 1e3:.1f} ms, cpp {t_cpp * 1e3:.1f} ms -> "
-        f"{t_topk / t_cpp:.1f}x vs topk, {t_ref / t_cpp:.1f}x vs reference; "
-        f"cpp {total / t_cpp / 1e6:.0f} M elem/s"
-    )
+    fns = {
+        "topk/layer, pruned first (fair baseline)": lambda: topk_per_layer(ws, ms, counts),
+        "topk/layer over gathered kept entries": lambda: topk_gather_per_layer(ws, ms, counts),
+        "reference (stable sort)": lambda: reference_select_smallest(ws, ms, counts),
+        "torch backend (kthvalue)": lambda: select_smallest(ws, ms, counts, backend="torch"),
+    }
+    if "cpp" in providers("select_smallest", "cpu"):
+        fns["cpp backend"] = lambda: select_smallest(ws, ms, counts, backend="cpp")
+    res = _interleaved(fns, repeats)
+    base = res["topk/layer, pruned first (fair baseline)"]
+    print(f"select_smallest, resnet50's Conv/Linear weights ({total / 1e6:.1f}M fp32), 50% of each layer, "
+          f"{repeats} interleaved rounds; ratio = fair baseline / row")
+    for name, (best, med, cpu) in res.items():
+        print(
+            f"  {name:42s} best {best * 1e3:8.1f} ms  median {med * 1e3:8.1f} ms  cpu {cpu * 1e3:8.1f} ms  "
+            f"-> {base[0] / best:5.2f}x (best), {base[1] / med:5.2f}x (median), {base[2] / cpu:5.2f}x (cpu)"
+        )
+    if select_only:
+        return
 
     def setup():
         return (_prunable(copy.deepcopy(model)),)
@@ -347,6 +392,7 @@ if __name__ == "__main__":
     ap.add_argument("--gpu", action="store_true", help="measure the GPU bars instead of the CPU ones")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for every provider")
+    ap.add_argument("--select-only", action="store_true", help="CPU: only the select_smallest table")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -355,4 +401,4 @@ if __name__ == "__main__":
             sys.exit("--gpu needs a CUDA device")
         _report_gpu(a.repeats)
     else:
-        _report_cpu(a.repeats)
+        _report_cpu(a.repeats, a.select_only)
