@@ -750,7 +750,8 @@ def measure_entropy(
                 if decider is not None:
                     decider.after_batch(index - 1)
                     if decider.should_check(index) and decider.decided(index, _sum_across_ranks):
-                        stopped_early = True
+                        # decided on the data's last batch is not "early"
+                        stopped_early = total is None or index < total
                         break
                 try:
                     batch = next(iterator)

@@ -387,3 +387,8 @@ def test_math_helpers_agree_with_math():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert flip_bound(1, True) == pytest.approx(0.95)
+
+
+def test_decided_on_the_last_batch_is_not_early():
+    r = egp_fast.measure_entropy(TwoSites(), _batches(5, 64), progress=False, stop="decided")
+    assert r.batches == 5 and not r.stopped_early
