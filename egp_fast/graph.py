@@ -390,7 +390,25 @@ class _Tracer(fx.Tracer):
             return _InputProxy(out.node, self, meta)
         return out
 
+    def _installed_modules(self) -> set[nn.Module]:
+        installed = self.__dict__.get("_installed")
+        if installed is None or installed[0] is not self.root:
+            installed = self._installed = (self.root, set(self.root.modules()))
+        return installed[1]
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        if mod not in self._installed_modules():
+            # A module object called but not installed (transformers' module-level `gelu`):
+            # name its scope after the caller, so a functional site inside reads lm_head.GELUActivation.
+            parent = self.scope.module_path
+            return f"{parent}.{type(mod).__name__}" if parent else type(mod).__name__
+        return super().path_of_module(mod)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if m not in self._installed_modules():
+            # A module built during forward (transformers' ACT2FN[...] makes a new activation per
+            # call): it has no name to be a leaf under, so fx traces into it (F.gelu is a site).
+            return False
         if _module_kind(m) is not None or isinstance(m, WEIGHT_TYPES) or m in self._opaque:
             return True
         return super().is_leaf_module(m, qualname)
@@ -749,7 +767,10 @@ def _trace_opaque(
             bad = _failing_module(e.__traceback__)
             if bad is None or bad in through or bad in opaque:
                 raise
-            opaque.update(m for m in model.modules() if type(m) is type(bad) and m not in through)
+            new = {m for m in model.modules() if type(m) is type(bad) and m not in through} - opaque
+            if not new:
+                raise  # nothing left to make a leaf: give up rather than loop
+            opaque.update(new)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _bind_library_objects(gm, set(tracer.object_paths.values()))
     out_types = tracer.output_types
