@@ -360,6 +360,17 @@ def _silence() -> None:
     logging.getLogger("egp_fast").setLevel(logging.ERROR)
 
 
+# Rows of the method in progress are also written here as they come, so --report-only can show a
+# method that has not finished (marked partial).
+_PARTIAL: dict[str, Any] = {"path": None}
+
+
+def _save_partial(rows: list[dict[str, Any]]) -> None:
+    if _PARTIAL["path"]:
+        with open(_PARTIAL["path"], "w") as f:
+            json.dump(rows, f, default=str)
+
+
 def _cache_path(cache: str, model: str, seed: int, what: str, ext: str = "json") -> str:
     return os.path.join(cache, f"{model}_seed{seed}_{what}.{ext}")
 
@@ -439,6 +450,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
             continue
         model = copy.deepcopy(dense)
         torch.manual_seed(1000 * seed + METHODS.index(method))
+        _PARTIAL["path"] = _cache_path(cache, model_key, seed, method, "partial.json")
         t0 = time.perf_counter()
         try:
             if method in ("egp", "imp"):
@@ -450,6 +462,8 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
             continue
         with open(done, "w") as f:
             json.dump(got, f, default=str)
+        if os.path.exists(_PARTIAL["path"]):
+            os.remove(_PARTIAL["path"])
         rows.extend(got)
     return {"rows": rows, "errors": errors, "splits": splits.sizes()}
 
@@ -467,6 +481,7 @@ def _run_rounds(method, model, splits, cfg, recipe, row, export_check, t0) -> li
         train(model, splits, cfg["ft_epochs"], recipe["ft_lr"], recipe["optimizer"])
         t = time.perf_counter()
         out.append(row(method, i + 1, model, t - t0 - measure_s, extra={"sparsity": rec.sparsity}, keep=keep))
+        _save_partial(out)
         measure_s += time.perf_counter() - t
         if rec.pruned == 0:
             break
@@ -506,6 +521,7 @@ def _run_easier(model, splits, cfg, recipe, row, export_check, t0) -> list[dict[
         out.append(row("easier", step, m, walls[step], keep=keep))
         kept[step] = keep["model"]
         models[step] = _plain(m)
+        _save_partial(out)
         measure_s[0] += time.perf_counter() - t
         return acc
 
@@ -539,9 +555,16 @@ def _from_cache(task: dict[str, Any]) -> dict[str, Any]:
     missing = []
     for what in ["dense", *task["cfg"]["methods"]]:
         path = _cache_path(task["cache"], task["model"], task["seed"], what)
+        partial = _cache_path(task["cache"], task["model"], task["seed"], what, "partial.json")
         if os.path.exists(path):
             with open(path) as f:
                 rows.extend(json.load(f))
+        elif os.path.exists(partial):
+            with open(partial) as f:
+                got = [dict(r, partial=True) for r in json.load(f)]
+            rows.extend(got)
+            missing.append(f"{task['model']} seed {task['seed']} {what}: not finished; "
+                           f"{len(got)} rows so far (marked partial; no step selected yet)")
         else:
             missing.append(f"{task['model']} seed {task['seed']} {what}: not finished (not in the cache)")
     return {"rows": rows, "errors": missing, "splits": {}}
@@ -567,7 +590,8 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def selected_rows(rows: list[dict[str, Any]], model: str, method: str, variant: str = "exact") -> list[dict]:
+def selected_rows(rows: list[dict[str, Any]], model: str, method: str, variant: str = "exact",
+                  max_drop: float = 0.01) -> list[dict]:
     """One row per seed: egp/imp's last round; easier's returned step; dense's only row."""
     out = []
     for seed in sorted({r["seed"] for r in rows if r["model"] == model}):
@@ -577,6 +601,13 @@ def selected_rows(rows: list[dict[str, Any]], model: str, method: str, variant: 
             continue
         if method == "easier":
             sel = [r for r in mine if r.get("selected")]
+            if not sel and any(r.get("partial") for r in mine):
+                # unfinished run: apply the loop's rule (last step before the first one outside the
+                # validation tolerance) to the steps done so far
+                for r in sorted(mine, key=lambda r: r["iteration"]):
+                    if r["dense_val_accuracy"] - r["val_accuracy"] > max_drop + 1e-12:
+                        break
+                    sel = [r]
             if sel:
                 out.append(sel[0])
             else:  # the loop returned the dense model (its first step was already outside the tolerance)
@@ -630,9 +661,10 @@ def markdown(report: dict[str, Any]) -> str:
     for model in cfg["models"]:
         for method in ["dense", *cfg["methods"]]:
             for variant in ("exact", "always_inexact"):
-                sel = selected_rows(rows, model, method, variant)
+                sel = selected_rows(rows, model, method, variant, cfg["max_drop"])
                 if not sel:
                     continue
+                label = method + (" (unfinished)" if any(r.get("partial") for r in sel) else "")
                 total = sel[0]["sites_total"]
                 best = [best_within(rows, model, method, r["seed"]) for r in sel] if variant == "exact" else []
 
@@ -640,7 +672,7 @@ def markdown(report: dict[str, Any]) -> str:
                     return _median([r.get(key) for r in sel])
 
                 lines.append(
-                    f"| {model} | {method} | {variant} | {100 * med('dense_accuracy'):.1f} | "
+                    f"| {model} | {label} | {variant} | {100 * med('dense_accuracy'):.1f} | "
                     f"{100 * med('accuracy'):.1f} | {med('drop_pt'):+.1f} | "
                     f"{med('sites_removed'):g}/{total} | {', '.join(str(b) for b in best) or '-'} | "
                     f"{med('longest_path'):g} (of {med('longest_path_uncollapsed'):g}) | "
