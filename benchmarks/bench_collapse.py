@@ -9,8 +9,9 @@ Cases (random-init models; the sites are chosen, not found by pruning):
 * ``vit_easier``: a 6-block ViT-style stack (width 64, MLP 256, 17 tokens) with every GELU
   replaced by the identity, as EASIER leaves it; collapse folds each MLP into one linear.
 
-Every case is collapsed with ``exact=True`` (output unchanged up to rounding) and, where that
-differs, with ``exact=False, fold="always"`` (zero-padded conv pairs composed: exact only away
+Every case is collapsed with ``exact=True`` (variant ``collapsed``: output unchanged up to
+rounding; the headline) and, where that differs, with ``exact=False, fold="always"`` (variant
+``collapsed_inexact``) (zero-padded conv pairs composed: exact only away
 from the border), whose measured deviation is printed next to it. Latency: original and
 collapsed model timed interleaved (:func:`egp_fast.collapse.compare_latency`), medians and
 the interquartile range of the paired ratios.
@@ -106,7 +107,7 @@ def variants(case: str, k: int):
     res = {"original": (model, None)}
     res["bn_folded"] = (collapse(model, stats, x, sites=[], measure_latency=False).model, None)
     exact = collapse(model, stats, x, exact=True, measure_latency=False, sites=sites, max_flip=1.0)
-    res["collapsed_exact"] = (exact.model, exact)
+    res["collapsed"] = (exact.model, exact)  # exact=True: the headline
     inexact = collapse(model, stats, x, exact=False, fold="always", measure_latency=False, sites=sites, max_flip=1.0)
     # Only when exact=False changed something: a border-inexact merge (a GELU site is flagged
     # approximate under both settings, so out.exact alone does not tell).
@@ -115,9 +116,20 @@ def variants(case: str, k: int):
     return res, x
 
 
+@functools.cache
+def _flops(case: str, k: int, variant: str, batch: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    models, x = variants(case, k)
+    xb = x[:1].expand(batch, *x.shape[1:]).contiguous()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        models[variant][0](xb)
+    return int(counter.get_total_flops())
+
+
 @pytest.mark.benchmark(group="collapse")
 @pytest.mark.parametrize("batch", [1, 64])
-@pytest.mark.parametrize("variant", ["original", "bn_folded", "collapsed_exact", "collapsed_inexact"])
+@pytest.mark.parametrize("variant", ["original", "bn_folded", "collapsed", "collapsed_inexact"])
 @pytest.mark.parametrize("case,k", [("resnet18_cifar", 4), ("swin_t", 8), ("vit_easier", 6)])
 def test_collapse_latency(benchmark, case, k, variant, batch):
     models, x = variants(case, k)
@@ -126,6 +138,7 @@ def test_collapse_latency(benchmark, case, k, variant, batch):
     model, out = models[variant]
     xb = x[:1].expand(batch, *x.shape[1:]).contiguous()
     benchmark.extra_info.update(case=case, k=k, variant=variant, batch=batch, threads=torch.get_num_threads(),
+                                flops=_flops(case, k, variant, batch),
                                 exact=out.exact if out is not None else True,
                                 relative_deviation=out.relative_deviation if out is not None else 0.0)
     with torch.no_grad():
@@ -161,7 +174,7 @@ def main(cases=(("vit_easier", 6), ("swin_t", 8), ("resnet18_cifar", 4), ("resne
     for case, k in cases:
         models, x = variants(case, k)
         original = models["original"][0]
-        for variant, rows in (("collapsed_exact", rows_exact), ("collapsed_inexact", rows_inexact)):
+        for variant, rows in (("collapsed", rows_exact), ("collapsed_inexact", rows_inexact)):
             if variant not in models:
                 continue
             model, out = models[variant]
