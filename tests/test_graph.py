@@ -328,3 +328,28 @@ def test_probed_activation_is_a_site_with_producer_and_params():
         ("3", "gelu", ["2"], {"approximate": "quick"}),
     ]
     assert g.site("1").exact and not g.site("3").exact
+
+
+class _GeluFn(nn.Module):
+    def forward(self, x):
+        return F.gelu(x)
+
+
+_MODULE_LEVEL_GELU = _GeluFn()  # like transformers' `gelu = get_activation("gelu")`
+
+
+class _UsesModuleLevelAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(_MODULE_LEVEL_GELU(self.fc(x)))
+
+
+def test_activation_module_called_but_not_installed_is_traced_into():
+    g = egp_fast.discover_sites(_UsesModuleLevelAct(), torch.randn(2, 3))
+    assert g.traced
+    assert [(s.kind, s.producers) for s in g.sites] == [("gelu", ["fc"])]
+    assert g.sites[0].name == "_GeluFn"
