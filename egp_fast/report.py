@@ -102,7 +102,12 @@ def load_run(run_dir: str | os.PathLike) -> dict:
         CheckpointError: not a run directory, or unreadable JSON.
 
     Example:
-        >>> run = load_run("runs/egp-digits")   # doctest: +SKIP
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> write_json(os.path.join(d, "config.json"), {"options": {"method": "egp"}})
+        >>> run = load_run(d)
+        >>> run["config"]["options"]["method"], run["report"] is None
+        ('egp', True)
     """
     run_dir = os.fspath(run_dir)
     cfg_path = os.path.join(run_dir, "config.json")
@@ -175,7 +180,11 @@ def summary_text(report: dict) -> str:
         A few lines of text.
 
     Example:
-        >>> print(summary_text({"config": {"method": "egp"}, "summary": {"acc_dense": 0.99}}))  # doctest: +SKIP
+        >>> print(summary_text({"config": {"method": "egp", "data": "digits", "model": "m"},
+        ...                     "summary": {"acc_dense": 0.99, "acc_pruned": 0.98}}))
+        summary: egp on digits, m
+        accuracy: dense 99.0% -> pruned 98.0%
+        sparsity: - of prunable weights; zero-entropy sites -/-
     """
     s = report.get("summary") or {}
     cfg = report.get("config") or {}
@@ -272,7 +281,10 @@ def compare_table(runs: Sequence[dict]) -> str:
         Fixed-width text; runs without a report show ``-``.
 
     Example:
-        >>> print(compare_table([load_run("runs/a"), load_run("runs/b")]))  # doctest: +SKIP
+        >>> runs = [{"name": n, "config": {"method": n}, "report": {"rounds": [
+        ...     {"sparsity": 0.5, "accuracy": 0.98, "n_zero": z, "n_sites": 17}]}} for n, z in (("egp", 2), ("imp", 0))]
+        >>> print(compare_table(runs).splitlines()[2].split())
+        ['0', '50.0%', '98.0%', '2/17', '50.0%', '98.0%', '0/17']
     """
     labels = [_label(r) for r in runs]
     width = max(24, *(len(x) for x in labels))
@@ -329,7 +341,9 @@ def plot_entropy_heatmap(report: dict, path: str | os.PathLike) -> None:
         path: PNG destination.
 
     Example:
-        >>> plot_entropy_heatmap(load_run("runs/a")["report"], "/tmp/h.png")  # doctest: +SKIP
+        >>> import tempfile
+        >>> rounds = [{"round": i, "entropy": {"relu": 0.9 - 0.45 * i, "layer1.0.relu1": 0.5}} for i in range(3)]
+        >>> plot_entropy_heatmap({"rounds": rounds}, os.path.join(tempfile.mkdtemp(), "h.png"))
     """
     import numpy as np
 
@@ -372,7 +386,10 @@ def plot_sparsity_curves(runs: Sequence[dict], path: str | os.PathLike) -> None:
         path: PNG destination.
 
     Example:
-        >>> plot_sparsity_curves([load_run("runs/egp"), load_run("runs/imp")], "/tmp/c.png")  # doctest: +SKIP
+        >>> import tempfile
+        >>> rounds = [{"sparsity": 1 - 0.5 ** i, "accuracy": 0.99 - 0.01 * i, "n_zero": i} for i in range(3)]
+        >>> plot_sparsity_curves([{"name": "a", "config": {"method": "egp"}, "report": {"rounds": rounds}}],
+        ...                      os.path.join(tempfile.mkdtemp(), "c.png"))
     """
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -410,7 +427,12 @@ def render_run(run: dict) -> list[str]:
         Paths of the PNGs written.
 
     Example:
-        >>> render_run(load_run("runs/a"))  # doctest: +SKIP
+        >>> import tempfile
+        >>> rounds = [{"round": i, "sparsity": 1 - 0.5 ** i, "accuracy": 0.99, "entropy": {"relu": 0.5}}
+        ...           for i in range(2)]
+        >>> paths = render_run({"dir": tempfile.mkdtemp(), "name": "a", "report": {"rounds": rounds}})
+        >>> [os.path.basename(p) for p in paths]
+        ['entropy_heatmap.png', 'sparsity_curves.png']
     """
     report = run.get("report")
     if not report or not report.get("rounds"):
