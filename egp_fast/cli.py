@@ -380,12 +380,18 @@ def _cmd_prune(given: dict) -> int:
 
     threads_before = torch.get_num_threads()
     threads = cfg["threads"]
-    if threads is None and cfg["data"].lower() == "digits":
+    if threads is None and cfg["data"].lower() == "digits" and not cfg["compile"]:
         threads = 1
     info = init_distributed(cfg["device"])
     try:
         if threads is not None:
             torch.set_num_threads(threads)
+        if cfg["compile"] and info.device.type == "cpu" and torch.get_num_threads() < 2:
+            # Seen here (torch 2.14, gcc 12): inductor's CPU code for a ResNet training step
+            # corrupts the heap ("corrupted size vs. prev_size") when torch runs one thread.
+            raise ConfigError("--compile on the CPU needs at least 2 threads (torch.compile's CPU code crashed "
+                              "with 1 thread on torch 2.14); pass --threads 2 (and OMP_NUM_THREADS unset or "
+                              ">= 2) or drop --compile")
         missing = _missing_ancestors(cfg)
         run_dir, cfg, resuming = _agree_on_run_dir(cfg, given, info)
         from egp_fast.run import Run

@@ -384,11 +384,16 @@ def test_worker_default_follows_available_cores(monkeypatch):
     assert _common.default_workers() == 4
 
 
+def test_compile_on_one_cpu_thread_is_refused(tmp_path, capsys):
+    assert main(["prune", *QUICK, "--compile", "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "c")]) == 2
+    assert "--threads 2" in _one_line_error(capsys)
+
+
 @pytest.mark.slow
 def test_compile_option_trains_with_masks_held(tmp_path):
     """--compile: torch.compile wraps the training model; pruned weights stay exactly zero."""
     out = tmp_path / "compiled"
-    assert main(["prune", *QUICK, "--rounds", "1", "--compile", "--no-collapse", "--out", str(out)]) == 0
+    assert main(["prune", *QUICK, "--rounds", "1", "--compile", "--threads", "2", "--no-collapse", "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["complete"] and rep["config"]["compile"] is True
     sd = torch.load(out / "model.pt", weights_only=True)
