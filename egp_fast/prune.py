@@ -1,8 +1,9 @@
 """The pruning loop, once, for every method: EGP, the IMP baseline and EASIER.
 
 A *method* is a small strategy that says what a round changes: EGP and IMP prune a budget of
-weights (:class:`_EGPMethod`, :class:`_IMPMethod`), EASIER linearises activation sites
-(:class:`egp_fast.easier.EasierMethod`). Around it the loop exists once: measure, plan, apply,
+weights (:mod:`egp_fast.prune_methods`), EASIER linearises activation sites
+(:class:`egp_fast.easier.EasierMethod`); the records and the snapshot that rolls a round back
+are in :mod:`egp_fast.prune_records`. Around it the loop exists once: measure, plan, apply,
 fine-tune, evaluate, record, roll back. :class:`Pruner` runs one step at a time
 (``measure`` -> ``plan`` -> ``apply``, or ``round``) for users who own their training loop (and
 for the ``egp-fast`` command); :func:`prune` runs whole rounds with fine-tune and evaluation
@@ -13,22 +14,15 @@ model within the accuracy tolerance.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect as _inspect
-import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast import masks as _masks
-from egp_fast import ops
-from egp_fast.budget import allocate
 from egp_fast.easier import (
     EasierMethod,
     check_accuracy,
@@ -38,307 +32,15 @@ from egp_fast.easier import (
 )
 from egp_fast.errors import ConfigError, DataError, ModelError, PruneInterrupted
 from egp_fast.graph import SiteGraph, _unwrap, discover_sites, weight_layers
-from egp_fast.ops._dispatch import backend_for
+from egp_fast.prune_methods import _EGPMethod, _IMPMethod, _make_method, _WeightMethod
+from egp_fast.prune_records import ModelSnapshot, PruneResult, RoundRecord, _Snapshot
 from egp_fast.stats import EntropyStats, measure_entropy, split_batch
 
 METHODS = ("egp", "imp", "easier")
 
-
-# --------------------------------------------------------------------------------------------
-# Records.
-
-
-@dataclass
-class RoundRecord:
-    """What one round (one EASIER iteration) did.
-
-    Attributes:
-        iteration: 0-based round index.
-        sparsity: fraction of pruned weights over the prunable layers, after the round (0 for
-            EASIER, which prunes no weight).
-        layers: one dict per prunable layer: ``name``, ``site`` (the site(s) it feeds),
-            ``entropy`` (of that site, before pruning), ``nonzero`` (unpruned weights before),
-            ``pruned`` (this round), ``collapsible`` (its site is already at zero entropy).
-            Empty for EASIER.
-        seconds: wall time of the round's measure + plan + apply.
-        zero_entropy_sites: sites at zero entropy when the round measured.
-        stats: the round's entropy measurement, as ``EntropyStats.to_dict()`` (per-site
-            entropies before the round changed anything).
-        removed_sites: sites this round replaced by an affine map (EASIER's chosen sites, or
-            the zero-entropy sites EGP linearises with ``linearize=True``), execution order.
-        accuracy: ``evaluate(model)`` after this round's fine-tuning; ``None`` without
-            ``evaluate``.
-        kept: False when :func:`prune` rolled this round back (its accuracy fell more than
-            ``max_drop`` below the dense accuracy).
-        sites_left: activation sites left in the model after the round.
-        method: ``"egp"``, ``"imp"`` or ``"easier"``.
-    """
-
-    iteration: int
-    sparsity: float
-    layers: list[dict[str, Any]]
-    seconds: float
-    zero_entropy_sites: list[str] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
-    removed_sites: list[str] = field(default_factory=list)
-    accuracy: float | None = None
-    kept: bool = True
-    sites_left: int | None = None
-    method: str = "egp"
-
-    @property
-    def pruned(self) -> int:
-        """Weights pruned in this round."""
-        return sum(layer["pruned"] for layer in self.layers)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe form of the record."""
-        return {
-            "iteration": self.iteration,
-            "method": self.method,
-            "sparsity": self.sparsity,
-            "pruned": self.pruned,
-            "seconds": self.seconds,
-            "zero_entropy_sites": list(self.zero_entropy_sites),
-            "removed_sites": list(self.removed_sites),
-            "sites_left": self.sites_left,
-            "accuracy": self.accuracy,
-            "kept": self.kept,
-            "layers": [dict(x) for x in self.layers],
-            "stats": self.stats,
-        }
-
-
-@dataclass
-class PruneResult:
-    """Result of :func:`prune`.
-
-    Attributes:
-        model: the pruned model (the same object that was passed), or the collapsed model
-            when ``collapse=True``.
-        rounds: one :class:`RoundRecord` per round run (a round rolled back by the accuracy
-            tolerance is listed with ``kept=False``).
-        stats: the entropy measurement of the returned model (what collapse used); ``None``
-            in the partial result of :class:`~egp_fast.errors.PruneInterrupted`.
-        collapse: the :class:`~egp_fast.collapse.CollapseResult`, when ``collapse=True``.
-        config: the arguments of the run, JSON-safe.
-        dense_accuracy: ``evaluate(model)`` before the first round (``None`` without evaluate).
-        best_round: index in ``rounds`` of the round whose model is returned; ``-1`` when it is
-            the model as passed (the first round already fell outside the tolerance).
-    """
-
-    model: nn.Module
-    rounds: list[RoundRecord]
-    stats: EntropyStats | None = None
-    collapse: Any = None
-    config: dict[str, Any] = field(default_factory=dict)
-    dense_accuracy: float | None = None
-    best_round: int = -1
-
-    @property
-    def removed_sites(self) -> list[str]:
-        """Every site removed by the kept rounds, in the order they were removed."""
-        return [s for r in self.rounds if r.kept for s in r.removed_sites]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe summary: config, rounds, final entropies and the collapse report."""
-        return {
-            "config": dict(self.config),
-            "dense_accuracy": self.dense_accuracy,
-            "best_round": self.best_round,
-            "removed_sites": self.removed_sites,
-            "rounds": [r.to_dict() for r in self.rounds],
-            "final": self.stats.to_dict() if self.stats is not None else None,
-            "collapse": self.collapse.to_dict() if hasattr(self.collapse, "to_dict") else None,
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# Snapshot: the state a failed or rolled-back round returns to.
-
-
-class ModelSnapshot:
-    """Structure, hooks, flags and tensor values of a model, restorable later.
-
-    Restores what pruning and linearisation change: submodules (sites replaced by
-    :class:`~egp_fast.collapse_affine.ChannelAffine` or rewritten callers), parameters and
-    buffers (weights, masks) and their values, forward hooks, ``training`` flags, and the
-    graph of a root ``fx.GraphModule`` edited in place. Values are copied to the CPU (a GPU
-    model does not need twice its memory); :meth:`take` on an existing snapshot reuses its
-    CPU buffers for tensors it has seen, so a snapshot per round allocates nothing new once
-    the model stops changing shape.
-
-    Args:
-        model: the module to record (recorded at construction).
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Linear(2, 2)
-        >>> snap = ModelSnapshot(net)
-        >>> with torch.no_grad():
-        ...     _ = net.weight.zero_()
-        >>> snap.restore()
-        >>> bool((net.weight != 0).any())
-        True
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.values: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.take(model)
-
-    def take(self, model: nn.Module) -> ModelSnapshot:
-        """Record ``model`` now (replacing what was recorded before).
-
-        ``complete`` is False while this runs: a snapshot interrupted half-way (Ctrl-C) holds
-        a mix of two states and must not be restored, while the model itself is untouched.
-        """
-        self.complete = False
-        self.root = model
-        self.modules = [
-            (
-                m,
-                OrderedDict(m._modules),
-                OrderedDict(m._parameters),
-                OrderedDict(m._buffers),
-                OrderedDict(m._forward_pre_hooks),
-                OrderedDict(m._forward_hooks),
-                m.training,
-            )
-            for m in model.modules()
-        ]
-        # Only the root can be edited in place as a graph (collapse_affine._rewrite_caller);
-        # every other rewrite builds a new GraphModule, restored through _modules.
-        self.graph = (copy.deepcopy(model.graph), model.code) if isinstance(model, fx.GraphModule) else None
-        old = {id(t): (t, v) for t, v in self.values}
-        values: list[tuple[torch.Tensor, torch.Tensor]] = []
-        seen: set[int] = set()
-        with torch.no_grad():
-            for m in model.modules():
-                for t in list(m._parameters.values()) + list(m._buffers.values()):
-                    if t is None or id(t) in seen:
-                        continue
-                    seen.add(id(t))
-                    prev = old.get(id(t))
-                    if prev is not None and prev[0] is t and prev[1].shape == t.shape and prev[1].dtype == t.dtype:
-                        prev[1].copy_(t.detach())
-                        values.append((t, prev[1]))
-                    else:
-                        values.append((t, t.detach().to("cpu", copy=True)))
-        self.values = values
-        self.complete = True
-        return self
-
-    def restore(self) -> None:
-        """Put the recorded structure and values back."""
-        for m, mods, params, bufs, pre, fwd, training in self.modules:
-            for d, saved in (
-                (m._modules, mods),
-                (m._parameters, params),
-                (m._buffers, bufs),
-                (m._forward_pre_hooks, pre),
-                (m._forward_hooks, fwd),
-            ):
-                d.clear()
-                d.update(saved)
-            m.training = training
-        if self.graph is not None and self.root.code != self.graph[1]:
-            self.root.graph = copy.deepcopy(self.graph[0])
-            self.root.recompile()
-        with torch.no_grad():
-            for t, v in self.values:
-                t.copy_(v.to(t.device))
-        _masks.release(self.root)
-
-
-# The previous name, kept for code that imported it.
-_Snapshot = ModelSnapshot
-
-
-# --------------------------------------------------------------------------------------------
-# Methods (strategies).
-
-
-class _WeightMethod:
-    """Shared by EGP and IMP: a round prunes a budget of weights; masks hold them at zero."""
-
-    name = ""
-    prunes_weights = True
-
-    def apply(self, pruner: Pruner, plan: dict[str, int], stats: EntropyStats | None) -> list[str]:
-        view = pruner._layer_view()
-        unknown = [n for n in plan if n not in view]
-        if unknown:
-            raise ConfigError(
-                f"plan names layers this pruner does not prune: {unknown[:5]}; prunable layers "
-                f"are {list(view)[:5]}{'...' if len(view) > 5 else ''}"
-            )
-        names = [n for n in view if plan.get(n, 0)]
-        if names:
-            new = ops.select_smallest(
-                [view[n][0] for n in names],
-                [view[n][1] for n in names],
-                [int(plan[n]) for n in names],
-                backend=backend_for("select_smallest", pruner.backend),
-            )
-            _masks.set_masks(pruner.model, dict(zip(names, new)))
-        return []
-
-    def progressed(self, record: RoundRecord) -> bool:
-        return record.pruned > 0
-
-
-class _EGPMethod(_WeightMethod):
-    """EGP: the budget goes to the producers of live sites, shared by entropy and magnitude."""
-
-    name = "egp"
-
-    def layers(self, pruner: Pruner) -> list[str]:
-        return pruner._graph.producer_layers()
-
-    def plan(self, pruner: Pruner, stats: EntropyStats, remaining: dict[str, int]) -> dict[str, int]:
-        view = pruner._layer_view()
-        layer_h = stats.layer_entropy()
-        missing = [n for n in view if n not in layer_h]
-        entropy = {n: layer_h.get(n, 0.0) for n in view}
-        if missing and len(missing) == len(view):
-            raise ConfigError(
-                "stats does not describe this model's prunable layers (no site produced by "
-                f"{missing[:3]}); measure with this pruner's measure()"
-            )
-        magnitude = {}
-        for n, (w, _) in view.items():
-            kept = remaining[n]
-            # Pruned weights are exactly zero (masks are enforced), so the L1 norm of the whole
-            # weight is the sum of |w| over the kept ones: no masked temporary needed.
-            magnitude[n] = float(torch.linalg.vector_norm(w.detach(), 1)) / kept if kept else 0.0
-        eligible = [n for n in view if entropy[n] > 0 and remaining[n] > 0]
-        budget = pruner.step * sum(remaining[n] for n in eligible)
-        return allocate(entropy, magnitude, remaining, budget)
-
-
-class _IMPMethod(_WeightMethod):
-    """IMP: one global magnitude threshold over every Conv/Linear layer."""
-
-    name = "imp"
-
-    def layers(self, pruner: Pruner) -> list[str]:
-        return weight_layers(pruner.model)
-
-    def plan(self, pruner: Pruner, stats: EntropyStats, remaining: dict[str, int]) -> dict[str, int]:
-        view = pruner._layer_view()
-        count = int(math.floor(pruner.step * sum(remaining.values())))
-        names = list(view)
-        new = ops.global_smallest(
-            [view[n][0] for n in names], [view[n][1] for n in names], count,
-            backend=backend_for("global_smallest", pruner.backend),
-        )
-        return {n: remaining[n] - int(m.sum()) for n, m in zip(names, new)}
-
-
-def _make_method(method: str, linearization: str) -> Any:
-    if method == "easier":
-        return EasierMethod(linearization)
-    return _EGPMethod() if method == "egp" else _IMPMethod()
+__all__ = ["METHODS", "ModelSnapshot", "PruneResult", "Pruner", "RoundRecord", "prune"]
+# Re-exported for code that reaches them here (tests patch the method classes).
+_REEXPORTED = (EasierMethod, _EGPMethod, _IMPMethod, _WeightMethod, _Snapshot)
 
 
 # --------------------------------------------------------------------------------------------
