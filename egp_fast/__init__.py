@@ -16,6 +16,7 @@ from egp_fast.errors import (
     EGPError,
     ModelError,
     NumericsError,
+    PruneInterrupted,
 )
 from egp_fast.graph import Site, SiteGraph, discover_sites, inspect, trace, weight_layers
 from egp_fast.masks import attach_masks, load_pruned_state_dict, masked_layers, sparsity, strip_masks
@@ -37,6 +38,7 @@ __all__ = [
     "MaskedLinear",
     "ModelError",
     "NumericsError",
+    "PruneInterrupted",
     "PruneResult",
     "Pruner",
     "RoundRecord",

@@ -540,7 +540,10 @@ def _rewrite_caller(
     """Re-trace ``caller`` alone and point the chosen activation calls at ChannelAffines."""
     from egp_fast.graph import trace
 
-    owner = model.get_submodule(caller) if caller else model
+    try:
+        owner = model.get_submodule(caller) if caller else model
+    except AttributeError:  # a module called in forward but not attached (transformers' module-level gelu)
+        return False, f"its caller {caller} is not a submodule of the model"
     if not caller and not isinstance(owner, fx.GraphModule):
         return False, (
             "a functional activation (or a module called twice) in the root module's own forward "

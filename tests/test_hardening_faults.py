@@ -333,7 +333,9 @@ def _fail_stage(stage: str, exc: BaseException, monkeypatch):
 
 
 @pytest.mark.parametrize("exc", EXCEPTIONS, ids=["error", "interrupt"])
-@pytest.mark.parametrize("stage", ["graph", "measure_round2", "apply_round2", "finetune", "collapse"])
+# Only a failure before the first round completes restores the model as passed; later failures keep
+# the completed rounds (issue 11 §2b), tested in tests/test_prune_atomic.py.
+@pytest.mark.parametrize("stage", ["graph"])
 @pytest.mark.parametrize("method", ["egp", "imp"])
 def test_prune_failure_restores_model(stage, exc, method, monkeypatch):
     net = _net()
