@@ -116,7 +116,20 @@ def torch_select_smallest(
     """The pure-PyTorch backend (what a build without the extension runs): per layer, the k-th
     smallest integer key of ``|w|`` by ``torch.kthvalue`` and comparisons, pruned entries ranked
     first. Same results as :func:`reference_select_smallest`, bit for bit (the reference sorts
-    every layer's kept entries, which is several times slower)."""
+    every layer's kept entries, which is several times slower).
+
+    Args:
+        weights, masks, counts: as for :func:`select_smallest` (already checked by it).
+
+    Returns:
+        New contiguous bool masks, one per layer.
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([0.3, -0.1, 0.1, 2.0])
+        >>> torch_select_smallest([w], [torch.tensor([True, True, False, True])], [1])
+        [tensor([ True, False, False,  True])]
+    """
     return [_kth_select(w, m, int(k)) for w, m, k in zip(weights, masks, counts)]
 
 
