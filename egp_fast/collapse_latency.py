@@ -113,7 +113,7 @@ def compare_latency(
         for bs in sizes:
             args, kwargs = _batched(example_inputs, bs)
 
-            def once(m: nn.Module, k: int) -> float:
+            def once(m: nn.Module, k: int, args: tuple = args, kwargs: dict = kwargs) -> float:
                 _sync(device)
                 t0 = time.perf_counter()
                 for _ in range(k):
