@@ -103,6 +103,12 @@ def test_selection_and_best_within():
         if r["method"] == "easier" and r["seed"] == 1:
             r["selected"] = False
     assert [r["sites_removed"] for r in fid.selected_rows(rows, "resnet", "easier")] == [6, 0]
+    # an unfinished run (rows saved so far): the loop's rule on validation picks the step
+    for r in rows:
+        if r["method"] == "easier" and r["seed"] == 1:
+            r["partial"], r["dense_val_accuracy"] = True, 0.98
+            r["val_accuracy"] = {1: 0.975, 2: 0.95}[r["iteration"]]
+    assert [r["sites_removed"] for r in fid.selected_rows(rows, "resnet", "easier")] == [6, 4]
 
 
 @pytest.mark.slow
