@@ -50,8 +50,9 @@ class CollapseResult:
             ``compose_linear``, ``residual_identity``, ``residual_parallel``, ``dead_branch``,
             ``dead_channels``, ``dead_code``: a site inside a branch whose output became
             unused), ``site`` or ``layers``, and ``exact``. ``linearize`` entries also carry the
-            evidence: ``samples`` and ``flip_bound`` (None when the statistics do not say), and
-            ``held_out`` (see ``check``) when held-out data was given.
+            evidence: ``samples`` and ``flip_bound`` (None when the statistics do not say),
+            ``held_out`` (see ``check``) when held-out data was given, and ``composed``: whether
+            the layers around the site were merged into one.
         left: what was not done, with ``reason`` (weak evidence, unsupported pattern, cost,
             border effects). Sites kept for weak evidence have ``kind="evidence"``,
             ``samples``, ``flip_bound``, ``max_flip`` and ``confidence``.
@@ -271,6 +272,12 @@ def collapse(
         folder.run()
         removed, left = folder.removed, folder.left
         result_model = gm
+        # Whether the layers around each removed site became one layer (a gated MLP, a
+        # zero-padded pair with exact=True or a costlier merge leaves them apart).
+        composed = {s for e in removed if e["kind"] in ("compose_linear", "compose_conv") for s in e.get("sites", ())}
+        for e in removed:
+            if e["kind"] == "linearize":
+                e["composed"] = e["site"] in composed
     for e in removed:
         if e["kind"] == "linearize" and e["site"] in evid:
             e["samples"], e["flip_bound"] = evid[e["site"]]

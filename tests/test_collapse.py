@@ -415,7 +415,7 @@ def test_vit_block_identity_gelu_folds_mlp_into_one_linear_exactly():
     assert _kinds(out).count("compose_linear") == 2 and out.exact
     lin = [e for e in out.removed if e["kind"] == "linearize"]
     assert [e["site"] for e in lin] == ["0.act", "1.act"]
-    assert all(e["how"] == "identity" and e["linearization_exact"] is False for e in lin)
+    assert all(e["how"] == "identity" and e["linearization_exact"] is False and e["composed"] for e in lin)
     assert _rel(y, out.model(x)) <= 1e-4 and out.relative_deviation <= 1e-4
     # Each MLP (32 -> 128 -> 32) is now one 32 -> 32 linear: FLOPs and depth fall.
     assert out.after["longest_path"] == out.before["longest_path"] - 2
@@ -511,10 +511,13 @@ def test_cifar_block_both_relus_identity():
     y = block(x).detach()
     ex = collapse(block, st, x, measure_latency=False, sites=[], exact=True, fold="always")
     assert ex.exact and "compose_conv" not in _kinds(ex) and _rel(y, ex.model(x)) <= 1e-5
+    assert not any(e["composed"] for e in ex.removed if e["kind"] == "linearize")
     assert any("zero-padded" in e["reason"] for e in ex.left)
     approx = collapse(block, st, x, measure_latency=False, sites=[], exact=False, fold="always")
     # conv2 . conv1 -> one 5x5 conv, and the identity shortcut embedded in it: one layer left.
     assert {"compose_conv", "residual_identity"} <= set(_kinds(approx))
+    # relu1 sat between the two convs; relu2 (after the add) has no layer after it in this block.
+    assert [e["composed"] for e in approx.removed if e["kind"] == "linearize"] == [True, False]
     assert approx.after["weight_layers"] == 1 and not approx.exact
     dev = (y - approx.model(x)).abs()
     assert approx.max_deviation == pytest.approx(float(dev.max()), rel=1e-4)
