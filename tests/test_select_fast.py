@@ -93,3 +93,19 @@ def test_cpp_two_pass_global_over_layers():
         got = global_smallest(ws, ms, count, backend="cpp")
         want = reference_global_smallest(ws, ms, count)
         assert all(torch.equal(g, r) for g, r in zip(got, want)), count
+
+
+def test_torch_backend_threaded_over_layers(monkeypatch):
+    # Calls of 2**20 weights or more run layers side by side in threads: same result.
+    import egp_fast.ops.select as sel
+
+    monkeypatch.setattr(sel, "_PARALLEL_MIN", 1000)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    gen = torch.Generator().manual_seed(9)
+    ws = [torch.randn(n, generator=gen) for n in (3000, 17, 2500, 900)]
+    ws[2] = ws[2].round()  # ties
+    ms = [torch.rand(w.shape, generator=gen) < 0.7 for w in ws]
+    counts = [int(m.count_nonzero()) // 2 for m in ms]
+    got = select_smallest(ws, ms, counts, backend="torch")
+    want = reference_select_smallest(ws, ms, counts)
+    assert all(torch.equal(g, r) for g, r in zip(got, want))

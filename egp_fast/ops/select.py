@@ -130,7 +130,25 @@ def torch_select_smallest(
         >>> torch_select_smallest([w], [torch.tensor([True, True, False, True])], [1])
         [tensor([ True, False, False,  True])]
     """
-    return [_kth_select(w, m, int(k)) for w, m, k in zip(weights, masks, counts)]
+    jobs = list(zip(weights, masks, [int(k) for k in counts]))
+    workers = min(torch.get_num_threads(), len(jobs))
+    if workers < 2 or sum(w.numel() for w in weights) < _PARALLEL_MIN:
+        return [_kth_select(w, m, k) for w, m, k in jobs]
+    # torch.kthvalue runs on one core; layers are independent, so run them side by side (torch
+    # releases the GIL inside its ops), biggest first so the last one to start is small.
+    from concurrent.futures import ThreadPoolExecutor
+
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0].numel())
+    out: list[torch.Tensor | None] = [None] * len(jobs)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {i: pool.submit(_kth_select, *jobs[i]) for i in order}
+        for i, f in futures.items():
+            out[i] = f.result()
+    return out  # type: ignore[return-value]
+
+
+# Below this many weights in a call, one thread is faster than starting a pool.
+_PARALLEL_MIN = 1 << 20
 
 
 def reference_select_smallest(
