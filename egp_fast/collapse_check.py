@@ -10,7 +10,6 @@ which any neuron left the piece the statistics fixed it in. :func:`egp_fast.coll
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,6 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast.errors import ConfigError, DataError
+from egp_fast.stats_decide import check_confidence, check_fraction, samples_needed
+from egp_fast.stats_decide import flip_bound as _zero_entropy_bound
 
 __all__ = ["evidence", "flip_bound", "observed_flips", "samples_needed"]
 
@@ -26,9 +27,10 @@ __all__ = ["evidence", "flip_bound", "observed_flips", "samples_needed"]
 def flip_bound(samples: int, confidence: float = 0.95) -> float:
     """Exact one-sided upper bound on the flip probability after ``samples`` samples, no flip.
 
-    With ``n`` independent samples and no flip, every flip probability ``q`` above
-    ``1 - (1 - confidence) ** (1 / n)`` would have produced a flip with probability at least
-    ``confidence`` (the Clopper-Pearson bound for zero successes; about ``3 / n`` at 95%).
+    The bound of :func:`egp_fast.stats_decide.flip_bound` for a zero-entropy site: with ``n``
+    independent samples and no flip, any flip probability above
+    ``1 - (1 - confidence) ** (1 / n)`` would have shown a flip with probability at least
+    ``confidence`` (Clopper-Pearson for zero successes; about ``3 / n`` at 95%).
 
     Args:
         samples: input samples the site was seen on (0 gives 1.0: no evidence).
@@ -41,37 +43,18 @@ def flip_bound(samples: int, confidence: float = 0.95) -> float:
         >>> round(flip_bound(8), 3), round(flip_bound(1437), 4)
         (0.312, 0.0021)
     """
-    _check_confidence(confidence)
-    if samples <= 0:
-        return 1.0
-    # -expm1(log1p(-c) / n) == 1 - (1 - c) ** (1 / n), without cancellation for large n.
-    return max(-math.expm1(math.log1p(-confidence) / samples), math.ulp(0.0))
-
-
-def samples_needed(max_flip: float, confidence: float = 0.95) -> int:
-    """Samples without a flip needed to bring the bound to ``max_flip`` or below.
-
-    Example:
-        >>> samples_needed(0.01)
-        299
-    """
-    _check_confidence(confidence)
-    if max_flip >= 1.0:
-        return 0
-    return math.ceil(math.log1p(-confidence) / math.log1p(-max_flip))
-
-
-def _check_confidence(confidence: float) -> None:
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
-        raise ConfigError(f"confidence={confidence!r} must be a number strictly between 0 and 1 (e.g. 0.95)")
+    return _zero_entropy_bound(samples, True, confidence)
 
 
 def check_max_flip(max_flip: float) -> None:
-    if isinstance(max_flip, bool) or not isinstance(max_flip, (int, float)) or not 0.0 < max_flip <= 1.0:
+    """Raise :class:`ConfigError` unless ``max_flip`` is a number in (0, 1]."""
+    try:
+        check_fraction(max_flip, "max_flip")
+    except ConfigError:
         raise ConfigError(
             f"max_flip={max_flip!r} must be a number in (0, 1]: the largest tolerated bound on the "
             "probability that a new sample flips a collapsed site (1.0 collapses on any evidence)"
-        )
+        ) from None
 
 
 def evidence(st: Any, confidence: float = 0.95) -> tuple[int | None, float | None]:
@@ -94,7 +77,7 @@ def evidence(st: Any, confidence: float = 0.95) -> tuple[int | None, float | Non
         >>> n, round(b, 3)
         (8, 0.312)
     """
-    _check_confidence(confidence)
+    check_confidence(confidence)
     n = getattr(st, "samples", None)
     n = int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None
     fb = getattr(st, "flip_bound", None)

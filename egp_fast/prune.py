@@ -550,6 +550,8 @@ def prune(
     max_drop: float | None = None,
     linearization: str = "identity",
     measure_stop: str | None = None,
+    max_flip: float = 0.01,
+    confidence: float = 0.95,
 ) -> PruneResult:
     """Prune ``model`` in rounds with EGP, IMP or EASIER, fine-tuning after each round.
 
@@ -611,6 +613,10 @@ def prune(
             mostly OFF).
         measure_stop: passed to each round's measurement as ``stop`` (``None``: a whole pass;
             ``"decided"``: stop when every site is decided, see :func:`measure_entropy`).
+        max_flip, confidence: the evidence a zero-entropy site needs (its flip bound at
+            ``confidence``, :meth:`SiteStats.flip_bound`, at most ``max_flip``) to be removed by
+            ``collapse=True``, and to count as decided with ``measure_stop="decided"``;
+            ``max_flip=1.0`` trusts any amount of data.
 
     Returns:
         :class:`PruneResult`: the model, one :class:`RoundRecord` per round (with
@@ -658,6 +664,10 @@ def prune(
         max_drop = check_max_drop(max_drop)
         if evaluate is None:
             raise ConfigError(f"max_drop={max_drop} needs evaluate=fn to measure the accuracy drop")
+    from egp_fast.stats_decide import check_confidence, check_fraction
+
+    max_flip = check_fraction(max_flip, "max_flip")
+    confidence = check_confidence(confidence)
     if measure_stop not in (None, "decided"):
         raise ConfigError(f"measure_stop={measure_stop!r}; use None (a whole pass) or 'decided'")
     if data is None:
@@ -675,6 +685,8 @@ def prune(
         "max_drop": max_drop,
         "linearization": linearization,
         "measure_stop": measure_stop,
+        "max_flip": max_flip,
+        "confidence": confidence,
     }
     target = _unwrap(model)
     # The state a failure returns to: the model as passed, then the end of each completed round.
@@ -682,7 +694,9 @@ def prune(
     completed = False
     rounds: list[RoundRecord] = []
     result = PruneResult(target, rounds, None, None, config)
-    measure_options = {"stop": measure_stop} if measure_stop is not None else {}
+    measure_options = (
+        {"stop": measure_stop, "max_flip": max_flip, "confidence": confidence} if measure_stop is not None else {}
+    )
     try:
         pruner = Pruner(
             target,
@@ -722,7 +736,9 @@ def prune(
         if collapse:
             from egp_fast.collapse import collapse as _collapse
 
-            result.collapse = _collapse(target, result.stats, pruner.example_inputs)
+            result.collapse = _collapse(
+                target, result.stats, pruner.example_inputs, max_flip=max_flip, confidence=confidence
+            )
             result.model = result.collapse.model
         return result
     except BaseException as e:

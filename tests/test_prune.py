@@ -237,3 +237,23 @@ def test_linearize_between_rounds_and_collapse_at_the_end():
     x = torch.randn(2, 3, 4, 4)
     model.eval()
     assert torch.allclose(res.model(x), model(x), atol=1e-4)
+
+
+def test_prune_collapse_passes_the_evidence_threshold():
+    # 16 samples give a flip bound of ~17%: the default max_flip=0.01 keeps the zero-entropy site,
+    # max_flip=1.0 removes it. Breaking the pass-through makes one of the two fail.
+    def net():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        with torch.no_grad():
+            m[0].bias += 100.0
+        return m
+
+    data = [torch.randn(16, 4)]
+    kept = egp_fast.prune(net(), data, iterations=1, collapse=True, progress=False)
+    assert kept.collapse.removed_sites == []
+    assert any("flip bound" in e.get("reason", "") for e in kept.collapse.left)
+    gone = egp_fast.prune(net(), data, iterations=1, collapse=True, max_flip=1.0, progress=False)
+    assert gone.collapse.removed_sites == ["1"]
+    with pytest.raises(egp_fast.ConfigError, match="max_flip"):
+        egp_fast.prune(net(), data, iterations=1, max_flip=0.0, progress=False)
