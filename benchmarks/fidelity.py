@@ -739,7 +739,7 @@ def plot(report: dict[str, Any], path: str) -> bool:
         ax.set_xlabel("sites removed (collapsed, exact folds)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.suptitle(f"Test accuracy vs sites removed after each round/step, one line per seed; star: the model "
                  f"the method ends with ({report['date'][:10]})", fontsize=10)
     fig.tight_layout()
