@@ -35,17 +35,7 @@ ALL_SKIPPED: dict[str, str] = {
 # model or a run report built in the example). Until their owners make one run, the module's
 # test is an expected failure (xfail) *after* every example that does run has passed; once an
 # example runs, the entry is stale and the test fails until it is removed here.
-PENDING: dict[str, str] = {
-    "egp_fast.masks.load_pruned_state_dict": "resnet18 example: use a tiny Sequential, prune it, reload",
-    "egp_fast.prune.Pruner": "measure/plan/apply on a tiny Sequential and a list of batches",
-    "egp_fast.prune.prune": "prune() with iterations=2 on a tiny Sequential, finetune=None",
-    "egp_fast.report.load_run": "write a run folder with write_json into a temporary directory",
-    "egp_fast.report.summary_text": "the dict example can run as it is",
-    "egp_fast.report.compare_table": "two in-memory run dicts",
-    "egp_fast.report.plot_entropy_heatmap": "an in-memory report dict and a temporary path",
-    "egp_fast.report.plot_sparsity_curves": "in-memory run dicts and a temporary path",
-    "egp_fast.report.render_run": "an in-memory run dict",
-}
+PENDING: dict[str, str] = {}
 
 
 def _modules() -> list[str]:
