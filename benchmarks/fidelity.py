@@ -309,7 +309,12 @@ def measure(model: nn.Module, splits: Splits, *, variant: str, x1: torch.Tensor,
 
     t0 = time.perf_counter()
     plain = _plain(model)
-    stats = egp_fast.measure_entropy(plain, splits.measure_loader, progress=False)
+    try:
+        stats = egp_fast.measure_entropy(plain, splits.measure_loader, progress=False)
+    except egp_fast.ModelError:
+        # Every activation was removed (EASIER's last step): nothing to measure, but the affine
+        # layers the removed sites left behind still fold.
+        stats = egp_fast.EntropyStats({}, "exact", 0)
     kwargs = {"exact": True, "fold": "auto"} if variant == "exact" else {"exact": False, "fold": "always"}
     res = egp_fast.collapse(plain, stats, splits.example, measure_latency=False, **kwargs)
     collapsed = res.model.eval()
