@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -302,16 +303,15 @@ def test_paper_reference_matches_egp_fast_paper_mode():
     assert all(not m._forward_hooks for m in ref_model.modules())  # the hooks were removed
 
 
-def test_paper_batch_entropy_clamps_constant_channels():
-    a = torch.zeros(4, 2, 3, 3)
-    a[:, 1] = 1.0  # channel 0 always off, channel 1 always on: entropy only from the clamp
-    h = float(paper.batch_entropy(a))
-    eps = paper.PAPER_EPS
-    expected = -(
-        eps * torch.log2(torch.tensor(eps, dtype=torch.float64))
-        + (1 - eps) * torch.log2(torch.tensor(1 - eps, dtype=torch.float64))
-    )
-    assert h == pytest.approx(float(expected), rel=1e-12) and 0 < h < 1e-3
+def test_paper_batch_entropy_leaves_constant_channels_out():
+    a = torch.zeros(4, 3, 3, 3)
+    a[:, 1] = 1.0  # channel 0 always off, channel 1 always on: both left out of this batch
+    assert float(paper.batch_entropy(a[:, :2])) == 0.0  # every channel constant: the batch gives 0
+    a[:2, 2] = 1.0  # channel 2 ON in half of the observations: H = 1 bit, averaged over 1 channel
+    assert float(paper.batch_entropy(a)) == pytest.approx(1.0, rel=1e-12)
+    a[0, 2, 0, 0] = 0.0  # p = 17/36 for channel 2 only
+    p = 17 / 36
+    assert float(paper.batch_entropy(a)) == pytest.approx(-(p * math.log2(p) + (1 - p) * math.log2(1 - p)))
 
 
 def test_merge_and_stamp_one_file_per_module(tmp_path):
