@@ -436,11 +436,14 @@ def _issue11_targets(tables, add) -> None:
             ref = r["ratios"].get("topk")
             if r["provider"] != "topk" and ref:
                 found = True
+                # The pure-torch path (what a build without the extension runs) must only not be
+                # slower than the fair baseline; the compiled backends must be 8x faster.
+                fallback = r["provider"] in ("reference", "torch")
                 add(
-                    f"exact per-layer selection (`{r['provider']}`) ≥ 8× `topk` per layer with pruned "
-                    "entries forced first (resnet50 weights, 50%)",
+                    f"exact per-layer selection (`{r['provider']}`) {'no slower than' if fallback else '≥ 8×'} "
+                    "`topk` per layer with pruned entries forced first (resnet50 weights, 50%)",
                     f"{ref:.1f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] * ref)})",
-                    ref >= 8 if r["provider"] != "torch" else ref >= 1,
+                    ref >= 1 if fallback else ref >= 8,
                 )
     if not found:
         add("exact per-layer selection ≥ 8× topk per layer", "", None)
