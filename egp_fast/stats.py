@@ -33,7 +33,7 @@ from egp_fast.graph import Site, SiteGraph, _describe, _unwrap, eval_mode
 from egp_fast.ops._dispatch import backend_for
 from egp_fast.stats_decide import Decider, check_confidence, check_fraction
 from egp_fast.stats_decide import flip_bound as _flip_bound
-from egp_fast.stats_discover import _compare_outputs, cached_graph  # noqa: F401  (re-exported)
+from egp_fast.stats_discover import _compare_outputs, _tensors, cached_graph  # noqa: F401  (re-exported)
 
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 _PAPER_EPS = 1e-5
@@ -229,16 +229,6 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         f"a batch has type {type(batch).__name__}; data must yield tensors, (inputs, labels) "
         "tuples, or dicts of keyword inputs"
     )
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _tensors(v)]
-    if isinstance(x, Mapping):
-        return [t for v in x.values() for t in _tensors(v)]
-    return []
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -106,3 +106,16 @@ class ViTBlock(torch.nn.Module):
 
     def forward(self, x):
         return x + self.fc2(self.act(self.fc1(self.ln(x))))
+
+
+class Branchy(torch.nn.Module):
+    """fc1 -> ReLU -> fc2 behind data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            return x[:, :2]
+        return self.fc2(self.act(self.fc1(x)))

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _collapse_helpers import Conv1D, GPT2MLPBlock, ViTBlock, force, remove_sites
+from _collapse_helpers import Branchy, Conv1D, GPT2MLPBlock, ViTBlock, force, remove_sites
 from torch import nn
 
 import egp_fast
@@ -299,16 +299,6 @@ def test_idempotent_residual_pickle_compile():
 
 
 def test_untraceable_model_left_in_place_with_reason():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
-
-        def forward(self, x):
-            if x.sum() > 1e9:  # data-dependent control flow: fx cannot trace it
-                return x[:, :2]
-            return self.fc2(self.act(self.fc1(x)))
-
     net = Branchy()
     with torch.no_grad():
         net.fc1.bias += 100.0

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from _collapse_helpers import Branchy
 from torch import nn
 
 import egp_fast
@@ -223,16 +224,6 @@ def test_check_on_data_like_the_measurement_sees_no_flip_and_dict_batches():
 
 
 def test_check_on_untraceable_model_uses_hooks():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
-
-        def forward(self, x):
-            if x.sum() > 1e9:  # data-dependent control flow: fx cannot trace it
-                return x[:, :2]
-            return self.fc2(self.act(self.fc1(x)))
-
     net = Branchy()
     with torch.no_grad():
         net.fc1.bias.fill_(3.0)
