@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import io
 import json
 import math
 import os
@@ -680,7 +679,7 @@ def markdown(report: dict[str, Any]) -> str:
                 total = sel[0]["sites_total"]
                 best = [best_within(rows, model, method, r["seed"]) for r in sel] if variant == "exact" else []
 
-                def med(key):
+                def med(key, sel=sel):
                     return _median([r.get(key) for r in sel])
 
                 lines.append(
