@@ -218,6 +218,30 @@ API = [
     ("A57", "train.load_checkpoint", "a torch.save file that is not an egp_fast checkpoint", CheckpointError,
      "is not an egp_fast checkpoint",
      lambda: _load_ckpt("foreign")),
+    ('A58', 'prune', "method='easier' without evaluate", ConfigError, "method='easier' needs evaluate=fn",
+     lambda: egp_fast.prune(_net(), [_x()], method="easier", progress=False)),
+    ('A59', 'prune', 'max_drop=-1', ConfigError, 'max_drop=-1 must be a number >= 0',
+     lambda: egp_fast.prune(_net(), [_x()], method="easier", evaluate=lambda m: 0.9, max_drop=-1, progress=False)),
+    ('A60', 'prune', 'max_drop without evaluate', ConfigError, 'needs evaluate=fn to measure the accuracy drop',
+     lambda: egp_fast.prune(_net(), [_x()], max_drop=0.01, progress=False)),
+    ('A61', 'prune', 'evaluate returns 93 (a percentage)', ConfigError, 'return a fraction in [0, 1]',
+     lambda: egp_fast.prune(_net(), [_x()], method="easier", evaluate=lambda m: 93.0, progress=False)),
+    ('A62', 'prune', "linearization='zero'", ConfigError, "linearization='zero'; use 'identity'",
+     lambda: egp_fast.prune(_net(), [_x()], method="easier", evaluate=lambda m: 0.9, linearization="zero", progress=False)),
+    ('A63', 'prune / collapse', 'max_flip=0 (also 2)', ConfigError, 'must be a number in (0, 1]',
+     lambda: egp_fast.prune(_net(), [_x()], max_flip=0, progress=False)),
+    ('A64', 'measure_entropy', "stop='soon'", ConfigError, 'is not a stopping rule; use None',
+     lambda: egp_fast.measure_entropy(_net(), [_x()], stop="soon", progress=False)),
+    ('A65', 'measure_entropy / SiteStats.flip_bound', 'confidence=1.0', ConfigError, 'must be a number strictly between 0 and 1',
+     lambda: egp_fast.measure_entropy(_net(), [_x()], stop="decided", confidence=1.0, progress=False)),
+    ('A66', 'linearize', "how='zero'", ConfigError, 'is not a linearisation',
+     lambda: egp_fast.linearize(_net(), _stats(_net()), sites=["1"], how="zero")),
+    ('A67', 'linearize', "how='identity' without sites", ConfigError, 'so name them: pass sites=[...]',
+     lambda: egp_fast.linearize(_net(), _stats(_net()), how="identity")),
+    ('A68', 'register_activation', "kind='tanhish'", ConfigError, "kind='tanhish' is not supported",
+     lambda: egp_fast.register_activation(nn.Tanh, "tanhish")),
+    ('A69', 'register_activation', 'an instance or a string instead of a class', ConfigError, 'cls must be an nn.Module subclass',
+     lambda: egp_fast.register_activation("relu", "relu")),
 ]
 
 # (id, arguments, bad input, exit status, message fragment)
@@ -246,6 +270,11 @@ CLI = [
     ("C19", "prune --gamma 5", "a decay outside (0, 1]", 2, "--gamma in (0, 1]"),
     ("C20", "prune --workers -1", "a negative worker count", 2, "--workers must be >= 0"),
     ("C21", "prune --width 0", "a width < 1", 2, "--width must be a positive integer"),
+    ('C22', 'prune --max-drop -1', 'a tolerance outside [0, 1)', 2, '--max-drop must be a fraction in [0, 1)'),
+    ('C23', 'prune --val-fraction 1.5', 'a validation fraction outside [0, 1)', 2, '--val-fraction must be in [0, 1)'),
+    ('C24', 'prune --max-flip 0', 'a flip bound outside (0, 1]', 2, '--max-flip must be in (0, 1]'),
+    ('C25', 'prune --fold-epochs -1', 'a negative fold-finetune epoch count', 2, '--fold-epochs must be >= 0'),
+    ('C26', 'prune --linearization zero', 'an unknown linearisation', 2, "argument --linearization: invalid choice: 'zero'"),
 ]
 
 
