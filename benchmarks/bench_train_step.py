@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import sync  # noqa: E402
+from conftest import requires_cuda, sync  # noqa: E402
 
 import egp_fast  # noqa: E402
 from egp_fast import masks as egp_masks  # noqa: E402
@@ -149,6 +149,25 @@ def test_train_step_resnet18_cpu(benchmark, provider, opt):
     y = torch.randint(0, 10, (32,), generator=g)
     benchmark.extra_info.update(batch=32, image="32x32", optimizer=opt, masked_fraction=0.5)
     benchmark.pedantic(train_step, args=(model, o, x, y), rounds=5, warmup_rounds=3, iterations=1)
+
+
+@requires_cuda
+@pytest.mark.benchmark(group="train_step-resnet18-b256-gpu")
+@pytest.mark.parametrize("provider", ["plain", "masked"])
+def test_train_step_resnet18_gpu(benchmark, provider):
+    plain = _resnet18("cuda")
+    model = plain if provider == "plain" else masked_copy(plain)
+    o = make_optimizer(model, "sgd")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(256, 3, 32, 32, device="cuda", generator=g)
+    y = torch.randint(0, 10, (256,), device="cuda", generator=g)
+    benchmark.extra_info.update(batch=256, image="32x32", optimizer="sgd", masked_fraction=0.5, device="cuda")
+
+    def step():
+        train_step(model, o, x, y)
+        sync("cuda")
+
+    benchmark.pedantic(step, rounds=20, warmup_rounds=5, iterations=1)
 
 
 if __name__ == "__main__":

@@ -469,7 +469,7 @@ def _issue11_targets(tables, add) -> None:
             masked += [r for r in rows if r["provider"] == "masked" and r["ratios"].get("plain")]
     for r in masked:
         over = 1.0 / r["ratios"]["plain"]
-        add(f"masked training step ≤ 1.03× a plain step (cpu, resnet18, {r['case']})",
+        add(f"masked training step ≤ 1.03× a plain step ({r['extra'].get('device', 'cpu')}, resnet18, {r['case']})",
             f"{over:.3f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] / over)}; separate runs)",
             over <= 1.03)
     if not masked:
