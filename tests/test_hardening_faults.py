@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from _models import SmallNet
 
 import egp_fast
 from egp_fast import masks as masks_mod
@@ -23,37 +24,7 @@ from egp_fast import ops
 from egp_fast.errors import DataError
 
 
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + x)
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = nn.ReLU()
-        self.block = Block(8)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x):
-        x = self.block(self.act(self.stem(x)))
-        x = torch.flatten(self.pool(x), 1)
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-class Untraceable(Net):
+class Untraceable(SmallNet):
     """Data-dependent control flow: fx fails, the hooks fallback measures."""
 
     def forward(self, x):
@@ -62,7 +33,7 @@ class Untraceable(Net):
         return super().forward(x)
 
 
-def _net(cls=Net) -> nn.Module:
+def _net(cls=SmallNet) -> nn.Module:
     torch.manual_seed(0)
     net = cls()
     # Mixed flags: the restore must give back each module's own flag, not one for all.
@@ -143,7 +114,7 @@ EXCEPTIONS = [Boom("injected"), KeyboardInterrupt()]
 # measure_entropy
 
 
-@pytest.mark.parametrize("cls", [Net, Untraceable])
+@pytest.mark.parametrize("cls", [SmallNet, Untraceable])
 @pytest.mark.parametrize("exc", EXCEPTIONS, ids=["error", "interrupt"])
 @pytest.mark.parametrize("where", ["forward", "data", "sign_count", "first_forward"])
 def test_measure_entropy_failure_leaves_model_untouched(cls, exc, where, monkeypatch):

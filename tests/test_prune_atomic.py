@@ -7,6 +7,7 @@ training flags, linearised modules) with a copy taken when the previous round en
 import pytest
 import torch
 import torch.nn as nn
+from _models import FunctionalMLP, SmallNet
 
 import egp_fast
 from egp_fast.collapse_affine import ChannelAffine
@@ -144,19 +145,9 @@ def test_failure_before_the_first_round_completes_restores_the_model_as_passed()
     assert not egp_fast.masked_layers(model)
 
 
-class _Functional(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 8)
-        self.fc2 = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def test_snapshot_reuses_its_buffers_and_restores_a_root_graph_module():
     # a functional site in a root GraphModule is rewritten in the root's own graph, in place
-    gm = egp_fast.trace(_Functional())
+    gm = egp_fast.trace(FunctionalMLP())
     snap = ModelSnapshot(gm)
     ptrs = [v.data_ptr() for _, v in snap.values]
     with torch.no_grad():
@@ -178,35 +169,6 @@ def test_snapshot_reuses_its_buffers_and_restores_a_root_graph_module():
 # --------------------------------------------------------------------------------------------
 # Every stage of round 2 (of 3), as an error and as Ctrl-C, for every method: the model is the
 # end of round 1, down to hooks, mask enforcement and training flags; round 1's record survives.
-
-
-class _Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + x)  # the same module called twice
-
-
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = nn.ReLU()
-        self.block = _Block(8)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Linear(8, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x):
-        x = self.block(self.act(self.stem(x)))
-        return self.fc2(torch.relu(self.fc1(torch.flatten(self.pool(x), 1))))
 
 
 def _full_state(model):
@@ -245,7 +207,7 @@ def test_a_failure_in_round_two_keeps_round_one(method, stage, exc, monkeypatch)
 
     prune_mod = sys.modules["egp_fast.prune"]
     torch.manual_seed(0)
-    net = _Net()
+    net = SmallNet()
     net.train()
     net.block.bn2.eval()  # mixed flags come back per module
     g = torch.Generator().manual_seed(1)

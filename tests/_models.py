@@ -1,0 +1,52 @@
+"""Small models shared by several test files."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class ResidualBlock(nn.Module):
+    """BasicBlock-like: conv-BN-ReLU-conv-BN, residual add, the same ReLU module called twice."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class SmallNet(nn.Module):
+    """Stem, a residual block, pooling and an MLP head with a functional ReLU (4 sites)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.block = ResidualBlock(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.block(self.act(self.stem(x)))
+        x = torch.flatten(self.pool(x), 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class FunctionalMLP(nn.Module):
+    """fc1 -> torch.relu -> fc2: a functional site in the module's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
