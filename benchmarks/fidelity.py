@@ -206,37 +206,22 @@ def _plain(model: nn.Module) -> nn.Module:
     return work.eval()
 
 
-@torch.no_grad()
-def interleaved_latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int, runs: int) -> dict[str, float]:
-    """Median ms of ``a`` and ``b`` timed alternately (``rounds`` x ``runs`` calls each).
+def interleaved_latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int, min_run_ms: float) -> dict[str, float]:
+    """Latency of ``b`` relative to ``a`` at ``x``'s batch size, timed alternately.
 
-    Returns the two medians, ``ratio`` = b / a from the per-round medians' median, and the
-    ratio's spread (min and max over rounds). Alternating the two models puts the same machine
-    noise on both.
+    :func:`egp_fast.collapse.compare_latency` with ``rounds`` interleaved rounds, each run
+    repeating a forward until it lasts ``min_run_ms`` milliseconds or more. Returns the two medians
+    per forward, ``ratio`` = b / a (the median of the paired ratios) and its spread (the
+    interquartile range of the paired ratios).
     """
-    a.eval()
-    b.eval()
-    a(x)
-    b(x)
-    ta: list[float] = []
-    tb: list[float] = []
-    ratios: list[float] = []
-    for r in range(rounds):
-        ra: list[float] = []
-        rb: list[float] = []
-        order = (a, b) if r % 2 == 0 else (b, a)
-        for _ in range(runs):
-            for m in order:
-                t0 = time.perf_counter()
-                m(x)
-                dt = (time.perf_counter() - t0) * 1e3
-                (ra if m is a else rb).append(dt)
-        ma, mb = statistics.median(ra), statistics.median(rb)
-        ta.append(ma)
-        tb.append(mb)
-        ratios.append(mb / ma)
-    return {"a_ms": statistics.median(ta), "b_ms": statistics.median(tb), "ratio": statistics.median(ratios),
-            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    from egp_fast.collapse import compare_latency
+
+    bs = int(x.shape[0])
+    row = compare_latency(a, b, x, batch_sizes=(bs,), budget_s=1e-9, min_rounds=rounds, max_rounds=rounds,
+                          min_run_s=min_run_ms * 1e-3)["batches"][bs]
+    lo, hi = row["speedup_iqr"]
+    return {"a_ms": row["a_ms"], "b_ms": row["b_ms"], "ratio": 1.0 / row["speedup"],
+            "ratio_min": 1.0 / hi, "ratio_max": 1.0 / lo}
 
 
 def flops_per_image(model: nn.Module, x1: torch.Tensor) -> int:
@@ -319,8 +304,8 @@ def measure(model: nn.Module, splits: Splits, *, variant: str, x1: torch.Tensor,
     collapsed = res.model.eval()
     cmp = compare_on(plain, collapsed, splits.test_loader)
     x64 = splits.test.x[:64].clone()
-    lat1 = interleaved_latency(plain, collapsed, x1, rounds=3, runs=5)
-    lat64 = interleaved_latency(plain, collapsed, x64, rounds=3, runs=1)
+    lat1 = interleaved_latency(plain, collapsed, x1, rounds=3, min_run_ms=5)
+    lat64 = interleaved_latency(plain, collapsed, x64, rounds=3, min_run_ms=5)
     reload = save_and_reload(collapsed, splits.example, x64, "pickle")
     if keep is not None:
         keep["model"] = collapsed

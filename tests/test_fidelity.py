@@ -40,7 +40,7 @@ def test_interleaved_latency_ratio_tracks_the_slower_model():
     fid = _fidelity()
     fast = torch.nn.Linear(8, 8)
     slow = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(40)])
-    lat = fid.interleaved_latency(fast, slow, torch.randn(4, 8), rounds=3, runs=5)
+    lat = fid.interleaved_latency(fast, slow, torch.randn(4, 8), rounds=3, min_run_ms=5)
     assert lat["ratio"] > 2.0 and lat["ratio_min"] <= lat["ratio"] <= lat["ratio_max"]
     assert lat["b_ms"] > lat["a_ms"]
 
