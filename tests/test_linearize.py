@@ -8,7 +8,7 @@ become) and compares with the rewritten model, on module sites, a module called 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from _models import FunctionalMLP
 from torchvision.models.resnet import BasicBlock
 
 import egp_fast
@@ -175,20 +175,10 @@ def test_both_calls_at_once_with_different_ways():
         assert torch.allclose(net(x), expect, atol=1e-5)
 
 
-class _Functional(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 8)
-        self.fc2 = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))
-
-
 class _Outer(nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = _Functional()
+        self.body = FunctionalMLP()
 
     def forward(self, x):
         return self.body(x)
@@ -207,7 +197,7 @@ def test_functional_site_in_a_submodule():
 
 
 def test_functional_site_in_a_root_graph_module():
-    gm = egp_fast.trace(_Functional())
+    gm = egp_fast.trace(FunctionalMLP())
     x = torch.randn(64, 4)
     stats = _measure(gm, x)
     (name,) = stats.sites
