@@ -25,8 +25,18 @@ TORCH_LIBRARY_IMPL(egp_fast, Autograd, m) {
   m.impl("sign_count_", torch::CppFunction::makeFallthrough());
 }
 
+namespace egp_fast {
+void set_select_paths(int64_t bits);
+std::vector<int64_t> select_path_counts(bool reset);
+}  // namespace egp_fast
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "egp_fast compiled kernels; the ops are registered as torch.ops.egp_fast.*";
+  // Test hooks of the CPU select (csrc/select/select_cpu.cpp): not public API.
+  m.def("_set_select_paths", &egp_fast::set_select_paths,
+        "Which CPU select paths may run: bit 0 sampled, bit 1 two-pass (radix always); 3 = all");
+  m.def("_select_path_counts", &egp_fast::select_path_counts, pybind11::arg("reset") = false,
+        "Problems solved by the sampled, two-pass and radix paths since the last reset");
 #ifdef EGP_FAST_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

@@ -7,7 +7,8 @@
 // fp64 64-bit keys; a global call over mixed dtypes converts every value to the widest float
 // present (exact for fp16/bf16 -> fp32 -> fp64), so layers rank as the reference's float64 keys.
 //
-// fp32 problems of 2^18 entries or more take the two-pass path (solve_two_pass below); the rest:
+// fp32 problems of 2^15 entries or more take the sampled one-pass path (solve_sampled below), and
+// if its sample misleads, those of 2^18 or more the two-pass path (solve_two_pass); the rest:
 //
 // Select: most-significant-digit radix select (digits of 11/11/10 bits for 32-bit keys), one
 // histogram pass per digit over the unpruned entries whose higher digits match the prefix found
@@ -26,13 +27,35 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace egp_fast {
+
+// Test hooks (egp_fast._C._set_select_paths / _select_path_counts): which select paths may run
+// (bit 0 the sampled path, bit 1 the two-pass path; the radix path always can), and how many
+// problems each path solved since the last reset. Tests force each path and check it ran.
+static std::atomic<int> g_select_paths{3};
+static std::atomic<int64_t> g_solved_by[3];  // sampled, two-pass, radix
+
+void set_select_paths(int64_t bits) { g_select_paths.store(static_cast<int>(bits & 3)); }
+
+std::vector<int64_t> select_path_counts(bool reset) {
+  std::vector<int64_t> out;
+  for (auto& c : g_solved_by) out.push_back(reset ? c.exchange(0) : c.load());
+  return out;
+}
+
 namespace {
 
 constexpr int64_t kChunk = int64_t{1} << 16;
@@ -457,6 +480,274 @@ void solve_two_pass(const std::vector<Seg>& segs, const std::vector<Chunk>& chun
   });
 }
 
+// ---- Sampled one-pass select for fp32 problems ------------------------------------------------
+//
+// The k-th smallest key of a problem is first bracketed from a sample: runs of kRun consecutive
+// entries (one cache line each) at a pseudo-random offset inside each of R equal strides
+// (R = n / 512, within [256, 2048]), their unpruned keys, and the sample keys of ranks r -/+ margin
+// around the expected rank r = k S / n (S = R kRun draws; margin = 3.5 binomial standard
+// deviations, doubled in variance for the correlation inside a run, + 2) give a window
+// [lo, hi]. One pass over the problem then writes out = mask & (key >= lo), counts the
+// unpruned entries below lo, and collects the unpruned entries inside the window (a few percent
+// of the layer) as candidates. If the window holds the k-th key (below <= k <= below +
+// candidates), the exact key and its ties are picked among the candidates only; otherwise (a
+// sample that misled, heavy ties, or more than a quarter of a chunk, or 1024 entries of a small
+// one, inside the window) the problem falls back to the two-pass or radix path, which rewrite
+// its output entirely.
+// Correctness never depends on the sample; only the speed does.
+//
+// The pass reads the weights and masks once and writes the output once (SSE2 on x86-64, a
+// portable loop elsewhere).
+constexpr int64_t kSampleMin = int64_t{1} << 15;
+constexpr int64_t kRun = 8;
+constexpr int64_t kRunsDiv = 512;
+constexpr int64_t kRunsMax = 2048;
+constexpr int64_t kRunsMin = 256;  // small layers: a denser sample (they are in cache anyway)
+
+inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser: a fixed, well-spread offset per run
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+struct Window {
+  uint32_t lo = 0, hi = 0x7FFFFFFFu;  // candidate keys lie in [lo, hi]
+};
+
+// The window of one problem from its sample (segs_of: its segments in order, n entries).
+Window sample_window(const std::vector<Seg>& segs, const std::vector<int64_t>& segs_of, int64_t n, int64_t k,
+                     std::vector<uint32_t>& keys) {
+  const int64_t runs = std::min(kRunsMax, std::max(kRunsMin, n / kRunsDiv));
+  const int64_t stride = n / runs;  // >= kSampleMin / kRunsMin = 128 > kRun
+  const int64_t span = stride - kRun + 1;
+  keys.clear();
+  size_t si = 0;
+  int64_t base = 0;  // problem index of segs_of[si]'s first entry
+  for (int64_t d = 0; d < runs; ++d) {
+    const int64_t pos = d * stride + static_cast<int64_t>(mix64(static_cast<uint64_t>(d)) % static_cast<uint64_t>(span));
+    for (int64_t e = pos; e < pos + kRun; ++e) {
+      while (e >= base + segs[segs_of[si]].n) base += segs[segs_of[si++]].n;
+      const Seg& s = segs[segs_of[si]];
+      if (s.m[e - base]) keys.push_back(key32(static_cast<const float*>(s.w)[e - base]));
+    }
+  }
+  const double draws = static_cast<double>(runs * kRun);
+  const double q = static_cast<double>(k) / static_cast<double>(n);
+  const double r = q * draws;
+  const double margin = 3.5 * std::sqrt(2.0 * draws * q * (1.0 - q)) + 2.0;
+  const int64_t rl = static_cast<int64_t>(std::floor(r - margin));
+  const int64_t rh = static_cast<int64_t>(std::ceil(r + margin));
+  const int64_t nk = static_cast<int64_t>(keys.size());
+  Window w;
+  if (rl > 0 && nk > 0) {
+    const int64_t at = std::min(rl, nk - 1);
+    std::nth_element(keys.begin(), keys.begin() + at, keys.end());
+    w.lo = keys[at];
+  }
+  if (rh < nk) {
+    // after the first nth_element, keys[rl..] hold the keys >= keys[rl]: search only there
+    auto from = (rl > 0 && rl < nk) ? keys.begin() + rl : keys.begin();
+    std::nth_element(from, keys.begin() + rh, keys.end());
+    w.hi = keys[rh];
+  }
+  return w;
+}
+
+// One chunk of the pass: out = mask & (key >= lo); returns the unpruned entries below lo and
+// appends the unpruned entries inside [lo, hi] to buf as (offset in chunk << 32) | key, in index
+// order. Returns -1 when more than `cap` candidates turned up (the caller gives up the problem).
+int64_t mark_chunk(const float* w, const uint8_t* m, uint8_t* out, int64_t n, Window win, int64_t cap,
+                   uint64_t* buf, int64_t& cnt) {
+  const uint32_t lo = win.lo, hi = win.hi;
+  // Keys are below 2^31 (sign cleared), so signed compares work. Raw NaN keys (above the
+  // clamped 0x7F800001) compare like the clamped one against lo, and against hi unless hi is
+  // the NaN key itself, where every key from lo up is inside the window.
+  const int32_t lo_s = static_cast<int32_t>(lo);
+  const int32_t hi_s = static_cast<int32_t>(hi >= 0x7F800001u ? 0x7FFFFFFFu : hi);
+  int64_t below = 0;
+  int64_t i = 0;
+  cnt = 0;
+#if defined(__SSE2__)
+  {
+    const __m128i absm = _mm_set1_epi32(0x7FFFFFFF);
+    const __m128i lov = _mm_set1_epi32(lo_s);
+    const __m128i hiv = _mm_set1_epi32(hi_s);
+    const __m128i zero = _mm_setzero_si128();
+    __m128i bacc = zero;  // per-lane counts; a chunk has <= 2^16 entries, no overflow
+    alignas(16) int32_t kk[16];
+    for (; i + 16 <= n; i += 16) {
+      const __m128i mb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + i));
+      const __m128i m16a = _mm_unpacklo_epi8(mb, zero);
+      const __m128i m16b = _mm_unpackhi_epi8(mb, zero);
+      const __m128i mw[4] = {_mm_unpacklo_epi16(m16a, zero), _mm_unpackhi_epi16(m16a, zero),
+                             _mm_unpacklo_epi16(m16b, zero), _mm_unpackhi_epi16(m16b, zero)};
+      __m128i keep[4];
+      int bits = 0;
+      for (int q = 0; q < 4; ++q) {
+        const __m128i k = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 4 * q)), absm);
+        _mm_store_si128(reinterpret_cast<__m128i*>(kk + 4 * q), k);
+        const __m128i lt = _mm_cmplt_epi32(k, lov);
+        const __m128i gt = _mm_cmpgt_epi32(k, hiv);
+        keep[q] = _mm_andnot_si128(lt, mw[q]);
+        bacc = _mm_add_epi32(bacc, _mm_and_si128(lt, mw[q]));
+        const __m128i inw = _mm_andnot_si128(_mm_or_si128(lt, gt), _mm_sub_epi32(zero, mw[q]));
+        bits |= _mm_movemask_ps(_mm_castsi128_ps(inw)) << (4 * q);
+      }
+      const __m128i packed = _mm_packus_epi16(_mm_packs_epi32(keep[0], keep[1]), _mm_packs_epi32(keep[2], keep[3]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), packed);
+      while (bits) {
+        const int t = __builtin_ctz(static_cast<unsigned>(bits));
+        bits &= bits - 1;
+        const uint32_t kv = static_cast<uint32_t>(kk[t]);
+        buf[cnt++] = static_cast<uint64_t>(i + t) << 32 | (kv < 0x7F800001u ? kv : 0x7F800001u);
+      }
+      if (cnt > cap) return -1;
+    }
+    alignas(16) int32_t lanes[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), bacc);
+    below = int64_t{lanes[0]} + lanes[1] + lanes[2] + lanes[3];
+  }
+#endif
+  for (; i < n; ++i) {
+    const uint32_t k = key32(w[i]);
+    const bool mm = m[i] != 0;
+    out[i] = mm && k >= lo;
+    below += mm && k < lo;
+    if (mm && k >= lo && k <= hi) {
+      buf[cnt++] = static_cast<uint64_t>(i) << 32 | k;
+      if (cnt > cap) return -1;
+    }
+  }
+  return below;
+}
+
+// Picks, among one problem's candidates (all inside [lo, hi]), the kk smallest keys, ties to
+// the lower index, and clears their outputs. A histogram of the window's key range finds the
+// bucket of the kk-th key; only that bucket's keys are ordered.
+void pick_candidates(const std::vector<std::vector<uint64_t>>& cand, int64_t c0, int64_t c1,
+                     const std::vector<bool*>& outs, Window win, int64_t kk, std::vector<int64_t>& hist,
+                     std::vector<uint32_t>& keys) {
+  if (kk <= 0) return;
+  const uint32_t lo = win.lo;
+  const uint64_t range = static_cast<uint64_t>(win.hi) - lo;
+  int shift = 0;
+  while ((range >> shift) >= 4096) ++shift;
+  const int64_t nb = static_cast<int64_t>(range >> shift) + 1;
+  hist.assign(static_cast<size_t>(nb), 0);
+  for (int64_t c = c0; c < c1; ++c) {
+    for (uint64_t v : cand[c]) ++hist[(static_cast<uint32_t>(v) - lo) >> shift];
+  }
+  int64_t cum = 0, b = 0;
+  for (; b < nb; ++b) {
+    if (cum + hist[b] >= kk) break;
+    cum += hist[b];
+  }
+  TORCH_INTERNAL_ASSERT(b < nb, "egp_fast select: lost the k-th key among the candidates");
+  keys.clear();
+  for (int64_t c = c0; c < c1; ++c) {
+    for (uint64_t v : cand[c]) {
+      const uint32_t key = static_cast<uint32_t>(v);
+      if (static_cast<int64_t>((key - lo) >> shift) == b) keys.push_back(key);
+    }
+  }
+  const int64_t in_b = kk - cum;  // keys of bucket b to take
+  std::nth_element(keys.begin(), keys.begin() + (in_b - 1), keys.end());
+  const uint32_t t = keys[in_b - 1];
+  int64_t lt = cum;
+  for (uint32_t v : keys) lt += v < t;
+  int64_t ties = kk - lt;  // entries equal to t to prune, lowest index first
+  for (int64_t c = c0; c < c1; ++c) {
+    bool* out = outs[c];
+    for (uint64_t v : cand[c]) {
+      const uint32_t key = static_cast<uint32_t>(v);
+      if (key < t || (key == t && ties > 0)) {
+        out[v >> 32] = false;
+        ties -= key == t;
+      }
+    }
+  }
+}
+
+// Solves the problems in `elig` (fp32, kSampleMin entries or more) that the sample brackets;
+// returns, per entry of `elig`, whether it was solved. Unsolved problems' outputs are partly
+// written and must be rewritten by another path.
+std::vector<char> solve_sampled(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks,
+                                const std::vector<int64_t>& problem_of, const std::vector<Problem<uint32_t>>& probs,
+                                const std::vector<int64_t>& elig) {
+  const int64_t ne = static_cast<int64_t>(elig.size());
+  std::vector<int64_t> slot(probs.size(), -1);
+  for (int64_t j = 0; j < ne; ++j) slot[elig[j]] = j;
+  std::vector<std::vector<int64_t>> segs_of(ne);
+  std::vector<int64_t> size(ne, 0);
+  for (int64_t s = 0; s < static_cast<int64_t>(segs.size()); ++s) {
+    const int64_t j = slot[problem_of[s]];
+    if (j < 0) continue;
+    segs_of[j].push_back(s);
+    size[j] += segs[s].n;
+  }
+  std::vector<Window> win(ne);
+  at::parallel_for(0, ne, 1, [&](int64_t pb, int64_t pe) {
+    std::vector<uint32_t> keys;
+    for (int64_t j = pb; j < pe; ++j) win[j] = sample_window(segs, segs_of[j], size[j], probs[elig[j]].k, keys);
+  });
+  // The pass, chunk by chunk.
+  std::vector<int64_t> mine;  // chunks of eligible problems, in order
+  for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()); ++c) {
+    if (slot[problem_of[chunks[c].seg]] >= 0) mine.push_back(c);
+  }
+  const int64_t nm = static_cast<int64_t>(mine.size());
+  std::vector<int64_t> below(nm, 0);
+  std::vector<std::vector<uint64_t>> cand(nm);
+  std::vector<bool*> outs(nm);
+  std::unique_ptr<std::atomic<bool>[]> failed(new std::atomic<bool>[ne]);
+  for (int64_t j = 0; j < ne; ++j) failed[j].store(false, std::memory_order_relaxed);
+  at::parallel_for(0, nm, 1, [&](int64_t cb, int64_t ce) {
+    // holds cap + 16 candidates: the SSE loop checks the cap after each group of 16
+    std::vector<uint64_t> buf(static_cast<size_t>(kChunk / 4 + 32));
+    for (int64_t c = cb; c < ce; ++c) {
+      const Chunk& ch = chunks[mine[c]];
+      const Seg& s = segs[ch.seg];
+      outs[c] = s.out + ch.lo;
+      const int64_t j = slot[problem_of[ch.seg]];
+      if (failed[j].load(std::memory_order_relaxed)) continue;
+      int64_t cnt = 0;
+      const int64_t nb = mark_chunk(static_cast<const float*>(s.w) + ch.lo, reinterpret_cast<const uint8_t*>(s.m) + ch.lo,
+                                    reinterpret_cast<uint8_t*>(s.out) + ch.lo, ch.hi - ch.lo, win[j],
+                                    std::min<int64_t>(kChunk / 4, std::max<int64_t>((ch.hi - ch.lo) / 4, 1024)),
+                                    buf.data(), cnt);
+      if (nb < 0) {
+        failed[j].store(true, std::memory_order_relaxed);
+        continue;
+      }
+      below[c] = nb;
+      cand[c].assign(buf.begin(), buf.begin() + cnt);
+    }
+  });
+  // Per problem: check the bracket, then pick among the candidates.
+  std::vector<int64_t> first(ne + 1, nm);  // mine[first[j]..first[j+1]) are problem j's chunks
+  for (int64_t c = nm - 1; c >= 0; --c) first[slot[problem_of[chunks[mine[c]].seg]]] = c;
+  for (int64_t j = ne - 1; j >= 0; --j) first[j] = std::min(first[j], first[j + 1]);
+  std::vector<char> ok(ne, 0);
+  at::parallel_for(0, ne, 1, [&](int64_t pb, int64_t pe) {
+    std::vector<int64_t> hist;
+    std::vector<uint32_t> keys;
+    for (int64_t j = pb; j < pe; ++j) {
+      if (failed[j].load(std::memory_order_relaxed)) continue;
+      int64_t nb = 0, nc = 0;
+      for (int64_t c = first[j]; c < first[j + 1]; ++c) {
+        nb += below[c];
+        nc += static_cast<int64_t>(cand[c].size());
+      }
+      const int64_t k = probs[elig[j]].k;
+      if (nb > k || nb + nc < k) continue;  // the window missed the k-th key
+      pick_candidates(cand, first[j], first[j + 1], outs, win[j], k - nb, hist, keys);
+      ok[j] = 1;
+    }
+  });
+  return ok;
+}
+
 // Prunes exactly ks[p] more entries in each problem p (its segments ranked as concatenated).
 template <typename KeyT>
 void solve(const std::vector<Seg>& segs, const std::vector<int64_t>& problem_of, const std::vector<int64_t>& ks,
@@ -470,19 +761,37 @@ void solve(const std::vector<Seg>& segs, const std::vector<int64_t>& problem_of,
   }
   const std::vector<Chunk> chunks = make_chunks(segs);
   if constexpr (std::is_same_v<KeyT, uint32_t>) {
-    // Big problems whose segments are all fp32 take the two-pass path; the radix path below
-    // then leaves them alone (skip) and solves the rest.
+    // Problems whose segments are all fp32 try the sampled one-pass path (kSampleMin entries or
+    // more); the big ones it could not bracket take the two-pass path; the radix path below
+    // then leaves the solved ones alone (skip) and solves the rest.
     std::vector<int64_t> size(probs.size(), 0);
     std::vector<bool> all32(probs.size(), true);
     for (size_t i = 0; i < segs.size(); ++i) {
       size[problem_of[i]] += segs[i].n;
       all32[problem_of[i]] = all32[problem_of[i]] && segs[i].dt == at::kFloat;
     }
+    const int paths = g_select_paths.load();
+    std::vector<int64_t> elig;
+    for (size_t p = 0; p < probs.size(); ++p) {
+      if ((paths & 1) && probs[p].active && all32[p] && size[p] >= kSampleMin) {
+        elig.push_back(static_cast<int64_t>(p));
+      }
+    }
+    if (!elig.empty()) {
+      const std::vector<char> ok = solve_sampled(segs, chunks, problem_of, probs, elig);
+      for (size_t j = 0; j < elig.size(); ++j) {
+        if (!ok[j]) continue;
+        probs[elig[j]].active = false;
+        probs[elig[j]].skip = true;
+        g_solved_by[0].fetch_add(1);
+      }
+    }
     std::vector<int64_t> big;
     for (size_t p = 0; p < probs.size(); ++p) {
-      if (probs[p].active && all32[p] && size[p] >= kBig) big.push_back(static_cast<int64_t>(p));
+      if ((paths & 2) && probs[p].active && all32[p] && size[p] >= kBig) big.push_back(static_cast<int64_t>(p));
     }
     if (!big.empty()) {
+      g_solved_by[1].fetch_add(static_cast<int64_t>(big.size()));
       solve_two_pass(segs, chunks, problem_of, probs, big, op, ks);
       for (int64_t p : big) {
         probs[p].active = false;
@@ -490,6 +799,9 @@ void solve(const std::vector<Seg>& segs, const std::vector<int64_t>& problem_of,
       }
     }
   }
+  int64_t radix = 0;
+  for (const auto& pr : probs) radix += pr.active;
+  g_solved_by[2].fetch_add(radix);
   std::vector<int64_t> hist;
   int done = 0;
   for (int d = 0; d < Tr::kDigits; ++d) {
