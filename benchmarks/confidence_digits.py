@@ -4,9 +4,12 @@ Trains the CIFAR-style ResNet-18 (width 16, 1 input channel, 17 ReLU sites) on s
 digits (16x16, 1437 training images), then runs a few EGP rounds with :class:`egp_fast.Pruner`.
 Each round compares, on the training split in batches of 64:
 
-(a) ``measure(stop="decided")`` against the full eval-mode pass: the same zero-entropy
-    decisions? per-layer pruning amounts of ``plan`` within 1% of the full pass's? how many
-    batches did it use, and how far did the entropies move?
+(a) ``measure(stop="decided")`` against the full eval-mode pass, with the entropy rule alone
+    (``plan_tol=None``) and with the plan rule (the default ``plan_tol=0.01``: the pass also
+    waits until every layer's planned amount is known within 1%): the same zero-entropy
+    decisions? per-layer pruning amounts of ``plan`` within 1% of the full pass's (strictly,
+    and allowing one weight for rounding)? how many batches did it use, how far did the
+    entropies move, and what did the plan callback cost?
 (b) ``track_entropy`` over one fine-tuning epoch (train-mode forwards, BatchNorm batch
     statistics, weights moving) against the eval-mode pass right after that epoch: how often
     do the zero-entropy decisions and the allocation agree?
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import torch
@@ -53,19 +57,68 @@ def _accuracy(model, x, y) -> float:
 
 
 def _plan_diff(a: dict[str, int], b: dict[str, int]) -> dict:
-    """Per-layer difference of two plans, relative to the reference plan ``b``."""
-    worst, worst_layer = 0.0, None
+    """Per-layer difference of two plans, relative to the reference plan ``b``.
+
+    ``max_rel_diff``: the largest ``|a - b| / b`` (inf when ``b`` is 0 and ``a`` is not);
+    ``max_rel_diff_1w``: the same after allowing one weight for rounding down,
+    ``max(0, |a - b| - 1) / b``; ``max_abs_diff``: the largest ``|a - b|`` in weights.
+    """
+    worst, worst_layer, worst_1w, worst_abs = 0.0, None, 0.0, 0
     for k in b:
         ref, got = b[k], a.get(k, 0)
         rel = abs(got - ref) / ref if ref else (0.0 if got == 0 else math.inf)
+        rel_1w = max(0, abs(got - ref) - 1) / ref if ref else (0.0 if abs(got) <= 1 else math.inf)
+        worst_1w = max(worst_1w, rel_1w)
+        worst_abs = max(worst_abs, abs(got - ref))
         if rel > worst:
             worst, worst_layer = rel, k
     top_a = max(a, key=a.get) if a else None
     top_b = max(b, key=b.get) if b else None
     total_b = sum(b.values()) or 1
     moved = sum(abs(a.get(k, 0) - b[k]) for k in b) / 2 / total_b
-    return {"max_rel_diff": worst, "worst_layer": worst_layer, "same_top_layer": top_a == top_b,
-            "budget_moved": moved}
+    return {"max_rel_diff": worst, "worst_layer": worst_layer, "max_rel_diff_1w": worst_1w,
+            "max_abs_diff": worst_abs, "same_top_layer": top_a == top_b, "budget_moved": moved}
+
+
+def _timed_plan_rule(pruner):
+    """Make ``pruner.measure`` count the plan callback's calls and seconds (returns the tally)."""
+    tally = {"calls": 0, "seconds": 0.0}
+    build = type(pruner).plan_rule
+
+    def plan_rule():
+        fn = build(pruner)
+        if fn is None:
+            return None
+
+        def timed(entropy, constant):
+            t = time.perf_counter()
+            try:
+                return fn(entropy, constant)
+            finally:
+                tally["calls"] += 1
+                tally["seconds"] += time.perf_counter() - t
+
+        return timed
+
+    pruner.plan_rule = plan_rule
+    return tally
+
+
+def _early(pruner, data, full, plan_full, **options) -> dict:
+    """One ``stop="decided"`` pass against the full pass ``full`` and its plan."""
+    tally = _timed_plan_rule(pruner)
+    t = time.perf_counter()
+    try:
+        e = pruner.measure(data, stop="decided", **options)
+    finally:
+        del pruner.plan_rule
+    seconds = time.perf_counter() - t
+    return {"batches": e.batches, "stopped_early": e.stopped_early, "samples": e.samples,
+            "same_zero": e.zero_entropy_sites() == full.zero_entropy_sites(),
+            "max_entropy_diff": _entropy_diff(e, full), "plan": _plan_diff(pruner.plan(e), plan_full),
+            "seconds": seconds, "plan_calls": tally["calls"], "plan_seconds": tally["seconds"],
+            "max_flip_bound_of_zero_sites": max(
+                [e.sites[n].flip_bound() for n in e.zero_entropy_sites()], default=None)}
 
 
 def _entropy_diff(a, b) -> float:
@@ -81,7 +134,10 @@ def main() -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tols", default="0.02,0.005,0.001,0.0002",
-                    help="comma-separated tol values to compare stop='decided' at (the first is reported in the line)")
+                    help="comma-separated tol values for the entropy rule alone (plan_tol=None); the first "
+                    "is also the plan rule's tol")
+    ap.add_argument("--plan-tols", default="0.01,0.05",
+                    help="comma-separated plan_tol values for the plan rule (the first is the reported one)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -103,30 +159,35 @@ def main() -> dict:
     data = _batches(x, y, a.batch)  # fixed order: every pass sees the same batches
     pruner = egp_fast.Pruner(model, x[: a.batch], progress=False)
     for rnd in range(a.rounds):
+        t = time.perf_counter()
         full = pruner.measure(data)
+        full_seconds = time.perf_counter() - t
         plan_full = pruner.plan(full)
         by_tol = []
         for tol in [float(t) for t in a.tols.split(",")]:
-            e = pruner.measure(data, stop="decided", tol=tol)
-            by_tol.append({"tol": tol, "batches": e.batches, "same_zero": e.zero_entropy_sites() == full.zero_entropy_sites(),
-                           "max_entropy_diff": _entropy_diff(e, full), "plan": _plan_diff(pruner.plan(e), plan_full)})
-        early = pruner.measure(data, stop="decided", tol=float(a.tols.split(",")[0]))
-        plan_early = pruner.plan(early)
+            r = _early(pruner, data, full, plan_full, tol=tol, plan_tol=None)
+            by_tol.append({"tol": tol, **r})
+        by_plan_tol = []
+        for plan_tol in [float(t) for t in a.plan_tols.split(",")]:
+            r = _early(pruner, data, full, plan_full, tol=float(a.tols.split(",")[0]), plan_tol=plan_tol)
+            by_plan_tol.append({"plan_tol": plan_tol, **r})
+        entropy_rule, plan_rule = by_tol[0], by_plan_tol[0]
         row = {
             "round": rnd + 1,
             "full_batches": full.batches,
-            "decided_batches": early.batches,
-            "decided_samples": early.samples,
-            "stopped_early": early.stopped_early,
+            "full_seconds": full_seconds,
             "zero_full": full.zero_entropy_sites(),
-            "zero_decided": early.zero_entropy_sites(),
-            "same_zero": full.zero_entropy_sites() == early.zero_entropy_sites(),
-            "max_entropy_diff": _entropy_diff(early, full),
-            "plan": _plan_diff(plan_early, plan_full),
+            "plan_full_nonzero_layers": sum(1 for v in plan_full.values() if v),
+            "plan_full_smallest": min((v for v in plan_full.values() if v), default=0),
+            "entropy_rule": entropy_rule,
+            "plan_rule": plan_rule,
             "by_tol": by_tol,
-            "max_flip_bound_of_zero_sites": max(
-                [early.sites[n].flip_bound() for n in early.zero_entropy_sites()], default=None
-            ),
+            "by_plan_tol": by_plan_tol,
+            # the names of earlier versions of this report: the early pass is the plan rule's
+            "decided_batches": plan_rule["batches"],
+            "same_zero": plan_rule["same_zero"],
+            "max_entropy_diff": plan_rule["max_entropy_diff"],
+            "plan": plan_rule["plan"],
         }
         pruner.apply(plan_full, full)
         # fine-tune; the last epoch is counted by track_entropy (train-mode forwards)
@@ -152,18 +213,22 @@ def main() -> dict:
         )
         report["rounds"].append(row)
         print(
-            f"round {rnd + 1}: sparsity {row['sparsity']:.3f} acc {row['acc']:.3f} | stop=decided "
-            f"{row['decided_batches']}/{row['full_batches']} batches, same zero-entropy sites "
-            f"{row['same_zero']} ({len(row['zero_full'])}), max |dH| {row['max_entropy_diff']:.4f}, "
-            f"plan max rel diff {row['plan']['max_rel_diff']:.4f} | track vs eval: zero agree "
+            f"round {rnd + 1}: sparsity {row['sparsity']:.3f} acc {row['acc']:.3f} | track vs eval: zero agree "
             f"{row['zero_sites_agreeing']}/{row['sites']} sites (tracked {len(zt)}, eval {len(ze)}), "
             f"max |dH| {row['track_max_entropy_diff']:.3f}, same top layer "
             f"{row['track_plan']['same_top_layer']}, budget moved {row['track_plan']['budget_moved']:.3f}"
         )
-        for t in by_tol:
-            print(f"    tol {t['tol']:g}: {t['batches']}/{full.batches} batches, same zero {t['same_zero']}, "
-                  f"max |dH| {t['max_entropy_diff']:.5f}, plan max rel diff {t['plan']['max_rel_diff']:.4f} "
-                  f"({t['plan']['worst_layer']}), budget moved {t['plan']['budget_moved']:.4f}")
+        per_batch = row["full_seconds"] / max(full.batches, 1)
+        for label, rows in (("entropy rule, tol", by_tol), ("plan rule, plan_tol", by_plan_tol)):
+            for t in rows:
+                key = t.get("tol", t.get("plan_tol"))
+                cost = (f", plan callback {t['plan_calls']} calls {t['plan_seconds'] * 1e3:.1f} ms "
+                        f"(one batch {per_batch * 1e3:.0f} ms)") if t["plan_calls"] else ""
+                print(f"    {label} {key:g}: {t['batches']}/{full.batches} batches, same zero {t['same_zero']}, "
+                      f"max |dH| {t['max_entropy_diff']:.5f}, plan max rel diff {t['plan']['max_rel_diff']:.4f} "
+                      f"({t['plan']['worst_layer']}), with 1 weight slack {t['plan']['max_rel_diff_1w']:.4f}, "
+                      f"budget moved {t['plan']['budget_moved']:.4f}{cost}")
+        sys.stdout.flush()
     report["seconds"] = time.perf_counter() - t0
     print(f"total {report['seconds']:.1f} s")
     if a.json:

@@ -91,23 +91,77 @@ def allocate(
         >>> egp_fast.allocate({"a": 0.2, "b": 0.9}, {"a": 1.0, "b": 1.0}, {"a": 100, "b": 100}, 100)
         {'a': 98, 'b': 1}
     """
+    shares = allocation_shares(entropy, magnitude, remaining, budget)
+    return {k: min(int(math.floor(v)), int(remaining[k])) for k, v in shares.items()}
+
+
+def allocation_shares(
+    entropy: Mapping[str, float],
+    magnitude: Mapping[str, float],
+    remaining: Mapping[str, int],
+    budget: float,
+) -> dict[str, float]:
+    """:func:`allocate` before rounding down: layer -> share of ``budget`` (a float).
+
+    A capped layer's share is its ``remaining`` count exactly. The early-stopping plan rule
+    (``Pruner.measure(stop="decided")``) judges these shares: rounding down is not smooth in
+    the entropies, so the jackknife would read its jumps as noise.
+
+    Example:
+        >>> from egp_fast.budget import allocation_shares
+        >>> shares = allocation_shares({"a": 0.2, "b": 0.9}, {"a": 1.0, "b": 1.0}, {"a": 100, "b": 100}, 100)
+        >>> round(shares["a"], 3), round(shares["b"], 3)
+        (98.632, 1.368)
+    """
     _check(entropy, magnitude, remaining, budget)
-    alloc = {k: 0 for k in entropy}
+    shares = {k: 0.0 for k in entropy}
     pool = sorted(
         k for k in entropy if entropy[k] > 0 and remaining[k] > 0 and magnitude[k] > 0
     )
     left = float(min(budget, math.fsum(remaining[k] for k in pool)))
+    s_of = {k: entropy[k] * magnitude[k] for k in pool}  # s does not change between passes
+    positive = all(v > 0 for v in s_of.values())  # then every sub-pool is positive too
     while pool and left > 0:
-        e = _softmax_weights(entropy, magnitude, pool)
-        z = math.fsum(e.values())
-        share = {k: left * e[k] / z for k in pool}
-        capped = [k for k in pool if share[k] >= remaining[k]]
+        # The plain formula of _softmax_weights, on lists (the plan rule calls this ~20 times
+        # per check; water-filling repeats it once per capped layer). exp(d) for d < -746 is
+        # exactly 0.0, and a zero weight gets a zero share: both skipped, same numbers.
+        s_pool = [s_of[k] for k in pool]
+        total = math.fsum(s_pool)
+        e = None
+        if (positive or all(v > 0 for v in s_pool)) and math.isfinite(total):
+            irr = [total / v for v in s_pool]
+            top = max(irr)
+            if math.isfinite(top):
+                e = [math.exp(i - top) if i - top > -746.0 else 0.0 for i in irr]
+        if e is None:  # underflow/overflow: the log-space path
+            weights = _softmax_weights(entropy, magnitude, pool)
+            e = [weights[k] for k in pool]
+        z = math.fsum(e)
+        capped = [i for i, ek in enumerate(e) if ek and left * ek / z >= remaining[pool[i]]]
         if not capped:
-            for k in pool:
-                alloc[k] = min(int(math.floor(share[k])), int(remaining[k]))
+            for k, ek in zip(pool, e):
+                shares[k] = left * ek / z
             break
-        for k in capped:
-            alloc[k] = int(remaining[k])
-            left -= remaining[k]
-        pool = [k for k in pool if k not in capped]
-    return alloc
+        for i in capped:
+            shares[pool[i]] = float(remaining[pool[i]])
+            left -= remaining[pool[i]]
+        gone = set(capped)
+        pool = [k for i, k in enumerate(pool) if i not in gone]
+    return shares
+
+
+def round_shares(
+    entropy: Mapping[str, float],
+    magnitude: Mapping[str, float],
+    remaining: Mapping[str, int],
+    step: float,
+) -> dict[str, float]:
+    """One EGP round's shares before rounding: the budget is ``step`` times the nonzero weights
+    of the eligible layers (entropy > 0, weights left), shared by :func:`allocation_shares`.
+
+    ``allocate`` with that budget is what ``Pruner.plan`` returns for ``method="egp"``; rounded
+    down, these shares are the same numbers.
+    """
+    eligible = [n for n in entropy if entropy[n] > 0 and remaining[n] > 0]
+    budget = step * sum(remaining[n] for n in eligible)
+    return allocation_shares(entropy, magnitude, remaining, budget)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from egp_fast import masks as _masks
+from egp_fast.budget import round_shares
 from egp_fast.easier import (
     EasierMethod,
     check_accuracy,
@@ -35,6 +36,7 @@ from egp_fast.graph import SiteGraph, _unwrap, discover_sites, weight_layers
 from egp_fast.prune_methods import _EGPMethod, _IMPMethod, _make_method, _WeightMethod
 from egp_fast.prune_records import ModelSnapshot, PruneResult, RoundRecord, _Snapshot
 from egp_fast.stats import EntropyStats, measure_entropy, split_batch
+from egp_fast.stats_decide import check_plan
 
 METHODS = ("egp", "imp", "easier")
 
@@ -320,11 +322,22 @@ class Pruner:
         max_flip: float = 0.01,
         confidence: float = 0.95,
         tol: float = 0.02,
+        plan_tol: float | None = 0.01,
     ) -> EntropyStats:
         """Measure the entropy of every site over ``data``.
 
         The options mean what they mean for :func:`egp_fast.measure_entropy`, which this calls
         with the pruner's traced graph, entropy mode and backend.
+
+        With ``stop="decided"`` the pass also waits until this round's *plan* is known, not only
+        the entropies: :func:`measure_entropy` gets a ``plan`` callback that turns the per-site
+        entropies into what :meth:`plan` would decide, and every amount's jackknife 95% interval
+        must be within ``max(plan_tol * amount, 0.5)`` (docs/confidence.md). For ``egp`` the
+        amounts are the weights each layer would be pruned (before rounding down), so the
+        rounded plan is expected within ``plan_tol`` of the whole pass's, plus one weight; for
+        ``easier`` they are 1 for each site it would remove (the choice must not change when any
+        one group of batches is left out); ``imp`` does not depend on entropies and adds no
+        condition.
 
         Args:
             data: an iterable of batches on the model's device.
@@ -333,13 +346,17 @@ class Pruner:
             stop: ``None`` (the whole pass) or ``"decided"`` (stop as soon as every site is
                 decided; see :func:`egp_fast.measure_entropy`).
             max_flip, confidence, tol: the early-stopping criteria of ``stop="decided"``.
+            plan_tol: with ``stop="decided"``: relative tolerance on the plan's amounts, in
+                (0, 1]; ``None`` stops on the entropies alone (the rule of ``measure_entropy``
+                without a plan).
 
         Returns:
             :class:`egp_fast.EntropyStats` (no site when every site has been removed).
 
         Raises:
             DataError: ``data`` yields no batch.
-            ConfigError: ``stop`` is set but this install's ``measure_entropy`` cannot stop early.
+            ConfigError: ``stop`` is set but this install's ``measure_entropy`` cannot stop
+                early, or an option is out of range (the message names it).
         """
         example = self.example_inputs
         if self._graph is None and example is None:
@@ -352,7 +369,11 @@ class Pruner:
         graph = self._ensure_graph(example)
         if len(graph) == 0:
             return _empty_stats(self.entropy_mode)
-        extra = self._stop_options(stop=stop, max_flip=max_flip, confidence=confidence, tol=tol)
+        check_plan(None, plan_tol)  # validate plan_tol also when no plan is built
+        plan = self.plan_rule() if stop == "decided" and plan_tol is not None else None
+        extra = self._stop_options(
+            stop=stop, max_flip=max_flip, confidence=confidence, tol=tol, plan=plan, plan_tol=plan_tol
+        )
         return measure_entropy(
             self.model,
             data,
@@ -374,6 +395,64 @@ class Pruner:
                 "early; use stop=None"
             )
         return {k: v for k, v in given.items() if k in supported}
+
+    def plan_rule(self) -> Callable[[list[float], list[bool]], dict[str, float]] | None:
+        """The ``plan`` callback :meth:`measure` gives ``measure_entropy(stop="decided")``.
+
+        Returns:
+            ``plan(entropy, constant) -> {key: amount}`` for the model as it is now (weights,
+            masks, step), reading per-site entropies and zero-entropy flags in the order of
+            :attr:`graph`'s sites; ``None`` for ``imp``, whose plan ignores entropies.
+
+            * ``egp``: layer -> weights to prune, before rounding down (the allocation's shares;
+              ``floor`` of them is :meth:`plan`'s answer on the same entropies).
+            * ``easier``: site -> 1 for the sites :meth:`plan` would remove, 0 for the others.
+        """
+        graph = self._ensure_graph(self.example_inputs)
+        sites = graph.sites
+        if isinstance(self._method, _EGPMethod):
+            view = self._layer_view()
+            remaining = self._remaining()
+            magnitude = {}
+            for n, (w, _) in view.items():
+                kept = remaining[n]
+                # As _EGPMethod.plan computes it (masked weights are exactly zero).
+                magnitude[n] = float(torch.linalg.vector_norm(w.detach(), 1)) / kept if kept else 0.0
+            feeds = [(i, s.producers) for i, s in enumerate(sites) if s.producers]
+            names = list(view)
+            step = self.step
+
+            def egp_plan(entropy: list[float], constant: list[bool]) -> dict[str, float]:
+                layer_h: dict[str, float] = {}
+                for i, producers in feeds:  # EntropyStats.layer_entropy: the largest per layer
+                    for p in producers:
+                        layer_h[p] = max(layer_h.get(p, 0.0), entropy[i])
+                return round_shares({n: layer_h.get(n, 0.0) for n in names}, magnitude, remaining, step)
+
+            return egp_plan
+        if isinstance(self._method, EasierMethod):
+            from egp_fast.collapse_affine import _unremovable
+
+            names = [s.name for s in sites]
+            blocked = set(_unremovable(self.model, names))
+            live = [(i, n) for i, n in enumerate(names) if n not in blocked]
+
+            def easier_plan(entropy: list[float], constant: list[bool]) -> dict[str, float]:
+                # egp_fast.easier.choose_sites on these entropies: every zero-entropy site, and
+                # the live one with the lowest entropy (ties: the first in execution order).
+                out = dict.fromkeys((n for _, n in live), 0.0)
+                best = None
+                for i, n in live:
+                    if constant[i]:
+                        out[n] = 1.0
+                    elif best is None or entropy[i] < entropy[best[0]]:
+                        best = (i, n)
+                if best is not None:
+                    out[best[1]] = 1.0
+                return out
+
+            return easier_plan
+        return None
 
     def track(self) -> contextlib.AbstractContextManager[Any]:
         """Count activation signs during the model's own (training) forwards.
@@ -470,8 +549,8 @@ class Pruner:
         Args:
             data: measurement batches.
             max_batches: cap on measurement batches.
-            **measure_options: ``stop``, ``max_flip``, ``confidence``, ``tol``, ``progress``
-                as for :meth:`measure`.
+            **measure_options: ``stop``, ``max_flip``, ``confidence``, ``tol``, ``plan_tol``,
+                ``progress`` as for :meth:`measure`.
 
         Returns:
             The round's :class:`RoundRecord` (``accuracy`` is left ``None``: the caller
@@ -612,7 +691,9 @@ def prune(
             ``y = z``) or ``"majority"`` (per channel: identity when mostly ON, zero when
             mostly OFF).
         measure_stop: passed to each round's measurement as ``stop`` (``None``: a whole pass;
-            ``"decided"``: stop when every site is decided, see :func:`measure_entropy`).
+            ``"decided"``: stop when every site is decided and the round's plan is known, see
+            :meth:`Pruner.measure`; the final measurement, which only feeds ``collapse``, waits
+            for the sites alone).
         max_flip, confidence: the evidence a zero-entropy site needs (its flip bound at
             ``confidence``, :meth:`SiteStats.flip_bound`, at most ``max_flip``) to be removed by
             ``collapse=True``, and to count as decided with ``measure_stop="decided"``;
@@ -732,7 +813,9 @@ def prune(
             snapshot.take(target)
             completed = True
             result.best_round = len(rounds) - 1
-        result.stats = pruner.measure(data, max_batches, **measure_options)
+        # The last measurement feeds collapse, not a plan: no plan rule to wait for.
+        final_options = dict(measure_options, plan_tol=None) if measure_options else {}
+        result.stats = pruner.measure(data, max_batches, **final_options)
         if collapse:
             from egp_fast.collapse import collapse as _collapse
 

@@ -31,7 +31,7 @@ from egp_fast import ops
 from egp_fast.errors import ConfigError, DataError, EGPError, ModelError, NumericsError
 from egp_fast.graph import Site, SiteGraph, _describe, _unwrap, eval_mode
 from egp_fast.ops._dispatch import backend_for
-from egp_fast.stats_decide import Decider, check_confidence, check_fraction
+from egp_fast.stats_decide import Decider, PlanFn, check_confidence, check_fraction, check_plan
 from egp_fast.stats_decide import flip_bound as _flip_bound
 from egp_fast.stats_discover import _compare_outputs, _tensors, cached_graph  # noqa: F401  (re-exported)
 
@@ -599,6 +599,8 @@ def measure_entropy(
     confidence: float = 0.95,
     tol: float = 0.02,
     min_batches: int = 2,
+    plan: PlanFn | None = None,
+    plan_tol: float | None = 0.01,
 ) -> EntropyStats:
     """Measure the activation entropy of every site of ``model`` over ``data``.
 
@@ -619,7 +621,13 @@ def measure_entropy(
     not on enough samples that its :meth:`SiteStats.flip_bound` is ``<= max_flip`` -- and every
     non-zero entropy that feeds the allocation (sites with producers) is known within ``tol``
     bits: ``1.96 * se <= tol``, ``se`` a delete-a-group jackknife over batches (up to 20
-    groups; exact mode) or the standard error of the per-batch values (paper mode).
+    groups; exact mode) or the standard error of the per-batch values (paper mode). With a
+    ``plan`` it also waits until the decision those entropies feed is known: ``plan(entropy,
+    constant)`` gets the per-site entropies and zero-entropy flags (lists in site order, summed
+    across ranks) and returns amounts ``{key: number}``; the pass goes on until every amount's
+    jackknife 95% interval is within ``max(plan_tol * |amount|, 0.5)`` (Student-t quantile, and
+    a finite-population factor when the pass length is known; see docs/confidence.md).
+    :meth:`Pruner.measure` passes the plan of its method (EGP: the weights per layer).
 
     Args:
         model: the network (a DDP/DataParallel wrapper is unwrapped).
@@ -637,6 +645,10 @@ def measure_entropy(
         confidence: with ``stop="decided"``: the confidence of that bound.
         tol: with ``stop="decided"``: tolerance on non-zero layer entropies, in bits.
         min_batches: with ``stop="decided"``: never stop before this many batches.
+        plan: with ``stop="decided"``: a callable ``plan(entropy, constant) -> {key: amount}``
+            whose amounts must be known before the pass stops (``None``: entropies only).
+        plan_tol: with ``plan``: the relative tolerance on every amount, in (0, 1] (``None``
+            switches the plan rule off).
 
     Returns:
         :class:`EntropyStats` (``.batches`` used, ``.stopped_early``, per-site ``.samples``).
@@ -657,6 +669,7 @@ def measure_entropy(
         (['1'], 16)
     """
     _check_measure_args(mode, max_batches, stop, max_flip, confidence, tol, min_batches)
+    plan, plan_tol = check_plan(plan, plan_tol)
     if data is None:
         raise DataError("data is None; pass an iterable of batches (a DataLoader, a list of tensors...)")
     model = _unwrap(model)
@@ -687,12 +700,6 @@ def measure_entropy(
     # functional activations (checked against model.forward on the first batch).
     use_hooks = not graph.traced or all(s.module is not None for s in sites)
     hooks = runner = None
-    decider = None
-    if stop == "decided":
-        decider = Decider(
-            counter, max_flip=max_flip, confidence=confidence, tol=tol, min_batches=min_batches,
-            used=[bool(s.producers) for s in sites],
-        )
     total = None
     if hasattr(data, "__len__"):
         total = len(data)
@@ -700,6 +707,12 @@ def measure_entropy(
             total = min(total, max_batches)
     elif max_batches is not None:
         total = max_batches
+    decider = None
+    if stop == "decided":
+        decider = Decider(
+            counter, max_flip=max_flip, confidence=confidence, tol=tol, min_batches=min_batches,
+            used=[bool(s.producers) for s in sites], plan=plan, plan_tol=plan_tol, total=total,
+        )
     bar = None
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     stopped_early = False

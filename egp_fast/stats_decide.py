@@ -14,11 +14,23 @@ Two questions decide whether a measurement pass can stop (see ``docs/confidence.
   ``se = sqrt((G - 1) / G * sum_g (H_(g) - mean H_(.)) ** 2)``. The entropy is "known within
   ``tol`` bits" when ``1.96 * se <= tol``. In ``mode="paper"`` (a mean of per-batch values)
   the standard error of that mean is used instead.
+* **Is the decision the entropies feed known?** (optional: ``measure_entropy(plan=...)``, which
+  :meth:`egp_fast.Pruner.measure` passes for EGP and EASIER.) A *plan* maps the per-site
+  entropies to amounts (EGP: the weights each layer would be pruned, before rounding down;
+  EASIER: 1 for each site it would remove). The same jackknife runs on the amounts: the plan
+  is computed from the pooled counts and from each leave-one-group-out row, and every amount
+  ``a`` must satisfy ``t * se(a) <= max(plan_tol * |a|, 0.5)``, with ``t`` the 97.5% Student-t
+  quantile with ``G - 1`` degrees of freedom (a jackknife variance from ``G`` groups has
+  ``G - 1``) and ``se`` scaled by the finite-population factor ``sqrt(1 - n / N)`` when the
+  pass length ``N`` is known (see :class:`Decider`). The 0.5 keeps amounts of a few weights
+  decidable: the rounded-down amounts then differ by at most ``plan_tol * a`` plus one weight.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable, Mapping
 from numbers import Real
 
 import torch
@@ -28,6 +40,17 @@ from egp_fast.ops.entropy import reference_entropy
 
 JACKKNIFE_GROUPS = 20
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile used for the entropy tolerance
+# Two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..JACKKNIFE_GROUPS - 1 (a jackknife
+# variance from G groups has G - 1 degrees of freedom); used by the plan rule.
+T_975 = (
+    12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157,
+    2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.13145, 2.119905, 2.109816, 2.100922, 2.093024,
+)
+#: Absolute slack of the plan rule, in the plan's units (weights): an amount is known when its
+#: 95% interval is within ``max(plan_tol * |amount|, PLAN_SLACK)``.
+PLAN_SLACK = 0.5
+
+PlanFn = Callable[[list, list], Mapping]
 
 
 def check_confidence(confidence: object, name: str = "confidence") -> float:
@@ -46,6 +69,31 @@ def check_fraction(value: object, name: str, *, allow_one: bool = True) -> float
         hi = "1]" if allow_one else "1)"
         raise ConfigError(f"{name}={value!r} must be a number in (0, {hi}")
     return float(value)
+
+
+def check_plan(plan: object, plan_tol: object) -> tuple[PlanFn | None, float | None]:
+    """Validate ``measure_entropy``'s ``plan`` / ``plan_tol`` (see :class:`Decider`).
+
+    Returns:
+        ``(plan, plan_tol)``; ``plan_tol`` is ``None`` when ``plan`` is (no plan rule).
+
+    Raises:
+        ConfigError: ``plan`` is not callable, or ``plan_tol`` is not in (0, 1] (or ``None``).
+    """
+    if plan is not None and not callable(plan):
+        raise ConfigError(
+            f"plan must be a callable plan(entropy, constant) -> {{key: amount}} or None, got "
+            f"{type(plan).__name__}"
+        )
+    if plan_tol is None:
+        return None, None  # plan_tol=None switches the plan rule off
+    ok = isinstance(plan_tol, Real) and not isinstance(plan_tol, bool) and 0.0 < float(plan_tol) <= 1.0
+    if not ok:
+        raise ConfigError(
+            f"plan_tol={plan_tol!r} must be a number in (0, 1] (a relative tolerance on each "
+            "planned amount, e.g. 0.01 for 1%), or None to stop on the entropies alone"
+        )
+    return plan, (float(plan_tol) if plan is not None else None)
 
 
 def flip_bound(samples: int, zero_entropy: bool, confidence: float = 0.95) -> float:
@@ -152,6 +200,17 @@ class Decider:
 
     Keeps, per jackknife group, the counts and observations the group's batches added (device
     tensors; no host transfer until :meth:`decided` runs).
+
+    With ``plan`` (a callable ``plan(entropy, constant) -> {key: amount}``, ``entropy`` and
+    ``constant`` lists in site order) the pass is decided only when, besides the rules above,
+    every amount of the plan is known: ``t * se <= max(plan_tol * |amount|, PLAN_SLACK)``, ``se``
+    the jackknife standard error of the amount over the leave-one-group-out rows (all computed
+    from counts summed across ranks, so every rank decides alike), ``t`` the 97.5% Student-t
+    quantile with ``G - 1`` degrees of freedom. When ``total`` (the batches a whole pass would
+    measure, on this rank) is known, ``se`` is multiplied by the finite-population factor
+    ``sqrt(1 - n / total)``: the plan is compared with the plan of the whole pass over the same
+    data, and the ``n`` batches already measured are part of it. ``plan`` runs only when every
+    other rule already holds.
     """
 
     def __init__(
@@ -163,6 +222,9 @@ class Decider:
         tol: float,
         min_batches: int,
         used: list[bool],
+        plan: PlanFn | None = None,
+        plan_tol: float | None = None,
+        total: int | None = None,
     ) -> None:
         self.counter = counter
         self.max_flip = max_flip
@@ -180,6 +242,18 @@ class Decider:
         self.every = 1 if flat.device.type == "cpu" else 4
         self.checks = 0
         self.entropy_se: list[float] | None = None
+        self.plan = plan if plan_tol is not None else None
+        self.plan_tol = plan_tol
+        self.total = total
+        self.plan_se: dict | None = None  # per key: the finite-population-scaled jackknife se
+        self.plan_seconds = 0.0  # time spent in the plan callback (all checks)
+        self.plan_calls = 0
+        self.group_batches = [0] * JACKKNIFE_GROUPS
+        if counter.paper and self.plan is not None:
+            self.paper_groups = torch.zeros(
+                JACKKNIFE_GROUPS, len(counter.sites), dtype=torch.float64, device=flat.device
+            )
+            self.last_paper = counter.paper_sum.clone()
 
     def after_batch(self, index: int) -> None:
         """Add the batch's counts to its group (``index`` is the 0-based batch number)."""
@@ -192,12 +266,17 @@ class Decider:
         for i, (o, lo) in enumerate(zip(obs, self.last_obs)):
             row[i] += o - lo
         self.last_obs = list(obs)
+        self.group_batches[g] += 1
+        if self.counter.paper and self.plan is not None:
+            self.paper_groups[g] += self.counter.paper_sum - self.last_paper
+            self.last_paper.copy_(self.counter.paper_sum)
 
     def should_check(self, batches: int) -> bool:
         return batches >= self.min_batches and batches % self.every == 0
 
     def decided(self, batches: int, reduce) -> bool:
-        """True when every site is decided and every used entropy is within ``tol``.
+        """True when every site is decided, every used entropy is within ``tol`` and (with a
+        ``plan``) every planned amount is known within ``plan_tol``.
 
         Args:
             batches: batches seen so far.
@@ -244,7 +323,70 @@ class Decider:
                     return False
             elif self.used[i] and not Z_95 * se[i] <= self.tol:
                 return False
+        if self.plan is None:
+            return True
+        if g_used < 2:
+            return False  # one group: no spread to judge the plan by
+        if counter.paper:
+            # The plan reads paper-mode entropies: means of per-batch values, per row (psum is
+            # the reduced sum of per-batch values from above).
+            gb = reduce(torch.tensor(self.group_batches[:g_used], dtype=torch.float64, device=device))
+            pg = reduce(self.paper_groups[:g_used].clone())
+            b_all = gb.sum()
+            ent = torch.cat([(psum / b_all).unsqueeze(0), (psum.unsqueeze(0) - pg) / (b_all - gb).unsqueeze(1)])
+        return self._plan_known(ent, const, batches)
+
+    def _plan_known(self, ent: torch.Tensor, const: torch.Tensor, batches: int) -> bool:
+        """The plan rule on the entropy rows (row 0: all batches; then leave-one-group-out).
+
+        The leave-one-group-out plans are computed one by one; after 2, 4, 8 and 16 of them the
+        spread so far (a lower bound of the full jackknife sum of squares: fewer terms, each
+        around its own mean) is tested, so a plan still far from known costs a few callbacks,
+        not ``G + 1``.
+        """
+        start = time.perf_counter()
+        try:
+            return self._plan_rule(ent.tolist(), const.tolist(), batches)
+        finally:
+            self.plan_seconds += time.perf_counter() - start
+
+    def _plan_rule(self, ent_rows: list, const_rows: list, batches: int) -> bool:
+        self.plan_se = None
+        g = len(ent_rows) - 1
+        if g < 2:
+            return False
+        fpc = 1.0
+        if self.total is not None and self.total > 0:
+            fpc = math.sqrt(max(0.0, 1.0 - batches / self.total))  # both counted on this rank
+        # known when t * se <= allowed, with se = fpc * sqrt((g - 1) / g * sum of squares)
+        t = T_975[min(g - 1, len(T_975)) - 1]
+        se_per_root_ss = fpc * math.sqrt((g - 1) / g)
+        full = self.plan(ent_rows[0], const_rows[0])
+        loo: list = []
+        self.plan_calls += 1
+        for r in range(1, g + 1):
+            loo.append(self.plan(ent_rows[r], const_rows[r]))
+            self.plan_calls += 1
+            if r in (2, 4, 8, 16) or r == g:
+                spread = self._spread(full, loo)
+                if any(t * se_per_root_ss * math.sqrt(ss) > allowed for ss, allowed in spread.values()):
+                    return False
+        self.plan_se = {k: se_per_root_ss * math.sqrt(ss) for k, (ss, _) in spread.items()}
         return True
+
+    def _spread(self, full: Mapping, loo: list) -> dict:
+        """Per key: (sum of squared deviations of the leave-one-out amounts, allowed half-width)."""
+        keys = dict.fromkeys(full)
+        for p in loo:
+            keys.update(dict.fromkeys(p))
+        n = len(loo)
+        out = {}
+        for k in keys:
+            v = [float(p.get(k, 0.0)) for p in loo]
+            m = math.fsum(v) / n
+            ss = math.fsum((x - m) ** 2 for x in v)
+            out[k] = (ss, max(self.plan_tol * abs(float(full.get(k, 0.0))), PLAN_SLACK))
+        return out
 
 
 def _world() -> int:

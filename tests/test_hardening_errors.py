@@ -242,6 +242,10 @@ API = [
      lambda: egp_fast.register_activation(nn.Tanh, "tanhish")),
     ('A69', 'register_activation', 'an instance or a string instead of a class', ConfigError, 'cls must be an nn.Module subclass',
      lambda: egp_fast.register_activation("relu", "relu")),
+    ('A70', 'measure_entropy / Pruner.measure', 'plan_tol=0 (also 1.5, True)', ConfigError, 'plan_tol=0 must be a number in (0, 1]',
+     lambda: egp_fast.Pruner(_net(), _x(), progress=False).measure([_x()], stop="decided", plan_tol=0)),
+    ('A71', 'measure_entropy', 'plan={...} (not callable)', ConfigError, 'plan must be a callable plan(entropy, constant)',
+     lambda: egp_fast.measure_entropy(_net(), [_x()], stop="decided", plan={"a": 1}, progress=False)),
 ]
 
 # (id, arguments, bad input, exit status, message fragment)
