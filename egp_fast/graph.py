@@ -968,6 +968,13 @@ def discover_sites(model: nn.Module, example_inputs: Any) -> SiteGraph:
         >>> len(g.sites), g.sites[1].name, g.sites[1].producers
         (17, 'layer1.0.relu', ['layer1.0.conv1'])
     """
+    return _discover_sites(model, example_inputs)
+
+
+def _discover_sites(model: nn.Module, example_inputs: Any, shape_inputs: Any = None) -> SiteGraph:
+    """:func:`discover_sites`, with the forward that records shapes optionally run on other
+    inputs: ``shape_inputs(gm)`` gets the traced graph (``None`` when tracing failed and hooks
+    take over) and returns the batch to run (e.g. fewer samples, when ``gm`` allows it)."""
     model = _unwrap(model)
     args, kwargs = normalize_inputs(example_inputs)
     try:
@@ -977,9 +984,13 @@ def discover_sites(model: nn.Module, example_inputs: Any) -> SiteGraph:
             f"egp_fast: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
             f"{str(e)[:200]}); falling back to module hooks: functional activations (F.relu, "
             "x.relu()) are not seen and producers are inferred from execution order",
-            stacklevel=2,
+            stacklevel=3,
         )
+        if shape_inputs is not None:
+            args, kwargs = normalize_inputs(shape_inputs(None))
         return _discover_with_hooks(model, args, kwargs)
+    if shape_inputs is not None:
+        args, kwargs = normalize_inputs(shape_inputs(gm))
     _propagate_shapes(model, gm, args, kwargs)
     modules = dict(gm.named_modules())
     walker = _Walker(gm)

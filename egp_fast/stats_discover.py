@@ -3,7 +3,8 @@ traced graph against ``model.forward``.
 
 A second :func:`egp_fast.measure_entropy` on the same, unchanged model reuses the discovered
 :class:`SiteGraph` (keyed on the model object and a cheap structure signature); discovery's
-shape propagation runs on two samples of the example, not the whole batch.
+shape propagation runs on one sample of the example (two when the forward squeezes), not the
+whole batch.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast.errors import DataError
-from egp_fast.graph import SiteGraph, _unwrap, discover_sites, normalize_inputs
+from egp_fast.graph import SiteGraph, _discover_sites, _unwrap, discover_sites, normalize_inputs
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
@@ -63,8 +65,7 @@ def _registry_state() -> tuple:
 
 def _few_samples(example: Any, n: int = _DISCOVERY_SAMPLES) -> Any:
     """``example`` cut to its first ``n`` samples (dim 0 of every tensor that has the batch's
-    dim 0); ``example`` itself when that cuts nothing. Two, not one: a ``squeeze()`` in a
-    forward would drop a batch dimension of 1 and change the layout discovery records."""
+    dim 0); ``example`` itself when that cuts nothing (``n`` or fewer samples)."""
     args, kwargs = normalize_inputs(example)
     first = _tensors(args) + _tensors(kwargs)
     if not first or first[0].dim() == 0 or first[0].shape[0] <= n:
@@ -83,15 +84,27 @@ def _few_samples(example: Any, n: int = _DISCOVERY_SAMPLES) -> Any:
     return type(example)(cut(v) for v in example) if isinstance(example, tuple) else [cut(v) for v in example]
 
 
+def _squeezes(gm: fx.GraphModule | None) -> bool:
+    """Whether the traced forward calls ``squeeze`` without a dim (which would drop a batch
+    dimension of 1); ``None`` (no trace: hooks run the real forward) counts as yes."""
+    if gm is None:
+        return True
+    for n in gm.graph.nodes:
+        if n.target in ("squeeze", torch.squeeze) and n.op in ("call_method", "call_function"):
+            if len(n.args) < 2 and "dim" not in n.kwargs:
+                return True
+    return False
+
+
 def _discover(model: nn.Module, example: Any) -> SiteGraph:
-    """Discover on a few samples (shape propagation is a forward: one sample costs 1/B of one);
+    """Discover with shapes recorded on one sample (shape propagation is a forward: one sample
+    costs 1/B of one), two when the forward squeezes (so a batch dimension of 1 cannot vanish);
     fall back to the whole example when the model rejects the cut (e.g. a hard-coded batch)."""
-    small = _few_samples(example)
-    if small is not example:
+    if _few_samples(example) is not example:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                graph = discover_sites(model, small)
+                graph = _discover_sites(model, example, lambda gm: _few_samples(example, 2 if _squeezes(gm) else 1))
         except DataError as e:
             # Retry on the whole example only when the cut itself is the likely cause (a shape
             # error); any other failure is the model's own and must reach the user.

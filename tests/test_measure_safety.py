@@ -150,14 +150,21 @@ def test_module_called_a_varying_number_of_times_warns():
 
 @pytest.fixture
 def spy(monkeypatch):
-    calls = []
-    real = stats_discover.discover_sites
+    calls = []  # per discovery: the batch its shape-recording forward ran on
+    real = stats_discover._discover_sites
 
-    def wrapped(model, example_inputs):
+    def wrapped(model, example_inputs, shape_inputs=None):
         calls.append(example_inputs)
-        return real(model, example_inputs)
+        at = len(calls) - 1
 
-    monkeypatch.setattr(stats_discover, "discover_sites", wrapped)
+        def shapes(gm):
+            calls[at] = example_inputs if shape_inputs is None else shape_inputs(gm)
+            return calls[at]
+
+        return real(model, example_inputs, shapes)
+
+    monkeypatch.setattr(stats_discover, "_discover_sites", wrapped)
+    monkeypatch.setattr(stats_discover, "discover_sites", lambda model, example_inputs: wrapped(model, example_inputs))
     return calls
 
 
@@ -177,9 +184,31 @@ def test_second_call_on_an_unchanged_model_does_not_rediscover(spy):
     assert len(spy) == 1
 
 
-def test_discovery_runs_on_two_samples(spy):
+def test_discovery_records_shapes_on_one_sample(spy):
     egp_fast.measure_entropy(_net(), [torch.randn(64, 3, 6, 6)], progress=False)
+    assert tuple(spy[0].shape) == (1, 3, 6, 6)
+
+
+class _Squeezer(nn.Module):
+    """Pools to [B, 4, 1, 1] and squeezes every dim of size 1: on one sample the batch
+    dimension would vanish too, and the Linear's site would read its 3 outputs as channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+        self.act2 = nn.ReLU()
+
+    def forward(self, x):
+        x = self.act(self.conv(x)).mean((2, 3), keepdim=True).squeeze()
+        return self.act2(self.fc(x))
+
+
+def test_discovery_uses_two_samples_when_the_forward_squeezes(spy):
+    s = egp_fast.measure_entropy(_Squeezer(), [torch.randn(16, 3, 6, 6)], progress=False)
     assert tuple(spy[0].shape) == (2, 3, 6, 6)
+    assert s.sites["act2"].channels == 3 and s.sites["act2"].samples == 16
 
 
 def test_cache_is_invalidated_when_the_structure_changes(spy):
@@ -223,7 +252,7 @@ def test_model_rejecting_the_cut_example_falls_back_to_the_whole_batch(spy):
             return self.act(self.fc(x.reshape(8, 6)))  # hard-coded batch size
 
     s = egp_fast.measure_entropy(FixedBatch(), [torch.randn(8, 6)], progress=False)
-    assert [tuple(e.shape) for e in spy] == [(2, 6), (8, 6)]
+    assert [tuple(e.shape) for e in spy] == [(1, 6), (8, 6)]
     assert s.sites["act"].samples == 8
 
 
