@@ -162,6 +162,10 @@ def round_shares(
     ``allocate`` with that budget is what ``Pruner.plan`` returns for ``method="egp"``; rounded
     down, these shares are the same numbers.
     """
-    eligible = [n for n in entropy if entropy[n] > 0 and remaining[n] > 0]
-    budget = step * sum(remaining[n] for n in eligible)
-    return allocation_shares(entropy, magnitude, remaining, budget)
+    return allocation_shares(entropy, magnitude, remaining, round_budget(entropy, remaining, step))
+
+
+def round_budget(entropy: Mapping[str, float], remaining: Mapping[str, int], step: float) -> float:
+    """One EGP round's budget: ``step`` times the nonzero weights of the eligible layers (those
+    with entropy > 0 and weights left)."""
+    return step * sum(remaining[n] for n in entropy if entropy[n] > 0 and remaining[n] > 0)

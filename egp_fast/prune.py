@@ -33,7 +33,7 @@ from egp_fast.easier import (
 )
 from egp_fast.errors import ConfigError, DataError, ModelError, PruneInterrupted
 from egp_fast.graph import SiteGraph, _unwrap, discover_sites, weight_layers
-from egp_fast.prune_methods import _EGPMethod, _IMPMethod, _make_method, _WeightMethod
+from egp_fast.prune_methods import _EGPMethod, _IMPMethod, _make_method, _WeightMethod, layer_magnitudes
 from egp_fast.prune_records import ModelSnapshot, PruneResult, RoundRecord, _Snapshot
 from egp_fast.stats import EntropyStats, measure_entropy, split_batch
 from egp_fast.stats_decide import check_plan
@@ -413,11 +413,7 @@ class Pruner:
         if isinstance(self._method, _EGPMethod):
             view = self._layer_view()
             remaining = self._remaining()
-            magnitude = {}
-            for n, (w, _) in view.items():
-                kept = remaining[n]
-                # As _EGPMethod.plan computes it (masked weights are exactly zero).
-                magnitude[n] = float(torch.linalg.vector_norm(w.detach(), 1)) / kept if kept else 0.0
+            magnitude = layer_magnitudes(view, remaining)
             feeds = [(i, s.producers) for i, s in enumerate(sites) if s.producers]
             names = list(view)
             step = self.step

@@ -15,7 +15,7 @@ import torch
 
 from egp_fast import masks as _masks
 from egp_fast import ops
-from egp_fast.budget import allocate
+from egp_fast.budget import allocate, round_budget
 from egp_fast.easier import EasierMethod
 from egp_fast.errors import ConfigError
 from egp_fast.graph import weight_layers
@@ -55,6 +55,17 @@ class _WeightMethod:
         return record.pruned > 0
 
 
+def layer_magnitudes(view: dict[str, tuple[torch.Tensor, torch.Tensor]], remaining: dict[str, int]) -> dict[str, float]:
+    """Layer -> mean ``|w|`` over its kept weights (0.0 for a layer with none left)."""
+    magnitude = {}
+    for n, (w, _) in view.items():
+        kept = remaining[n]
+        # Pruned weights are exactly zero (masks are enforced), so the L1 norm of the whole
+        # weight is the sum of |w| over the kept ones: no masked temporary needed.
+        magnitude[n] = float(torch.linalg.vector_norm(w.detach(), 1)) / kept if kept else 0.0
+    return magnitude
+
+
 class _EGPMethod(_WeightMethod):
     """EGP: the budget goes to the producers of live sites, shared by entropy and magnitude."""
 
@@ -73,15 +84,8 @@ class _EGPMethod(_WeightMethod):
                 "stats does not describe this model's prunable layers (no site produced by "
                 f"{missing[:3]}); measure with this pruner's measure()"
             )
-        magnitude = {}
-        for n, (w, _) in view.items():
-            kept = remaining[n]
-            # Pruned weights are exactly zero (masks are enforced), so the L1 norm of the whole
-            # weight is the sum of |w| over the kept ones: no masked temporary needed.
-            magnitude[n] = float(torch.linalg.vector_norm(w.detach(), 1)) / kept if kept else 0.0
-        eligible = [n for n in view if entropy[n] > 0 and remaining[n] > 0]
-        budget = pruner.step * sum(remaining[n] for n in eligible)
-        return allocate(entropy, magnitude, remaining, budget)
+        magnitude = layer_magnitudes(view, remaining)
+        return allocate(entropy, magnitude, remaining, round_budget(entropy, remaining, pruner.step))
 
 
 class _IMPMethod(_WeightMethod):
