@@ -56,7 +56,8 @@ def _detached(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 @register("select_smallest", "cpp")
 def select_smallest_cpp(weights, masks, counts):
-    """C++ radix select, one call for all layers (see csrc/select/select_cpu.cpp)."""
+    """C++ select, one call for all layers: a sampled one-pass path for fp32 layers of 2**15+
+    entries, radix select for the rest (see csrc/select/select_cpu.cpp)."""
     if not _all_in(weights, _CPU_DTYPES):
         return reference_select_smallest(weights, masks, counts)
     return list(_OPS.select_smallest(_detached(weights), list(masks), [int(c) for c in counts]))
@@ -64,7 +65,7 @@ def select_smallest_cpp(weights, masks, counts):
 
 @register("global_smallest", "cpp")
 def global_smallest_cpp(weights, masks, count):
-    """C++ radix select with one budget across layers, without concatenating them."""
+    """C++ select with one budget across layers, without concatenating them."""
     if not _all_in(weights, _CPU_DTYPES):
         return reference_global_smallest(weights, masks, count)
     return list(_OPS.global_smallest(_detached(weights), list(masks), int(count)))
