@@ -332,12 +332,14 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no_grad inside; every module's own training flag restored after."""
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        if any(t for _, t in flags):  # already in eval mode: nothing to switch (or to restore)
+            model.eval()
         with torch.no_grad():
             yield
     finally:
         for m, t in flags:
-            m.training = t
+            if m.training != t:  # nn.Module.__setattr__ is slow: touch only what changed
+                m.training = t
 
 
 # --------------------------------------------------------------------------------------------
