@@ -226,6 +226,9 @@ def _layouts():
     return [
         ("nchw", (5, 7, 9, 11), 1, lambda t: t),
         ("nchw_1x1", (3, 13, 1, 1), 1, lambda t: t),
+        ("nchw_3x5", (40, 9, 3, 5), 1, lambda t: t),  # small planes: the short-run loop
+        # more planes than one task's grain (16384 of 4 entries): tasks start mid-channel
+        ("nchw_2x2_many", (1601, 11, 2, 2), 1, lambda t: t),
         ("channels_last", (5, 7, 9, 11), 1, lambda t: t.contiguous(memory_format=torch.channels_last)),
         ("nlc", (4, 33, 19), -1, lambda t: t),
         ("nc", (37, 129), 1, lambda t: t),
