@@ -50,3 +50,28 @@ class FunctionalMLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+class TwoSites(nn.Module):
+    """Site `a`: always ON (zero entropy); site `b`: 8 channels ON about half the time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fa = nn.Linear(4, 3)
+        self.a = nn.ReLU()
+        self.fb = nn.Linear(3, 8)
+        self.b = nn.ReLU()
+        with torch.no_grad():
+            self.fa.weight.mul_(0.01)
+            self.fa.bias.fill_(50.0)
+            self.fb.bias.zero_()
+
+    def forward(self, x):
+        return self.b(self.fb(self.a(self.fa(x)) - 50.0 + x[:, :3]))
+
+
+def gaussian_batches(n: int, size: int, seed: int = 0, features: int = 4) -> list[torch.Tensor]:
+    """``n`` batches of ``size`` standard-normal rows of ``features`` values (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, features, generator=g) for _ in range(n)]
+

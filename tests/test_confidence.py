@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _models import TwoSites, gaussian_batches
 
 import egp_fast
 from egp_fast.errors import ConfigError, DataError
@@ -122,32 +123,11 @@ def test_nonzero_entropy_site_bound_is_one():
 # stop="decided"
 
 
-class TwoSites(nn.Module):
-    """site `a`: always ON (zero entropy); site `b`: channels ON about half the time."""
-
-    def __init__(self):
-        super().__init__()
-        self.fa = nn.Linear(4, 3)
-        self.a = nn.ReLU()
-        self.fb = nn.Linear(3, 8)
-        self.b = nn.ReLU()
-        with torch.no_grad():
-            self.fa.weight.mul_(0.01)
-            self.fa.bias.fill_(50.0)
-            self.fb.bias.zero_()
-
-    def forward(self, x):
-        return self.b(self.fb(self.a(self.fa(x)) - 50.0 + x[:, :3]))
-
-
-def _batches(n, size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(size, 4, generator=g) for _ in range(n)]
 
 
 def test_stop_decided_stops_early_on_an_easy_model():
     net = TwoSites()
-    data = _batches(20, 64)
+    data = gaussian_batches(20, 64)
     full = egp_fast.measure_entropy(net, data, progress=False)
     early = egp_fast.measure_entropy(net, data, progress=False, stop="decided")
     assert early.stopped_early and not full.stopped_early
@@ -160,13 +140,13 @@ def test_stop_decided_stops_early_on_an_easy_model():
 
 def test_stop_decided_runs_the_whole_pass_when_evidence_stays_short():
     net = TwoSites()
-    few = egp_fast.measure_entropy(net, _batches(5, 4), progress=False, stop="decided")
+    few = egp_fast.measure_entropy(net, gaussian_batches(5, 4), progress=False, stop="decided")
     assert not few.stopped_early and few.batches == 5  # 20 samples: bound 14%, undecided
     # a loose max_flip decides it: 1 - 0.05 ** (1/8) = 31% at 2 batches of 4
-    loose = egp_fast.measure_entropy(net, _batches(5, 4), progress=False, stop="decided", max_flip=0.35, tol=1.0)
+    loose = egp_fast.measure_entropy(net, gaussian_batches(5, 4), progress=False, stop="decided", max_flip=0.35, tol=1.0)
     assert loose.stopped_early and loose.batches == 2
     # an entropy tolerance nothing can meet keeps it going too
-    tight = egp_fast.measure_entropy(net, _batches(20, 64), progress=False, stop="decided", tol=1e-9)
+    tight = egp_fast.measure_entropy(net, gaussian_batches(20, 64), progress=False, stop="decided", tol=1e-9)
     assert not tight.stopped_early and tight.batches == 20
 
 
@@ -174,21 +154,21 @@ def test_stop_decided_waits_for_unstable_entropies():
     # Site b's channels: the first batches see one distribution, later ones another, so the
     # jackknife spread stays large until many batches are in.
     net = TwoSites()
-    data = [x * (3.0 if i % 2 else 0.2) + (2.0 if i % 3 == 0 else -2.0) for i, x in enumerate(_batches(12, 16))]
+    data = [x * (3.0 if i % 2 else 0.2) + (2.0 if i % 3 == 0 else -2.0) for i, x in enumerate(gaussian_batches(12, 16))]
     r = egp_fast.measure_entropy(net, data, progress=False, stop="decided", max_flip=0.5, tol=0.005)
     assert not r.stopped_early
 
 
 def test_stop_decided_in_paper_mode():
     net = TwoSites()
-    data = _batches(20, 64)
+    data = gaussian_batches(20, 64)
     early = egp_fast.measure_entropy(net, data, progress=False, stop="decided", mode="paper")
     assert early.stopped_early and early.batches == 5 and early.zero_entropy_sites() == ["a"]
 
 
 def test_stop_decided_respects_min_and_max_batches():
     net = TwoSites()
-    data = _batches(20, 64)
+    data = gaussian_batches(20, 64)
     r = egp_fast.measure_entropy(net, data, progress=False, stop="decided", min_batches=9)
     assert r.stopped_early and r.batches == 9
     r = egp_fast.measure_entropy(net, data, progress=False, stop="decided", max_batches=3)
@@ -201,7 +181,7 @@ def test_stop_decided_with_multi_piece_sites():
     with torch.no_grad():
         net[0].weight.copy_(torch.tensor([[0.01, 0.0], [0.0, 5.0]]))
         net[0].bias.copy_(torch.tensor([3.0, 0.0]))
-    data = _batches(20, 64)
+    data = gaussian_batches(20, 64)
     data = [x[:, :2] for x in data]
     full = egp_fast.measure_entropy(net, data, progress=False)
     early = egp_fast.measure_entropy(net, data, progress=False, stop="decided", tol=0.05)
@@ -226,7 +206,7 @@ def test_stop_decided_with_multi_piece_sites():
 )
 def test_stop_arguments_are_validated(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        egp_fast.measure_entropy(TwoSites(), _batches(2, 4), progress=False, **kwargs)
+        egp_fast.measure_entropy(TwoSites(), gaussian_batches(2, 4), progress=False, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +220,7 @@ def _mlp():
 def test_tracking_training_forwards_equals_an_eval_pass_when_nothing_changes():
     # No BatchNorm, no dropout, lr = 0: a train-mode forward computes what an eval one does.
     net = _mlp()
-    data = _batches(4, 8)
+    data = gaussian_batches(4, 8)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     with track_entropy(net) as tracker:
         for x in data:
@@ -320,7 +300,7 @@ def test_tracker_with_a_pruner_graph_and_paper_mode():
     net = _mlp()
     graph = egp_fast.discover_sites(net, torch.randn(2, 4))
     with track_entropy(net, graph=graph, mode="paper") as tracker:
-        for x in _batches(3, 8):
+        for x in gaussian_batches(3, 8):
             net(x)
     s = tracker.stats()
     assert s.mode == "paper" and s.batches == 3
@@ -342,9 +322,9 @@ def _ddp_worker(rank, world, port, path):
     try:
         torch.manual_seed(0)
         net = TwoSites()
-        data = _batches(8, 4)[rank::world]
+        data = gaussian_batches(8, 4)[rank::world]
         stats = egp_fast.measure_entropy(net, data, progress=False)
-        early = egp_fast.measure_entropy(net, _batches(20, 64)[rank::world], progress=False, stop="decided")
+        early = egp_fast.measure_entropy(net, gaussian_batches(20, 64)[rank::world], progress=False, stop="decided")
         if rank == 0:
             torch.save(
                 {
@@ -373,7 +353,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
     got = torch.load(path, weights_only=True)
     torch.manual_seed(0)
-    one = egp_fast.measure_entropy(TwoSites(), _batches(8, 4), progress=False)
+    one = egp_fast.measure_entropy(TwoSites(), gaussian_batches(8, 4), progress=False)
     assert got["samples"] == {n: s.samples for n, s in one.sites.items()} == {"a": 32, "b": 32}
     assert got["on"] == {n: s.on_counts.tolist() for n, s in one.sites.items()}
     assert got["total"] == 32 and got["bound"] == one.sites["a"].flip_bound()
@@ -390,5 +370,5 @@ def test_math_helpers_agree_with_math():
 
 
 def test_decided_on_the_last_batch_is_not_early():
-    r = egp_fast.measure_entropy(TwoSites(), _batches(5, 64), progress=False, stop="decided")
+    r = egp_fast.measure_entropy(TwoSites(), gaussian_batches(5, 64), progress=False, stop="decided")
     assert r.batches == 5 and not r.stopped_early

@@ -9,34 +9,12 @@ import random
 import pytest
 import torch
 import torch.nn as nn
+from _models import TwoSites, gaussian_batches
 
 import egp_fast
 from egp_fast.budget import allocate, allocation_shares, round_shares
 from egp_fast.errors import ConfigError
 from egp_fast.stats_decide import JACKKNIFE_GROUPS, PLAN_SLACK, T_975
-
-
-class TwoSites(nn.Module):
-    """site `a`: always ON (zero entropy); site `b`: 8 channels ON about half the time."""
-
-    def __init__(self):
-        super().__init__()
-        self.fa = nn.Linear(4, 3)
-        self.a = nn.ReLU()
-        self.fb = nn.Linear(3, 8)
-        self.b = nn.ReLU()
-        with torch.no_grad():
-            self.fa.weight.mul_(0.01)
-            self.fa.bias.fill_(50.0)
-            self.fb.bias.zero_()
-
-    def forward(self, x):
-        return self.b(self.fb(self.a(self.fa(x)) - 50.0 + x[:, :3]))
-
-
-def _batches(n, size, seed=0, features=4):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(size, features, generator=g) for _ in range(n)]
 
 
 def _mlp():
@@ -64,7 +42,7 @@ def _within(early: dict, full: dict, plan_tol: float) -> bool:
 def test_a_sensitive_plan_waits_for_more_batches_than_the_entropies():
     # amount = 1000 * H_b: 1% of it needs H_b within ~0.005 bits, tol=0.02 asks for 0.02 bits.
     net = TwoSites()
-    data = _batches(60, 16)
+    data = gaussian_batches(60, 16)
     full = egp_fast.measure_entropy(net, data, progress=False)
     calls = []
 
@@ -90,7 +68,7 @@ def test_a_sensitive_plan_waits_for_more_batches_than_the_entropies():
 
 def test_plan_none_or_plan_tol_none_is_the_entropy_rule():
     net = TwoSites()
-    data = _batches(20, 64)
+    data = gaussian_batches(20, 64)
     base = egp_fast.measure_entropy(net, data, progress=False, stop="decided")
     off = egp_fast.measure_entropy(
         net, data, progress=False, stop="decided", plan=lambda e, c: {"x": 1e9 * e[1]}, plan_tol=None
@@ -102,7 +80,7 @@ def test_an_unstable_choice_keeps_the_pass_going():
     # A 0/1 choice that flips with the 5th decimal of H_b: leaving out any one group of batches
     # moves H_b by more than that, so the leave-one-group-out choices never all agree.
     net = TwoSites()
-    data = _batches(20, 64)
+    data = gaussian_batches(20, 64)
 
     def choice(entropy, constant):
         return {"pick": float(int(entropy[1] * 1e5) % 2)}
@@ -121,7 +99,7 @@ def test_finite_population_factor_stops_before_the_end_only_when_the_length_is_k
     # plan of the whole pass is what the early plan is compared with, and after n of N batches
     # only the other N - n can still move it: se * sqrt(1 - n / N).
     net = TwoSites()
-    data = _batches(30, 16)
+    data = gaussian_batches(30, 16)
 
     def plan(entropy, constant):
         return {"b": 200.0 * (entropy[1] - 0.98)}
@@ -141,7 +119,7 @@ def test_finite_population_factor_stops_before_the_end_only_when_the_length_is_k
 
 def test_plan_rule_in_paper_mode():
     net = TwoSites()
-    data = _batches(60, 16)
+    data = gaussian_batches(60, 16)
     full = egp_fast.measure_entropy(net, data, progress=False, mode="paper")
     seen = []
 
@@ -165,16 +143,16 @@ def test_plan_rule_in_paper_mode():
 def test_plan_tol_is_validated(bad):
     with pytest.raises(ConfigError, match="plan_tol="):
         egp_fast.measure_entropy(
-            TwoSites(), _batches(2, 4), progress=False, stop="decided", plan=lambda e, c: {}, plan_tol=bad
+            TwoSites(), gaussian_batches(2, 4), progress=False, stop="decided", plan=lambda e, c: {}, plan_tol=bad
         )
     pruner = egp_fast.Pruner(_mlp(), torch.randn(4, 8), progress=False)
     with pytest.raises(ConfigError, match="plan_tol="):
-        pruner.measure(_batches(2, 4, features=8), plan_tol=bad)  # also without stop=
+        pruner.measure(gaussian_batches(2, 4, features=8), plan_tol=bad)  # also without stop=
 
 
 def test_plan_must_be_callable():
     with pytest.raises(ConfigError, match="plan must be a callable plan"):
-        egp_fast.measure_entropy(TwoSites(), _batches(2, 4), progress=False, stop="decided", plan={"a": 1})
+        egp_fast.measure_entropy(TwoSites(), gaussian_batches(2, 4), progress=False, stop="decided", plan={"a": 1})
 
 
 def test_t_quantiles_match_scipy():
@@ -191,7 +169,7 @@ def test_t_quantiles_match_scipy():
 def test_egp_waits_until_the_plan_is_known_and_ends_within_plan_tol():
     # Small batches: the entropies alone look known after 2 batches, but EGP's split of the
     # budget between the first two layers is still far from the whole pass's.
-    data = _batches(100, 32, seed=1, features=8)
+    data = gaussian_batches(100, 32, seed=1, features=8)
     pruner = egp_fast.Pruner(_mlp(), data[0], progress=False)
     full = pruner.measure(data)
     plan_full = pruner.plan(full)
@@ -208,7 +186,7 @@ def _row(stats):
 
 
 def test_egp_plan_rule_is_the_unrounded_plan():
-    data = _batches(8, 32, seed=2, features=8)
+    data = gaussian_batches(8, 32, seed=2, features=8)
     pruner = egp_fast.Pruner(_mlp(), data[0], progress=False)
     pruner.apply(pruner.plan(pruner.measure(data)))  # some masks, so remaining differs by layer
     stats = pruner.measure(data)
@@ -222,7 +200,7 @@ def test_easier_plan_rule_is_its_choice():
     net = _mlp()
     with torch.no_grad():
         net[2].bias.fill_(100.0)  # site "3" always ON: removed as zero entropy
-    data = _batches(8, 32, seed=3, features=8)
+    data = gaussian_batches(8, 32, seed=3, features=8)
     pruner = egp_fast.Pruner(net, data[0], method="easier", progress=False)
     stats = pruner.measure(data)
     chosen = {k for k, v in pruner.plan_rule()(*_row(stats)).items() if v}
@@ -232,7 +210,7 @@ def test_easier_plan_rule_is_its_choice():
 
 
 def test_imp_has_no_plan_rule():
-    data = _batches(20, 64, seed=4, features=8)
+    data = gaussian_batches(20, 64, seed=4, features=8)
     pruner = egp_fast.Pruner(_mlp(), data[0], method="imp", progress=False)
     assert pruner.plan_rule() is None
     a = pruner.measure(data, stop="decided")
@@ -241,7 +219,7 @@ def test_imp_has_no_plan_rule():
 
 
 def test_prune_with_measure_stop_uses_the_plan_rule():
-    data = _batches(100, 32, seed=1, features=8)
+    data = gaussian_batches(100, 32, seed=1, features=8)
     ref = egp_fast.Pruner(_mlp(), data[0], progress=False)
     plan_full = ref.plan(ref.measure(data))
     result = egp_fast.prune(_mlp(), data, iterations=1, measure_stop="decided", progress=False)
@@ -275,7 +253,7 @@ def test_amounts_below_one_weight_are_decided_by_the_slack():
     # 1% of 0.4 weights is nothing any sample can pin down; within PLAN_SLACK (half a weight)
     # the amount rounds down at most one weight away, which is all a plan of integers can ask.
     net = TwoSites()
-    data = _batches(20, 64)
+    data = gaussian_batches(20, 64)
     base = egp_fast.measure_entropy(net, data, progress=False, stop="decided")
     tiny = egp_fast.measure_entropy(
         net, data, progress=False, stop="decided", plan=lambda e, c: {"t": 0.4 * e[1]}
@@ -305,7 +283,7 @@ def _ddp_worker(rank, world, port, path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         net = TwoSites()
-        data = _batches(60, 16)[rank::world]
+        data = gaussian_batches(60, 16)[rank::world]
         rows = []
 
         def plan(entropy, constant):

@@ -236,6 +236,42 @@ void histogram(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks,
   });
 }
 
+// The bucket of histogram h (nb bins) that holds the k-th entry (1-based), and in `below` how
+// many entries the buckets before it hold.
+inline int64_t kth_bucket(const int64_t* h, int64_t nb, int64_t k, int64_t& below) {
+  below = 0;
+  int64_t b = 0;
+  for (; b < nb; ++b) {
+    if (below + h[b] >= k) break;
+    below += h[b];
+  }
+  TORCH_INTERNAL_ASSERT(b < nb, "egp_fast select: lost the k-th key");
+  return b;
+}
+
+// The chunks of a subset `sel` of the problems, as the two-pass and sampled paths walk them:
+// slot[p] is p's index in sel (-1 if not selected); mine lists the selected problems' chunks in
+// order; mine[first[j]..first[j+1]) are the chunks of sel[j] (a problem's chunks are adjacent).
+struct ChunkSel {
+  std::vector<int64_t> slot, mine, first;
+};
+
+ChunkSel select_chunks(const std::vector<Chunk>& chunks, const std::vector<int64_t>& problem_of, size_t nprobs,
+                       const std::vector<int64_t>& sel) {
+  ChunkSel cs;
+  const int64_t ns = static_cast<int64_t>(sel.size());
+  cs.slot.assign(nprobs, -1);
+  for (int64_t j = 0; j < ns; ++j) cs.slot[sel[j]] = j;
+  for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()); ++c) {
+    if (cs.slot[problem_of[chunks[c].seg]] >= 0) cs.mine.push_back(c);
+  }
+  const int64_t nm = static_cast<int64_t>(cs.mine.size());
+  cs.first.assign(ns + 1, nm);
+  for (int64_t c = nm - 1; c >= 0; --c) cs.first[cs.slot[problem_of[chunks[cs.mine[c]].seg]]] = c;
+  for (int64_t j = ns - 1; j >= 0; --j) cs.first[j] = std::min(cs.first[j], cs.first[j + 1]);
+  return cs;
+}
+
 // Narrows every active problem's prefix by one digit: the bucket holding its k-th entry.
 template <typename KeyT>
 void choose_buckets(std::vector<Problem<KeyT>>& probs, const std::vector<int64_t>& hist, int db, bool first,
@@ -252,12 +288,7 @@ void choose_buckets(std::vector<Problem<KeyT>>& probs, const std::vector<int64_t
                   " are unpruned (True in the masks); ask for at most that many");
     }
     int64_t cum = 0;
-    int b = 0;
-    for (; b < nb; ++b) {
-      if (cum + h[b] >= pr.k) break;
-      cum += h[b];
-    }
-    TORCH_INTERNAL_ASSERT(b < nb, "egp_fast select: lost the k-th key");
+    const int64_t b = kth_bucket(h, nb, pr.k, cum);
     pr.k -= cum;
     pr.prefix = static_cast<KeyT>((static_cast<uint64_t>(pr.prefix) << db) | static_cast<uint64_t>(b));
     pr.n_eq = h[b];
@@ -370,12 +401,10 @@ void solve_two_pass(const std::vector<Seg>& segs, const std::vector<Chunk>& chun
                     const std::vector<int64_t>& problem_of, std::vector<Problem<uint32_t>>& probs,
                     const std::vector<int64_t>& big, const char* op, const std::vector<int64_t>& ks) {
   const int64_t nbig = static_cast<int64_t>(big.size());
-  std::vector<int64_t> slot(probs.size(), -1);
-  for (int64_t j = 0; j < nbig; ++j) slot[big[j]] = j;
-  std::vector<int64_t> mine;  // chunks of big problems, in order
-  for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()); ++c) {
-    if (slot[problem_of[chunks[c].seg]] >= 0) mine.push_back(c);
-  }
+  const ChunkSel cs = select_chunks(chunks, problem_of, probs.size(), big);
+  const std::vector<int64_t>& slot = cs.slot;
+  const std::vector<int64_t>& mine = cs.mine;  // chunks of big problems, in order
+  const std::vector<int64_t>& first = cs.first;
   const int64_t nm = static_cast<int64_t>(mine.size());
   std::vector<int64_t> hist(static_cast<size_t>(nbig * kBins), 0);
   std::mutex mu;
@@ -412,12 +441,8 @@ void solve_two_pass(const std::vector<Seg>& segs, const std::vector<Chunk>& chun
     for (int64_t b = 0; b < kBins; ++b) total += h[b];
     TORCH_CHECK(total >= pr.k, op, ": asked to prune ", ks[big[j]], " entries but only ", total,
                 " are unpruned (True in the masks); ask for at most that many");
-    int64_t cum = 0, b = 0;
-    for (; b < kBins; ++b) {
-      if (cum + h[b] >= pr.k) break;
-      cum += h[b];
-    }
-    TORCH_INTERNAL_ASSERT(b < kBins, "egp_fast select: lost the k-th key");
+    int64_t cum = 0;
+    const int64_t b = kth_bucket(h, kBins, pr.k, cum);
     pr.k -= cum;  // entries to take inside bucket b
     pr.prefix = static_cast<uint32_t>(b);
   }
@@ -444,9 +469,6 @@ void solve_two_pass(const std::vector<Seg>& segs, const std::vector<Chunk>& chun
     }
   });
   // Step 3, per problem, over its candidates only: the exact key and the ties, in index order.
-  std::vector<int64_t> first(nbig + 1, nm);  // mine[first[j]..first[j+1]) are problem j's chunks
-  for (int64_t j = nm - 1; j >= 0; --j) first[slot[problem_of[chunks[mine[j]].seg]]] = j;
-  for (int64_t j = nbig - 1; j >= 0; --j) first[j] = std::min(first[j], first[j + 1]);
   at::parallel_for(0, nbig, 1, [&](int64_t pb, int64_t pe) {
     std::vector<int64_t> h(kBins, 0);
     for (int64_t j = pb; j < pe; ++j) {
@@ -456,12 +478,7 @@ void solve_two_pass(const std::vector<Seg>& segs, const std::vector<Chunk>& chun
         for (uint32_t v : cand[c]) ++h[v & 0xFFFFu];
       }
       int64_t cum = 0;
-      uint32_t t = 0;
-      for (; t < kBins; ++t) {
-        if (cum + h[t] >= pr.k) break;
-        cum += h[t];
-      }
-      TORCH_INTERNAL_ASSERT(t < kBins, "egp_fast select: lost the k-th key in its bucket");
+      const uint32_t t = static_cast<uint32_t>(kth_bucket(h.data(), kBins, pr.k, cum));
       int64_t ties = pr.k - cum;  // entries equal to the k-th key to drop, lowest index first
       for (int64_t c = first[j]; c < first[j + 1]; ++c) {
         const Chunk& ch = chunks[mine[c]];
@@ -638,12 +655,8 @@ void pick_candidates(const std::vector<std::vector<uint64_t>>& cand, int64_t c0,
   for (int64_t c = c0; c < c1; ++c) {
     for (uint64_t v : cand[c]) ++hist[(static_cast<uint32_t>(v) - lo) >> shift];
   }
-  int64_t cum = 0, b = 0;
-  for (; b < nb; ++b) {
-    if (cum + hist[b] >= kk) break;
-    cum += hist[b];
-  }
-  TORCH_INTERNAL_ASSERT(b < nb, "egp_fast select: lost the k-th key among the candidates");
+  int64_t cum = 0;
+  const int64_t b = kth_bucket(hist.data(), nb, kk, cum);
   keys.clear();
   for (int64_t c = c0; c < c1; ++c) {
     for (uint64_t v : cand[c]) {
@@ -676,8 +689,10 @@ std::vector<char> solve_sampled(const std::vector<Seg>& segs, const std::vector<
                                 const std::vector<int64_t>& problem_of, const std::vector<Problem<uint32_t>>& probs,
                                 const std::vector<int64_t>& elig) {
   const int64_t ne = static_cast<int64_t>(elig.size());
-  std::vector<int64_t> slot(probs.size(), -1);
-  for (int64_t j = 0; j < ne; ++j) slot[elig[j]] = j;
+  const ChunkSel cs = select_chunks(chunks, problem_of, probs.size(), elig);
+  const std::vector<int64_t>& slot = cs.slot;
+  const std::vector<int64_t>& mine = cs.mine;  // chunks of eligible problems, in order
+  const std::vector<int64_t>& first = cs.first;
   std::vector<std::vector<int64_t>> segs_of(ne);
   std::vector<int64_t> size(ne, 0);
   for (int64_t s = 0; s < static_cast<int64_t>(segs.size()); ++s) {
@@ -692,10 +707,6 @@ std::vector<char> solve_sampled(const std::vector<Seg>& segs, const std::vector<
     for (int64_t j = pb; j < pe; ++j) win[j] = sample_window(segs, segs_of[j], size[j], probs[elig[j]].k, keys);
   });
   // The pass, chunk by chunk.
-  std::vector<int64_t> mine;  // chunks of eligible problems, in order
-  for (int64_t c = 0; c < static_cast<int64_t>(chunks.size()); ++c) {
-    if (slot[problem_of[chunks[c].seg]] >= 0) mine.push_back(c);
-  }
   const int64_t nm = static_cast<int64_t>(mine.size());
   std::vector<int64_t> below(nm, 0);
   std::vector<std::vector<uint64_t>> cand(nm);
@@ -725,9 +736,6 @@ std::vector<char> solve_sampled(const std::vector<Seg>& segs, const std::vector<
     }
   });
   // Per problem: check the bracket, then pick among the candidates.
-  std::vector<int64_t> first(ne + 1, nm);  // mine[first[j]..first[j+1]) are problem j's chunks
-  for (int64_t c = nm - 1; c >= 0; --c) first[slot[problem_of[chunks[mine[c]].seg]]] = c;
-  for (int64_t j = ne - 1; j >= 0; --j) first[j] = std::min(first[j], first[j + 1]);
   std::vector<char> ok(ne, 0);
   at::parallel_for(0, ne, 1, [&](int64_t pb, int64_t pe) {
     std::vector<int64_t> hist;
