@@ -494,37 +494,42 @@ def _finish(
     sites: list[Site], counter: _Counter, mode: str, backend: str | None, seconds: float
 ) -> EntropyStats:
     device = counter.flat.device
-    sizes = torch.tensor([s.channels for s in sites], dtype=torch.int64)
-    offsets = torch.zeros(len(sites) + 1, dtype=torch.int64)
-    offsets[1:] = sizes.cumsum(0)
+    sizes = [s.channels for s in sites]
+    offsets = [0]
+    for c in sizes:
+        offsets.append(offsets[-1] + c)
+    t = offsets[-1]
     obs_per_entry = torch.repeat_interleave(
-        torch.tensor(counter.observations, dtype=torch.int64), sizes
+        torch.tensor(counter.observations, dtype=torch.int64), torch.tensor(sizes, dtype=torch.int64)
     ).to(device)
-    t = int(offsets[-1])
-    out = ops.entropy(counter.flat[:t], obs_per_entry, offsets.to(device), backend=backend_for("entropy", backend))
-    result: dict[str, SiteStats] = {}
-    layer_h = out.layer_entropy.cpu()
-    layer_all = out.layer_entropy_all.cpu()
-    paper = (counter.paper_sum / max(counter.batches, 1)).cpu() if counter.paper else None
-    # Two-piece sites (ReLU-like, the common case) get their piece counts and constant pieces
-    # from a few whole-buffer ops; only multi-piece sites (ReLU6, Hardtanh) are done one by one.
-    on_all = counter.flat[:t]
+    out = ops.entropy(
+        counter.flat[:t], obs_per_entry, torch.tensor(offsets, dtype=torch.int64, device=device),
+        backend=backend_for("entropy", backend),
+    )
+    layer_h = out.layer_entropy.tolist()
+    layer_all = out.layer_entropy_all.tolist()
+    paper = (counter.paper_sum / max(counter.batches, 1)).tolist() if counter.paper else None
+    # Two-piece sites (ReLU-like, the common case) get their counts, piece counts and constant
+    # pieces from a few whole-buffer ops split into per-site views; only multi-piece sites
+    # (ReLU6, Hardtanh) are done one by one.
+    on_all = counter.flat[:t].clone()  # the stats own their counts; the counter may be reused
     pieces_all = torch.stack([obs_per_entry - on_all, on_all])
     piece_all = torch.where(
         (on_all == obs_per_entry) & (obs_per_entry > 0),
         torch.ones_like(on_all),
         torch.where((on_all == 0) & (obs_per_entry > 0), torch.zeros_like(on_all), torch.full_like(on_all, -1)),
     )
-    for i, s in enumerate(sites):
-        lo, hi = int(offsets[i]), int(offsets[i + 1])
+    per_site = zip(
+        on_all.split(sizes), pieces_all.split(sizes, dim=1), piece_all.split(sizes),
+        out.p_on.split(sizes), out.channel_entropy.split(sizes),
+    )
+    result: dict[str, SiteStats] = {}
+    for i, (s, (on, pieces, piece, p_on, h)) in enumerate(zip(sites, per_site)):
         obs = counter.observations[i]
-        first = counter.first[i]
-        p_on = out.p_on[lo:hi]
-        h = out.channel_entropy[lo:hi]
-        ent, ent_all = float(layer_h[i]), float(layer_all[i])
+        ent, ent_all = layer_h[i], layer_all[i]
         if len(s.breakpoints) > 1:
             # Multi-piece activations: entropy of the piece distribution, in bits.
-            pieces = _piece_counts(s, first, counter.rest[i], obs)
+            pieces = _piece_counts(s, on, counter.rest[i], obs)
             q = pieces.to(torch.float64) / max(obs, 1)
             h = -(torch.xlogy(q, q).sum(0)) / math.log(2)
             nonconst = (pieces < obs).all(0)
@@ -532,11 +537,8 @@ def _finish(
             ent_all = float(h.mean()) if h.numel() else 0.0
             full = pieces == obs
             piece = torch.where(
-                full.any(0), full.to(torch.int64).argmax(0), torch.full_like(first, -1)
-            ) if obs > 0 else torch.full_like(first, -1)
-        else:
-            pieces = pieces_all[:, lo:hi]
-            piece = piece_all[lo:hi]
+                full.any(0), full.to(torch.int64).argmax(0), torch.full_like(on, -1)
+            ) if obs > 0 else torch.full_like(on, -1)
         result[s.name] = SiteStats(
             name=s.name,
             kind=s.kind,
@@ -546,12 +548,12 @@ def _finish(
             breakpoints=tuple(s.breakpoints),
             exact=s.exact,
             observations=obs,
-            on_counts=first.clone(),
+            on_counts=on,
             piece_counts=pieces,
             p_on=p_on,
             channel_entropy=h,
             piece=piece,
-            entropy=float(paper[i]) if paper is not None else ent,
+            entropy=paper[i] if paper is not None else ent,
             entropy_all=ent_all,
             exact_entropy=ent,
             samples=int(counter.samples[i]),
@@ -714,7 +716,7 @@ def measure_entropy(
             used=[bool(s.producers) for s in sites], plan=plan, plan_tol=plan_tol, total=total,
         )
     bar = None
-    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+    nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # finite iff outputs were
     stopped_early = False
     try:
         if use_hooks:
@@ -742,7 +744,7 @@ def measure_entropy(
                         del real
                 for t in _tensors(out):
                     if t.is_floating_point():
-                        nonfinite += (~torch.isfinite(t)).any()
+                        nonfinite += _finite_probe(t)
                 counter.batches += 1
                 counter.total_samples += counter.current_n
                 index += 1
@@ -768,11 +770,21 @@ def measure_entropy(
         if bar is not None:
             bar.close()
     _all_reduce(counter)
-    if int(nonfinite) > 0:  # the one host sync of the pass (besides the end)
+    if not math.isfinite(float(nonfinite)):  # the one host sync of the pass (besides the end)
         raise NumericsError(_locate_nonfinite(model, data, graph, max_batches))
     stats = _finish(sites, counter, mode, backend, time.perf_counter() - start)
     stats.stopped_early = stopped_early
     return stats
+
+
+def _finite_probe(t: torch.Tensor) -> torch.Tensor:
+    """A float64 0-d tensor that is finite iff every entry of ``t`` is, from one reduction and
+    no host sync: NaN and Inf propagate through a sum, and a float64 sum of values below 2^128
+    in magnitude (every float dtype but float64) cannot overflow. float64 is checked entry by
+    entry. (resnet18's [64, 1000] output: ~30 us, against ~150 us for ``isfinite().any()``.)"""
+    if t.dtype == torch.float64:
+        return torch.where(torch.isfinite(t).all(), 0.0, math.nan).to(torch.float64)
+    return t.sum(dtype=torch.float64)
 
 
 def _run_model(model: nn.Module, args: tuple, kwargs: dict, index: int) -> Any:

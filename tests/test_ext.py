@@ -226,7 +226,11 @@ def _layouts():
     return [
         ("nchw", (5, 7, 9, 11), 1, lambda t: t),
         ("nchw_1x1", (3, 13, 1, 1), 1, lambda t: t),
-        ("nchw_3x5", (40, 9, 3, 5), 1, lambda t: t),  # small planes: the short-run loop
+        ("nchw_3x5", (40, 9, 3, 5), 1, lambda t: t),  # small planes, walked as rows of C*H*W
+        ("nchw_3x3_one_sample", (1, 2000, 3, 3), 1, lambda t: t),  # one row, small in all
+        # rows of 68000 values (over 64K counters): small planes one by one (the short-run loop)
+        ("nchw_2x2_wide", (3, 17000, 2, 2), 1, lambda t: t),
+        ("nchw_7x9_few", (2, 600, 7, 9), 1, lambda t: t),  # 63-value planes, too few rows
         # more planes than one task's grain (16384 of 4 entries): tasks start mid-channel
         ("nchw_2x2_many", (1601, 11, 2, 2), 1, lambda t: t),
         ("channels_last", (5, 7, 9, 11), 1, lambda t: t.contiguous(memory_format=torch.channels_last)),

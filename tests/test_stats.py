@@ -146,6 +146,38 @@ def test_nan_names_the_site():
     assert all(not m._forward_pre_hooks for m in net.modules())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_finite_probe_flags_exactly_the_outputs_with_nan_or_inf(dtype):
+    from egp_fast.stats import _finite_probe
+
+    big = torch.finfo(dtype).max
+    clean = torch.full((64, 100), big, dtype=dtype)  # sums far past the dtype's range: still finite
+    clean[1::2] = -big
+    clean[0, 0] = big
+    assert math.isfinite(float(_finite_probe(clean) + _finite_probe(clean[:7])))
+    for bad in (math.nan, math.inf, -math.inf):
+        t = clean.clone()
+        t[5, 17] = bad
+        assert not math.isfinite(float(_finite_probe(t))), bad
+        assert not math.isfinite(float(_finite_probe(clean) + _finite_probe(t)))  # across batches
+    both = clean.clone()
+    both[0, 0], both[0, 1] = math.inf, -math.inf  # +inf and -inf: NaN, still flagged
+    assert not math.isfinite(float(_finite_probe(both)))
+
+
+def test_nan_in_the_output_alone_is_found():
+    class NaNHead(nn.Module):  # the site stays finite; only the model's output is NaN
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+
+        def forward(self, x):
+            return self.body(x) * torch.tensor([1.0, math.inf, 0.0])
+
+    with pytest.raises(NumericsError, match="in the model's output"):
+        egp_fast.measure_entropy(NaNHead(), [torch.ones(4, 2)], progress=False)
+
+
 def test_forced_zero_entropy_is_collapsible():
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
     with torch.no_grad():

@@ -2,8 +2,11 @@
 // temporaries the size of z.
 //
 // Layouts:
-//  * contiguous z viewed as [outer, C, inner] with inner > 1 (NCHW, channel_dim=1): one count per
-//    (o, c) plane, planes split over threads, each thread summing into its own C counters;
+//  * contiguous z viewed as [outer, C, inner] with inner > 1 (NCHW, channel_dim=1): small planes
+//    (under 64 values, a row of C * inner values fits 64K int32 counters, rows for every thread)
+//    are walked as rows, like the channels-last layout below, with one counter per position of
+//    the row; larger planes one (o, c) plane at a time, planes split over threads, each thread
+//    summing into its own C counters;
 //  * channel innermost in memory, i.e. z.movedim(channel_dim, -1) is contiguous (channels-last
 //    NHWC storage of an NCHW tensor, [N, L, C], [N, H, W, C]): rows of C values, each thread
 //    adding a row into its own int32 counters (flushed before they could overflow);
@@ -73,29 +76,47 @@ void planes(const T* z, int64_t outer, int64_t C, int64_t inner, acc_t<T> thr, i
   });
 }
 
+// Rows of `width` = C * inner values (one sample's slab of an [outer, C, inner] tensor; inner == 1
+// is the channels-last layout), each thread adding whole rows into its own int32 counters, one
+// per position of the row: a straight vectorised loop however small the planes are. The
+// position counters are folded into channels (sums of `inner` neighbours) when a thread ends.
 template <typename T>
-void rows(const T* z, int64_t nrows, int64_t C, acc_t<T> thr, int64_t* counts, int64_t cstride) {
+void rows(const T* z, int64_t nrows, int64_t C, int64_t inner, acc_t<T> thr, int64_t* counts,
+          int64_t cstride) {
   std::mutex mu;
   constexpr int64_t kFlush = int64_t{1} << 30;  // int32 counters overflow after 2^31 rows
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(C, 1));
+  const int64_t width = C * inner;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(width, 1));
   at::parallel_for(0, nrows, grain, [&](int64_t rb, int64_t re) {
-    std::vector<int32_t> local(C, 0);
+    std::vector<int32_t> local(width, 0);
     std::vector<int64_t> wide(C, 0);
-    int32_t* cnt = local.data();
+    int32_t* __restrict cnt = local.data();
     for (int64_t b = rb; b < re; b += kFlush) {
       const int64_t e = std::min(re, b + kFlush);
       for (int64_t r = b; r < e; ++r) {
-        const T* row = z + r * C;
-        for (int64_t c = 0; c < C; ++c) cnt[c] += static_cast<acc_t<T>>(row[c]) > thr;
+        const T* __restrict row = z + r * width;
+        for (int64_t k = 0; k < width; ++k) cnt[k] += static_cast<acc_t<T>>(row[k]) > thr;
       }
       for (int64_t c = 0; c < C; ++c) {
-        wide[c] += cnt[c];
-        cnt[c] = 0;
+        int64_t s = 0;
+        for (int64_t j = 0; j < inner; ++j) s += cnt[c * inner + j];
+        wide[c] += s;
       }
+      std::fill(local.begin(), local.end(), 0);
     }
     std::lock_guard<std::mutex> lock(mu);
     for (int64_t c = 0; c < C; ++c) counts[c * cstride] += wide[c];
   });
+}
+
+// Small planes (under 64 values: late CNN stages, where a per-plane loop is mostly overhead) are
+// walked as wide rows when each thread still gets rows to itself and a row's counters stay
+// cache-sized; larger planes (or few samples) one plane at a time, which reads z only.
+inline bool use_rows(int64_t outer, int64_t C, int64_t inner) {
+  if (inner == 1) return true;
+  if (inner >= 64) return false;
+  const int64_t width = C * inner;
+  return width <= (int64_t{1} << 16) && (outer >= 2 * at::get_num_threads() || outer * width <= (int64_t{1} << 16));
 }
 
 void sign_count_cpu(const at::Tensor& z, const at::Tensor& counts, int64_t channel_dim, double threshold) {
@@ -119,8 +140,8 @@ void sign_count_cpu(const at::Tensor& z, const at::Tensor& counts, int64_t chann
     // Cast the threshold to z's dtype first, as `z > threshold` does in torch.
     const acc_t<T> thr = static_cast<acc_t<T>>(static_cast<T>(threshold));
     const T* zp = src.data_ptr<T>();
-    if (channel_last) {
-      rows<T>(zp, outer, C, thr, cp, cs);
+    if (channel_last || use_rows(outer, C, inner)) {
+      rows<T>(zp, outer, C, channel_last ? 1 : inner, thr, cp, cs);
     } else {
       planes<T>(zp, outer, C, inner, thr, cp, cs);
     }
