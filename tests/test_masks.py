@@ -95,6 +95,8 @@ def _make_opt(kind, params):
         return torch.optim.Adam(params, lr=0.05, weight_decay=1e-2)
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=0.05, weight_decay=1e-2)
+    if kind == "adamw_fused":  # what build_optimizer gives on CPU/CUDA
+        return torch.optim.AdamW(params, lr=0.05, weight_decay=1e-2, fused=True)
     if kind == "sgd_subclass":  # not a known elementwise class: re-zeroed after every step
 
         class MySGD(torch.optim.SGD):
@@ -114,7 +116,7 @@ def _steps(net, opt, n, gen, check=None):
         opt.step()
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw", "sgd_subclass"])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw", "adamw_fused", "sgd_subclass"])
 def test_optimizer_with_state_from_before_pruning(kind):
     # The README's step-by-step loop: the optimizer (and its momentum / Adam moments) exists
     # while the model trains dense; pruning comes later. The state of the newly pruned entries
@@ -156,7 +158,7 @@ def test_optimizer_with_state_from_before_pruning(kind):
         assert (m.weight[~p] != b[~p]).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw_fused"])
 def test_nan_gradients_of_pruned_entries_do_not_leak(kind):
     net = _net()
     _prune_half(net)

@@ -93,7 +93,10 @@ def test_build_optimizer_and_errors():
     m = nn.Linear(3, 3)
     opt = build_optimizer(m, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
-    assert isinstance(build_optimizer(m, "adamw", lr=1e-3), torch.optim.AdamW)
+    adamw = build_optimizer(m, "adamw", lr=1e-3)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["fused"]  # CPU: fused
+    on_meta = build_optimizer(nn.Linear(3, 3, device="meta"), "adamw", lr=1e-3)  # no fused kernel
+    assert isinstance(on_meta, torch.optim.AdamW) and not on_meta.param_groups[0]["fused"]
     with pytest.raises(ConfigError, match="--optimizer"):
         build_optimizer(m, "lion")
     with pytest.raises(ConfigError, match="learning rate"):
