@@ -122,7 +122,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=S, help="fine-tune epochs per round (default 8; easier: 2 "
                    "per removal step)")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default=S, help="default sgd (momentum 0.9); "
-                   "adamw for digits_vit")
+                   "adamw for digits_vit (torch's fused AdamW when the model is on one CPU/CUDA device)")
     g.add_argument("--dense-lr", type=float, default=S, help="learning rate of dense training (default 0.1; "
                    "digits_vit 1e-3)")
     g.add_argument("--lr", type=float, default=S, help="learning rate of each fine-tune round (default 0.01; "

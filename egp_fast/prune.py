@@ -259,7 +259,7 @@ class Pruner:
 
     def _remaining(self) -> dict[str, int]:
         """Unpruned weights per prunable layer (one reduction per layer)."""
-        return {n: int(m.sum()) for n, (_, m) in self._layer_view().items()}
+        return {n: int(torch.count_nonzero(m)) for n, (_, m) in self._layer_view().items()}
 
     def _sparsity(self, remaining: dict[str, int]) -> float:
         view = self._layer_view()

@@ -104,7 +104,7 @@ class _IMPMethod(_WeightMethod):
             [view[n][0] for n in names], [view[n][1] for n in names], count,
             backend=backend_for("global_smallest", pruner.backend),
         )
-        return {n: remaining[n] - int(m.sum()) for n, m in zip(names, new)}
+        return {n: remaining[n] - int(torch.count_nonzero(m)) for n, m in zip(names, new)}
 
 
 def _make_method(method: str, linearization: str) -> Any:

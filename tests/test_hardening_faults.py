@@ -223,18 +223,20 @@ def test_apply_failure_while_zeroing_weights_changes_nothing(exc, monkeypatch):
     net = _net()
     pruner, plan = _pruner(net)
     before = state(net)
-    real = torch.Tensor.masked_fill_
+    real = masks_mod._Guard.zero_  # what zeroes a layer's pruned weights
     hit = _fail_on_call(2, exc)
+    calls = []
 
-    def flaky(self, *a, **k):
-        if self.dtype != torch.bool:
-            hit()
-        return real(self, *a, **k)
+    def flaky(self, t, pruned):
+        calls.append(t.shape)
+        hit()
+        return real(self, t, pruned)
 
-    monkeypatch.setattr(torch.Tensor, "masked_fill_", flaky)
+    monkeypatch.setattr(masks_mod._Guard, "zero_", flaky)
     with pytest.raises(type(exc)):
         pruner.apply(plan)
     monkeypatch.undo()
+    assert len(calls) == 2  # the first layer was written when the second failed
     assert_same(before, state(net))
 
 
