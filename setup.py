@@ -99,6 +99,7 @@ def _extensions():
         "csrc/registration.cpp",
         "csrc/select/select_cpu.cpp",
         "csrc/sign_count/sign_count_cpu.cpp",
+        "csrc/masks/zero_pruned_cpu.cpp",
     ]
     cxx = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
     if with_cuda:

@@ -157,6 +157,15 @@ def test_train_step_resnet18_cpu(benchmark, provider, opt):
     y = torch.randint(0, 10, (32,), generator=g)
     benchmark.extra_info.update(batch=32, image="32x32", optimizer=opt, masked_fraction=0.5)
     benchmark.pedantic(train_step, args=(model, o, x, y), rounds=5, warmup_rounds=3, iterations=1)
+    if provider == "masked":
+        # The side-by-side figure: plain and masked steps interleaved in one process (the two
+        # blocks above run apart, and a burst of load in one moves their ratio by 30%).
+        res = compare(batch=32, opt=opt, rounds=11, steps=2, device="cpu")
+        benchmark.extra_info.update(
+            paired_ratio=res["ratio"], paired_pairs=11,
+            paired_min=min(m / p for m, p in zip(res["masked"], res["plain"])),
+            paired_max=max(m / p for m, p in zip(res["masked"], res["plain"])),
+        )
 
 
 @requires_cuda

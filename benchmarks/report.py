@@ -383,6 +383,14 @@ def evaluate_targets(tables: OrderedDict[str, list[dict[str, Any]]]) -> list[dic
             found = True
             dev = _device_of(r)
             measured = f"{ref:.2f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] * ref)})"
+            paired = r["extra"].get("paired_ratio")
+            if isinstance(paired, (int, float)):
+                # Alternated rounds see the same load: that ratio decides, the medians are context.
+                measured = (
+                    f"{paired:.2f}× (median of {r['extra'].get('paired_pairs')} alternated pairs of "
+                    f"rounds); medians of the separate runs: {measured}"
+                )
+                ref = paired
             floor = _forward_floor(tables, r)
             if floor:
                 # Both ways run the model over the data once: that forward bounds the ratio.
@@ -471,9 +479,14 @@ def _issue11_targets(tables, add) -> None:
         if r["case"].endswith("_loop"):
             continue  # the for-loop AdamW: an extra row of the group table, not the fair baseline
         over = 1.0 / r["ratios"]["plain"]
+        measured = f"{over:.3f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] / over)}; separate runs)"
+        paired = r["extra"].get("paired_ratio")
+        if isinstance(paired, (int, float)):
+            measured = (f"{paired:.3f}× (median of {r['extra'].get('paired_pairs')} interleaved rounds); "
+                        f"separate runs: {measured}")
+            over = paired
         add(f"masked training step ≤ 1.03× a plain step ({r['extra'].get('device', 'cpu')}, resnet18, {r['case']})",
-            f"{over:.3f}× ({fmt_time(r['median'])} vs {fmt_time(r['median'] / over)}; separate runs)",
-            over <= 1.03)
+            measured, over <= 1.03)
     if not masked:
         add("masked training step ≤ 1.03× a plain step", "", None)
 

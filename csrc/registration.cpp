@@ -1,9 +1,10 @@
 // Schemas of every egp_fast op, and the Python module egp_fast._C that carries them.
 //
 // Kernels live next to their op (csrc/select/select_cpu.cpp, csrc/sign_count/sign_count_cpu.cpp,
-// csrc/cuda_kernels.cu), each ending with its TORCH_LIBRARY_IMPL block. The ops are reached from
-// Python as torch.ops.egp_fast.<op>, so torch.compile and torch.library.opcheck see them; their
-// fake (meta) implementations are registered in egp_fast/ops/_ext_backend.py.
+// csrc/masks/zero_pruned_cpu.cpp, csrc/cuda_kernels.cu), each ending with its TORCH_LIBRARY_IMPL
+// block. The ops are reached from Python as torch.ops.egp_fast.<op>, so torch.compile and
+// torch.library.opcheck see them; their fake (meta) implementations are registered in
+// egp_fast/ops/_ext_backend.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -15,6 +16,9 @@ TORCH_LIBRARY(egp_fast, m) {
   m.def("global_smallest(Tensor[] weights, Tensor[] masks, int count) -> Tensor[]");
   // counts[c] += #(z > threshold) along channel_dim; counts is int64 [C], updated in place.
   m.def("sign_count_(Tensor z, Tensor(a!) counts, int channel_dim, float threshold) -> ()");
+  // t[i] = 0 (all bits clear) where pruned[i]; other entries unchanged. CPU only: the masks'
+  // gradient hook and state re-zeroing (egp_fast/masks.py).
+  m.def("zero_pruned_(Tensor(a!) t, Tensor pruned) -> ()");
 }
 
 // The outputs are bool masks and in-place integer counts: nothing to differentiate. A
@@ -23,6 +27,7 @@ TORCH_LIBRARY_IMPL(egp_fast, Autograd, m) {
   m.impl("select_smallest", torch::CppFunction::makeFallthrough());
   m.impl("global_smallest", torch::CppFunction::makeFallthrough());
   m.impl("sign_count_", torch::CppFunction::makeFallthrough());
+  m.impl("zero_pruned_", torch::CppFunction::makeFallthrough());
 }
 
 namespace egp_fast {

@@ -8,13 +8,14 @@ How pruned weights stay exactly zero through training, at almost no cost per ste
 
 * **Gradients.** A post-accumulate-grad hook on the weight zeroes the pruned entries of
   ``weight.grad`` in place, right after autograd writes it (the gradient is still in cache),
-  with a mask cached per layer and rebuilt only when the mask changes. Not a product: a
-  NaN/Inf gradient must not leak (NaN * 0 = NaN). On the CPU the cached mask is an integer
-  bit mask (all ones = kept, zero = pruned) ANDed into the gradient's bits, which gives an
-  exact +0.0 and costs what a multiply does (resnet18's 11.2M weights, one thread of this
-  2-core CPU: 6.8 ms, against 57 ms for a boolean ``masked_fill_``, which ATen does not
-  vectorize there); elsewhere a cached inverted bool mask and ``masked_fill_``. The hook runs
-  before distributed data parallel reads the gradient.
+  with an inverted bool mask cached per layer and rebuilt only when the mask changes. Not a
+  product: a NaN/Inf gradient must not leak (NaN * 0 = NaN). On the CPU the extension's
+  ``zero_pruned_`` clears the pruned entries' bits in one vectorised pass over the gradient and
+  the 1-byte mask (resnet18's 11.2M weights, 2 threads of this 2-core CPU: about 2.5 ms,
+  against 26 ms for ATen's boolean ``masked_fill_``, which is not vectorised there); without
+  the extension, an int bit mask cached per layer (4 bytes per weight) is ANDed into the
+  gradient's bits (3.7 ms); on GPUs ``masked_fill_``. Every way gives an exact +0.0. The hook
+  runs before distributed data parallel reads the gradient.
 * **Optimizer state.** With pruned weights, gradients and state at zero, the elementwise
   ``torch.optim`` optimizers (SGD with momentum and weight decay, Adam, AdamW, ...) keep them
   at zero by themselves. So a global optimizer step *pre*-hook zeroes the pruned entries of the
@@ -58,8 +59,21 @@ _CLEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Optimizers whose update of an entry depends only on that entry's weight, gradient and state,
 # and is zero when all three are zero: with pruned gradients zeroed, they need no re-zeroing
 # after each step. Exact classes only: a subclass may change step().
-# Integer dtypes of each float width, for the bit-mask zeroing on the CPU.
+# Integer dtypes of each float width, for the bit-mask zeroing on the CPU without the extension.
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _cpu_zero_kernel():
+    """The extension's CPU ``zero_pruned_`` op, or None (no extension, or a build without it)."""
+    try:
+        from egp_fast import _ext
+
+        return torch.ops.egp_fast.zero_pruned_.default if _ext.HAS_CPP else None
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+_ZERO_PRUNED = _cpu_zero_kernel()
 
 _ELEMENTWISE = frozenset(
     getattr(torch.optim, n)
@@ -145,8 +159,12 @@ class _Guard:
         """Set the pruned entries of ``t`` (a dense tensor of the weight's shape) to +0.0."""
         if t.layout != torch.strided:
             raise ModelError("masks: only dense (strided) tensors can be masked in place")
-        ints = _BITS.get(t.element_size()) if t.device.type == "cpu" and t.is_floating_point() else None
-        if ints is None or t.device != pruned.device:
+        cpu = t.device.type == "cpu" and t.is_floating_point() and t.device == pruned.device
+        if cpu and _ZERO_PRUNED is not None and t.is_contiguous() and pruned.is_contiguous():
+            _ZERO_PRUNED(t, pruned)  # one pass over t and the 1-byte mask
+            return
+        ints = _BITS.get(t.element_size()) if cpu else None
+        if ints is None:
             t.masked_fill_(pruned.to(t.device), 0)
             return
         bits = self._bits.get(t.element_size())

@@ -302,6 +302,33 @@ def test_sign_count_direct_op_rejects_bad_counts():
         torch.ops.egp_fast.sign_count_(z, torch.zeros(4, dtype=torch.int64), 1, 0.0)
 
 
+# ---- zero_pruned_ (the masks' CPU zeroing) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", SIGN_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (300_007,), (64, 3, 3, 3), (0, 4)], ids=str)
+def test_zero_pruned_matches_masked_fill_bit_for_bit(dtype, shape):
+    gen = torch.Generator().manual_seed(13)
+    t = _activations(shape, dtype, "cpu", gen, special=True)  # NaN, +-Inf, +-0.0 among the values
+    pruned = torch.rand(shape, generator=gen) < 0.5
+    want = t.clone().masked_fill_(pruned, 0)
+    got = t.clone()
+    torch.ops.egp_fast.zero_pruned_(got, pruned)
+    # Bits, not values: pruned entries become +0.0 (not -0.0), kept NaN payloads survive.
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    assert torch.equal(got.view(bits), want.view(bits))
+
+
+def test_zero_pruned_rejects_bad_arguments():
+    t = torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match="bool"):
+        torch.ops.egp_fast.zero_pruned_(t, torch.zeros(4, 5, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="shape"):
+        torch.ops.egp_fast.zero_pruned_(t, torch.zeros(5, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.egp_fast.zero_pruned_(t.t(), torch.zeros(5, 4, dtype=torch.bool))
+
+
 # ---- torch.library integration --------------------------------------------------------------
 
 
@@ -321,7 +348,7 @@ def _opcheck_cases(device):
             torch.ops.egp_fast.sign_count_.default,
             (z.permute(0, 2, 3, 1), torch.zeros(4, dtype=torch.int64, device=device), -1, 0.25),
         ),
-    ]
+    ] + ([(torch.ops.egp_fast.zero_pruned_.default, (z.clone(), z > 0))] if device == "cpu" else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -116,8 +116,33 @@ def _steps(net, opt, n, gen, check=None):
         opt.step()
 
 
+@pytest.fixture(params=["kernel", "bits"])
+def zero_path(request, monkeypatch):
+    """How pruned entries are zeroed on the CPU: the extension's zero_pruned_, or (a build
+    without it) the cached int bit mask."""
+    if request.param == "bits":
+        monkeypatch.setattr(masks, "_ZERO_PRUNED", None)
+    elif masks._ZERO_PRUNED is None:
+        pytest.skip("needs the compiled extension")
+    return request.param
+
+
+def test_cpu_zeroing_uses_the_kernel_and_keeps_no_int_mask(monkeypatch):
+    if masks._ZERO_PRUNED is None:
+        pytest.skip("needs the compiled extension")
+    calls = []
+    real = masks._ZERO_PRUNED
+    monkeypatch.setattr(masks, "_ZERO_PRUNED", lambda t, p: (calls.append(t.shape), real(t, p)))
+    net = _net()
+    _prune_half(net)
+    net(torch.randn(4, 6)).sum().backward()
+    assert torch.Size(net[0].weight.shape) in calls  # the gradient hook went through the kernel
+    assert (net[0].weight.grad[~net[0].weight_mask] == 0).all()
+    assert not masks._guard_of(net[0])._bits  # no 4-byte-per-weight cache
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw", "adamw_fused", "sgd_subclass"])
-def test_optimizer_with_state_from_before_pruning(kind):
+def test_optimizer_with_state_from_before_pruning(kind, zero_path):
     # The README's step-by-step loop: the optimizer (and its momentum / Adam moments) exists
     # while the model trains dense; pruning comes later. The state of the newly pruned entries
     # is then nonzero and would revive them at the next step unless it is re-zeroed.
@@ -159,7 +184,7 @@ def test_optimizer_with_state_from_before_pruning(kind):
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam", "adamw_fused"])
-def test_nan_gradients_of_pruned_entries_do_not_leak(kind):
+def test_nan_gradients_of_pruned_entries_do_not_leak(kind, zero_path):
     net = _net()
     _prune_half(net)
     pruned = ~net[0].weight_mask.clone()

@@ -46,6 +46,13 @@ def _sign_count_fake(z, counts, channel_dim, threshold):
     return None
 
 
+if hasattr(_OPS, "zero_pruned_"):  # an extension built before this op has no schema for it
+
+    @torch.library.register_fake("egp_fast::zero_pruned_")
+    def _zero_pruned_fake(t, pruned):
+        return None
+
+
 def _all_in(weights: Sequence[torch.Tensor], dtypes: tuple[torch.dtype, ...]) -> bool:
     return all(w.dtype in dtypes for w in weights)
 
