@@ -60,7 +60,7 @@ MEASURE_DATA = {"cpu": (64, 8), "cuda": (64, 16)}
 ROUNDS = {"cpu": 3, "cuda": 10}
 MEASURE_ROUNDS = {"cpu": 9, "cuda": 21}
 PAIRS = {"cpu": 9, "cuda": 21}  # interleaved (forward, measurement) pairs for the overhead ratio
-ROUND_PAIRS = {"cpu": 5, "cuda": 9}  # interleaved (reference round, egp_fast round) pairs
+ROUND_PAIRS = {"cpu": 7, "cuda": 9}  # interleaved (reference round, egp_fast round) pairs
 WARMUP = {"cpu": 1, "cuda": 3}
 
 
