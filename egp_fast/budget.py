@@ -40,30 +40,37 @@ def _check(entropy, magnitude, remaining, budget) -> None:
         raise ConfigError(f"allocate: budget={budget} must be finite and >= 0")
 
 
-def _softmax_weights(entropy: Mapping[str, float], magnitude: Mapping[str, float], pool: list[str]) -> dict:
-    """``exp(I_k - max I)`` for the layers in ``pool``, ``I_k = sum_j s_j / s_k``, ``s = H * mean|w|``."""
-    s = {k: entropy[k] * magnitude[k] for k in pool}
-    total = math.fsum(s.values())
-    if all(v > 0 for v in s.values()) and math.isfinite(total):
-        irr = {k: total / s[k] for k in pool}
-        top = max(irr.values())
+def _softmax_weights(
+    entropy: Mapping[str, float], magnitude: Mapping[str, float], pool: list[str], s_pool: list[float],
+    positive: bool = False,
+) -> list[float]:
+    """``exp(I_k - max I)`` for the layers in ``pool`` (in its order), ``I_k = sum_j s_j / s_k``,
+    ``s_pool[k] = H_k * mean|w_k|``; ``positive`` says every ``s`` is known to be > 0.
+
+    On lists: the plan rule runs the allocation ~20 times per check, and water-filling repeats
+    this once per capped layer. ``exp(d)`` for ``d < -746`` is exactly 0.0, so it is skipped.
+    """
+    total = math.fsum(s_pool)
+    if (positive or all(v > 0 for v in s_pool)) and math.isfinite(total):
+        irr = [total / v for v in s_pool]
+        top = max(irr)
         if math.isfinite(top):
-            return {k: math.exp(irr[k] - top) for k in pool}
+            return [math.exp(i - top) if i - top > -746.0 else 0.0 for i in irr]
     # A product s underflowed to 0 (tiny entropy times tiny weights), the sum overflowed, or
     # some I_k overflowed: the plain formula would divide by zero or give inf - inf = NaN.
     # Work with log s instead (H and |w| are > 0 and finite here).
-    logs = {k: math.log(entropy[k]) + math.log(magnitude[k]) for k in pool}
-    big = max(logs.values())
-    log_total = big + math.log(math.fsum(math.exp(v - big) for v in logs.values()))
-    log_irr = {k: log_total - logs[k] for k in pool}
-    top = max(log_irr.values())
+    logs = [math.log(entropy[k]) + math.log(magnitude[k]) for k in pool]
+    big = max(logs)
+    log_total = big + math.log(math.fsum(math.exp(v - big) for v in logs))
+    log_irr = [log_total - v for v in logs]
+    top = max(log_irr)
     if top < 700.0:  # every I_k fits a float: the ordinary softmax
-        irr = {k: math.exp(v) for k, v in log_irr.items()}
-        peak = max(irr.values())
-        return {k: math.exp(irr[k] - peak) for k in pool}
+        irr = [math.exp(v) for v in log_irr]
+        peak = max(irr)
+        return [math.exp(i - peak) for i in irr]
     # max I > 1e304: a layer whose log I differs from the top by even one ulp lies more than
     # 1e290 below it, so its softmax weight is exactly 0; ties with the top share equally.
-    return {k: 1.0 if log_irr[k] == top else 0.0 for k in pool}
+    return [1.0 if v == top else 0.0 for v in log_irr]
 
 
 def allocate(
@@ -122,20 +129,7 @@ def allocation_shares(
     s_of = {k: entropy[k] * magnitude[k] for k in pool}  # s does not change between passes
     positive = all(v > 0 for v in s_of.values())  # then every sub-pool is positive too
     while pool and left > 0:
-        # The plain formula of _softmax_weights, on lists (the plan rule calls this ~20 times
-        # per check; water-filling repeats it once per capped layer). exp(d) for d < -746 is
-        # exactly 0.0, and a zero weight gets a zero share: both skipped, same numbers.
-        s_pool = [s_of[k] for k in pool]
-        total = math.fsum(s_pool)
-        e = None
-        if (positive or all(v > 0 for v in s_pool)) and math.isfinite(total):
-            irr = [total / v for v in s_pool]
-            top = max(irr)
-            if math.isfinite(top):
-                e = [math.exp(i - top) if i - top > -746.0 else 0.0 for i in irr]
-        if e is None:  # underflow/overflow: the log-space path
-            weights = _softmax_weights(entropy, magnitude, pool)
-            e = [weights[k] for k in pool]
+        e = _softmax_weights(entropy, magnitude, pool, [s_of[k] for k in pool], positive)
         z = math.fsum(e)
         capped = [i for i, ek in enumerate(e) if ek and left * ek / z >= remaining[pool[i]]]
         if not capped:

@@ -410,12 +410,12 @@ def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
                     cur = getattr(m, MASK)
                 torch.logical_not(pruned, out=cur)
                 guard = _guard_of(m)
-                if guard is not None and guard.pruned(m.weight) is not None:
-                    # The guard's cached pruned mask and CPU bit mask, which the first backward
-                    # reuses: ~4x faster than a boolean masked_fill_ on the CPU.
-                    guard.zero_(m.weight, guard.pruned(m.weight))
-                elif guard is None:
+                if guard is None:
                     m.weight.masked_fill_(pruned, 0)
+                elif (cached := guard.pruned(m.weight)) is not None:
+                    # The guard's cached mask, which the first backward reuses; on the CPU its
+                    # zeroing is ~4x faster than a boolean masked_fill_.
+                    guard.zero_(m.weight, cached)
     except BaseException:
         _undo_set_masks(undo)
         raise

@@ -16,6 +16,7 @@ upper confidence bound on its flip probability (see ``docs/confidence.md``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -495,9 +496,7 @@ def _finish(
 ) -> EntropyStats:
     device = counter.flat.device
     sizes = [s.channels for s in sites]
-    offsets = [0]
-    for c in sizes:
-        offsets.append(offsets[-1] + c)
+    offsets = [0, *itertools.accumulate(sizes)]
     t = offsets[-1]
     obs_per_entry = torch.repeat_interleave(
         torch.tensor(counter.observations, dtype=torch.int64), torch.tensor(sizes, dtype=torch.int64)

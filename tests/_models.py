@@ -1,4 +1,4 @@
-"""Small models shared by several test files."""
+"""Small models and helpers shared by several test files."""
 
 from __future__ import annotations
 
@@ -75,3 +75,17 @@ def gaussian_batches(n: int, size: int, seed: int = 0, features: int = 4) -> lis
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(size, features, generator=g) for _ in range(n)]
 
+
+
+def spawn_two_ranks(worker, path: str) -> list:
+    """Run ``worker(rank, world=2, port, path)`` in two processes on a free local port (gloo),
+    and return what rank 0 saved to ``path`` with ``torch.save``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, path), nprocs=2, join=True)
+    return torch.load(path, weights_only=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _models import TwoSites, gaussian_batches
+from _models import TwoSites, gaussian_batches, spawn_two_ranks
 
 import egp_fast
 from egp_fast.errors import ConfigError, DataError
@@ -342,16 +342,7 @@ def _ddp_worker(rank, world, port, path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
-    got = torch.load(path, weights_only=True)
+    got = spawn_two_ranks(_ddp_worker, str(tmp_path / "ddp.pt"))
     torch.manual_seed(0)
     one = egp_fast.measure_entropy(TwoSites(), gaussian_batches(8, 4), progress=False)
     assert got["samples"] == {n: s.samples for n, s in one.sites.items()} == {"a": 32, "b": 32}

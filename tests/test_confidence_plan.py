@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 import torch.nn as nn
-from _models import TwoSites, gaussian_batches
+from _models import TwoSites, gaussian_batches, spawn_two_ranks
 
 import egp_fast
 from egp_fast.budget import allocate, allocation_shares, round_shares
@@ -303,16 +303,7 @@ def _ddp_worker(rank, world, port, path):
 
 @pytest.mark.slow
 def test_ddp_plan_callback_gets_reduced_numbers(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
-    (b0, h0, row0, local0), (b1, h1, row1, local1) = torch.load(path, weights_only=True)
+    (b0, h0, row0, local0), (b1, h1, row1, local1) = spawn_two_ranks(_ddp_worker, str(tmp_path / "ddp.pt"))
     assert b0 == b1 and h0 == h1  # same stop and same statistics on both ranks
     # the callback's full-data row is the entropy of both ranks' counts, not of one rank's
     assert row0 == row1 == pytest.approx(h0, abs=1e-12)
