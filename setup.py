@@ -1,6 +1,9 @@
 """Build script: the pure-Python package plus the compiled extension ``egp_fast._C``.
 
-``kernels/`` is installed as the subpackage ``egp_fast.kernels``.
+``kernels/`` (the Triton sources, at the top of the repository) is installed only as the
+subpackage ``egp_fast.kernels``: ``egp_fast/kernels`` is a symbolic link to it, so editable
+installs and wheels both see it inside the package. ``kernels/`` has no ``__init__.py``, so
+from the repository root it never wins over Hugging Face's installed ``kernels`` package.
 
 The extension (``csrc/``) is built with pybind11 through ``torch.utils.cpp_extension``:
 
@@ -25,11 +28,11 @@ import os
 import re
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["egp_fast", "egp_fast.ops", "egp_fast.kernels"]
-PACKAGE_DIR = {"egp_fast": "egp_fast", "egp_fast.kernels": "kernels"}
+# egp_fast.kernels has no __init__.py (see above), so find_packages does not list it.
+PACKAGES = find_packages(include=["egp_fast", "egp_fast.*"]) + ["egp_fast.kernels"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
@@ -129,7 +132,6 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=PACKAGES,
-    package_dir=PACKAGE_DIR,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -8,6 +8,11 @@ arithmetic is float64 so the result matches the float64 reference to rounding (~
 
 from __future__ import annotations
 
+if not __name__.startswith("egp_fast."):
+    # kernels/ sits at the top of the repository, where `python -m ...` puts it on sys.path:
+    # refuse to load as a top-level `kernels`, which is Hugging Face's package name.
+    raise ImportError(f"{__name__!r}: egp_fast's Triton kernels are importable only as egp_fast.kernels")
+
 import torch
 import triton
 import triton.language as tl

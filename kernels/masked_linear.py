@@ -23,6 +23,11 @@ unless ``torch.backends.cuda.matmul.allow_tf32`` is set (torch's own rule for ``
 
 from __future__ import annotations
 
+if not __name__.startswith("egp_fast."):
+    # kernels/ sits at the top of the repository, where `python -m ...` puts it on sys.path:
+    # refuse to load as a top-level `kernels`, which is Hugging Face's package name.
+    raise ImportError(f"{__name__!r}: egp_fast's Triton kernels are importable only as egp_fast.kernels")
+
 import torch
 import triton
 import triton.language as tl
