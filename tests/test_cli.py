@@ -400,3 +400,44 @@ def test_compile_option_trains_with_masks_held(tmp_path):
     masks = {k[: -len("_mask")]: v for k, v in sd.items() if k.endswith("weight_mask")}
     assert masks and all(float(sd[k][~m.bool()].abs().sum()) == 0.0 for k, m in masks.items())
     assert rep["rounds"][1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+# ------------------------------------------------------------------ --max-flip / --confidence
+@pytest.fixture(scope="module")
+def always_on_weights(tmp_path_factory):
+    """cifar_resnet18 weights whose stem ReLU ("relu") is always ON: a zero-entropy site."""
+    model = build_model("cifar_resnet18", 10, in_channels=1, width=4, image_size=8)
+    with torch.no_grad():
+        model.bn1.bias.fill_(100.0)
+    path = tmp_path_factory.mktemp("weights") / "always_on.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _evidence_run(out, weights, *opts):
+    # No training (the site stays always ON), one measurement batch of 16 samples: the flip
+    # bound is 17.1% at 95% confidence, 4.2% at 50%. ~1.5 s per run.
+    argv = ["prune", "--width", "4", "--image-size", "8", "--limit", "120", "--dense-epochs", "0", "--rounds", "0",
+            "--batch-size", "16", "--eval-batch-size", "16", "--measure-batches", "1", "--no-progress",
+            "--no-latency", "--weights", str(weights), "--out", str(out), *opts]
+    assert main(argv) == 0
+    return json.loads((out / "report.json").read_text())["summary"]
+
+
+@pytest.mark.parametrize("strict, lenient", [
+    ([], ["--max-flip", "0.5"]),  # the default 0.01 against a lenient bound
+    (["--max-flip", "0.1"], ["--max-flip", "0.1", "--confidence", "0.5"]),  # 17.1% > 10% >= 4.2%
+], ids=["max-flip", "confidence"])
+def test_max_flip_and_confidence_decide_what_collapses(strict, lenient, always_on_weights, tmp_path):
+    kept = _evidence_run(tmp_path / "strict", always_on_weights, *strict)
+    gone = _evidence_run(tmp_path / "lenient", always_on_weights, *lenient)
+    assert kept["zero_sites"] == gone["zero_sites"] >= 1
+    weak = {e["site"]: e["reason"] for e in kept["left_weak"]}
+    assert "relu" in weak and "seen on 16 samples" in weak["relu"] and "at 95% confidence" in weak["relu"]
+    assert "relu" not in kept["removed_sites"]
+    assert "relu" in gone["removed_sites"] and not gone["left_weak"]
+    assert sorted(gone["removed_sites"]) == sorted(weak)  # the same sites, collapsed or left
+    bound = {e["site"]: e["flip_bound"] for e in gone["evidence"]}
+    confidence = 0.5 if "--confidence" in lenient else 0.95
+    assert bound["relu"] == pytest.approx(1 - (1 - confidence) ** (1 / 16))
+    assert (gone["max_flip"], gone["confidence"]) == (float(lenient[1]), confidence)

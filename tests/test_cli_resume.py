@@ -15,7 +15,6 @@ import torch
 
 from egp_fast.cli import main
 
-# Small but not instant: ~0.1 s per epoch on 2 cores; the 10 ms poll below lands mid-round.
 ARGS = ["--width", "4", "--image-size", "8", "--limit", "300", "--dense-epochs", "1", "--epochs", "3",
         "--rounds", "2", "--batch-size", "32", "--no-progress", "--no-latency", "--no-collapse", "--seed", "3"]
 
@@ -34,34 +33,69 @@ def _masks(run):
 
 
 def _finetune_rows(run) -> int:
-    try:
-        with open(run / "metrics.csv") as f:
-            return sum(1 for r in csv.DictReader(f) if r["phase"] == "finetune")
-    except (OSError, KeyError):
-        return 0
+    with open(run / "metrics.csv") as f:
+        return sum(1 for r in csv.DictReader(f) if r["phase"] == "finetune")
+
+
+# The run, in a child process, stops itself at a fixed point: two batches into round 1's second
+# fine-tune epoch (the first epoch's checkpoint is written, the second epoch's work is not). It
+# writes the marker file there and sleeps until the test kills it, so the kill lands at the same
+# place however loaded the machine is.
+_STALLING_RUN = """
+import pathlib, sys, time
+import egp_fast.train as train
+from egp_fast.cli import main
+
+marker = pathlib.Path(sys.argv[1])
+real, calls = train.train_epoch, []
+
+
+class Stall:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == 2:
+                marker.write_text("mid-epoch")
+                time.sleep(3600)  # SIGKILLed here
+            yield batch
+
+
+def train_epoch(model, loader, *a, **k):
+    calls.append(1)  # 1: the dense epoch, 2: round 1 epoch 1, 3: round 1 epoch 2
+    return real(model, Stall(loader) if len(calls) == 3 else loader, *a, **k)
+
+
+train.train_epoch = train_epoch
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path):
     killed = tmp_path / "killed"
-    env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "egp_fast.cli", "prune", *ARGS, "--out", str(killed)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = tmp_path / "stalled"
+    proc = subprocess.Popen([sys.executable, "-c", _STALLING_RUN, str(marker), "prune", *ARGS, "--out", str(killed)],
+                            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 240
-        # Wait for round 1's first fine-tune epoch checkpoint: the run is then inside a round.
-        while _finetune_rows(killed) < 1:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the run never reached round 1"
-            time.sleep(0.01)
+            assert time.monotonic() < deadline, "the run never reached round 1's second epoch"
+            time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     rep = json.loads((killed / "report.json").read_text())
-    assert rep["complete"] is False and len(rep["rounds"]) < 3  # really stopped mid-run
+    assert rep["complete"] is False and len(rep["rounds"]) == 1  # only the dense round is recorded
+    assert _finetune_rows(killed) == 1  # the last checkpoint: round 1, epoch 1
     assert not (killed / "model.pt").exists()
 
     assert main(["prune", "--resume", str(killed), "--no-progress"]) == 0

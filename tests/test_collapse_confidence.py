@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from _clock import UNIT, Costly, FakeClock
 from _collapse_helpers import Branchy
 from torch import nn
 
@@ -22,9 +23,7 @@ from egp_fast.stats import measure_entropy
 def _measure(model, batches):
     stats = measure_entropy(model, batches, progress=False)
     n = sum((b if isinstance(b, torch.Tensor) else next(iter(b.values()))).shape[0] for b in batches)
-    for s in stats.sites.values():  # until SiteStats.samples exists everywhere (egp_fast.stats)
-        if getattr(s, "samples", None) is None:
-            s.samples = n
+    assert stats.samples == n and all(s.samples == n for s in stats.sites.values())
     return stats
 
 
@@ -250,24 +249,77 @@ def test_check_rejects_empty_and_non_iterable():
 # ---------------------------------------------------------------------------- latency
 
 
-def test_compare_latency_interleaved_and_judged():
-    small = nn.Sequential(nn.Linear(64, 64))
-    big = nn.Sequential(*[nn.Linear(64, 64) for _ in range(40)])
+def _fake_clock(monkeypatch):
+    from egp_fast import collapse_latency
+
+    return FakeClock().install(monkeypatch, collapse_latency)
+
+
+def test_compare_latency_interleaved_and_judged(monkeypatch):
+    # Planted timings on a fake clock: `big` costs 4 units per sample, `small` 1 unit.
+    clock = _fake_clock(monkeypatch)
+    big = Costly(clock, lambda bs, i: 4 * UNIT * bs)
+    small = Costly(clock, lambda bs, i: UNIT * bs)
     x = torch.randn(2, 64)
-    r = compare_latency(big, small, x, batch_sizes=(1, 8), budget_s=0.2, min_rounds=4, max_rounds=6)
+    r = compare_latency(big, small, x, batch_sizes=(1, 8), budget_s=0.1, min_rounds=4, max_rounds=10,
+                        min_run_s=4 * UNIT)
     assert set(r["batches"]) == {1, 8} and r["threads"] == torch.get_num_threads()
-    row = r["batches"][8]
-    assert 4 <= row["rounds"] <= 6 and row["forwards_per_run"] >= 1
-    assert row["speedup"] > 3 and not row["inside_noise"] and "faster" in row["verdict"]
-    assert row["a_iqr_ms"][0] <= row["a_ms"] <= row["a_iqr_ms"][1]
+    one, eight = r["batches"][1], r["batches"][8]
+    # a run repeats the forward until the faster model's run lasts min_run_s: 4 forwards at
+    # batch 1 (1 unit each), 1 at batch 8 (8 units)
+    assert one["forwards_per_run"] == 4 and eight["forwards_per_run"] == 1
+    # rounds go on until the budget is spent: 20 units a round at batch 1 (over 0.1 s after 6
+    # rounds); at batch 8 three rounds spend it, but min_rounds=4 are always done
+    assert one["rounds"] == 6 and eight["rounds"] == 4
+    for bs, row in ((1, one), (8, eight)):
+        assert row["a_ms"] == pytest.approx(1e3 * 4 * UNIT * bs) and row["b_ms"] == pytest.approx(1e3 * UNIT * bs)
+        assert row["a_iqr_ms"] == [pytest.approx(row["a_ms"])] * 2
+        assert row["speedup"] == 4.0 and row["speedup_iqr"] == [4.0, 4.0] and row["ratio_of_medians"] == 4.0
+        assert not row["inside_noise"] and row["verdict"].startswith(f"b is 4.00x faster at batch {bs}")
     same = compare_latency(small, small, x, batch_sizes=(4,), budget_s=0.2, min_rounds=8, max_rounds=8)
-    assert math.isfinite(same["batches"][4]["speedup"])
+    assert same["batches"][4]["speedup"] == 1.0 and same["batches"][4]["inside_noise"]
+    assert same["batches"][4]["verdict"].startswith("no measurable difference at batch 4")
     back = compare_latency(small, big, x, batch_sizes=(8,), budget_s=0.2, min_rounds=4, max_rounds=4)
-    assert back["batches"][8]["speedup"] < 1 and "slower" in back["batches"][8]["verdict"]
+    assert back["batches"][8]["speedup"] == 0.25 and "b is 4.00x slower" in back["batches"][8]["verdict"]
     with pytest.raises(ConfigError, match="batch_sizes"):
         compare_latency(small, small, x, batch_sizes=())
     with pytest.raises(ConfigError, match="rounds"):
         compare_latency(small, small, x, min_rounds=5, max_rounds=2)
+
+
+def _planted(clock, per_round):
+    """A model whose round ``r`` costs ``per_round[r]`` units (after its warm-up and calibration)."""
+    return Costly(clock, lambda bs, i: UNIT * (1.0 if i < 2 else per_round[i - 2]))
+
+
+def test_compare_latency_judges_noise_from_the_paired_ratios(monkeypatch):
+    clock = _fake_clock(monkeypatch)
+    x = torch.randn(1, 4)
+
+    def judge(ta, tb):
+        a, b = _planted(clock, ta), _planted(clock, tb)
+        n = len(ta)
+        return compare_latency(a, b, x, batch_sizes=(1,), budget_s=1e-9, min_rounds=n, max_rounds=n,
+                               min_run_s=0.0)["batches"][1]
+
+    # paired ratios 2, 0.5, 2, 0.5: their interquartile range contains 1
+    row = judge([2, 2, 2, 2], [1, 4, 1, 4])
+    assert row["speedup_iqr"] == [0.5, 2.0] and row["speedup"] == 1.25
+    assert row["inside_noise"] and row["verdict"].startswith("no measurable difference at batch 1 (1.25x")
+    # paired ratios all above 1 but for one: the paired estimate says b is faster (1.11x), the
+    # ratio of the medians (1 / 9) says it is slower; estimators that disagree are noise too
+    row = judge([10, 10, 1, 1, 1], [9, 9, 0.5, 0.5, 20])
+    assert row["speedup"] == pytest.approx(10 / 9) and row["speedup_iqr"] == [pytest.approx(10 / 9), 2.0]
+    assert row["ratio_of_medians"] == pytest.approx(1 / 9)
+    assert row["inside_noise"] and row["verdict"].startswith("no measurable difference")
+    # the same ratios without the outlier pair: b is measurably faster
+    row = judge([10, 10, 1, 1], [9, 9, 0.5, 0.5])
+    assert row["speedup"] == pytest.approx((10 / 9 + 2) / 2)
+    assert not row["inside_noise"] and row["verdict"].startswith("b is 1.56x faster at batch 1")
+    # load that changes from round to round hits both models of a round: the paired ratio stays 3
+    load = [1, 8, 2, 16, 4, 1]
+    row = judge([3 * v for v in load], load)
+    assert row["speedup"] == 3.0 and row["speedup_iqr"] == [3.0, 3.0]
 
 
 def test_collapse_latency_fields_and_table():

@@ -299,11 +299,21 @@ def test_tracker_names_functional_sites_it_cannot_see():
 def test_tracker_with_a_pruner_graph_and_paper_mode():
     net = _mlp()
     graph = egp_fast.discover_sites(net, torch.randn(2, 4))
+    data = gaussian_batches(3, 8)
     with track_entropy(net, graph=graph, mode="paper") as tracker:
-        for x in gaussian_batches(3, 8):
+        for x in data:
             net(x)
     s = tracker.stats()
     assert s.mode == "paper" and s.batches == 3
+    # No BatchNorm, no dropout, no step: the tracked training forwards are an eval pass, so the
+    # per-batch (paper) entropies must be measure_entropy's in paper mode, not the exact ones.
+    ref = egp_fast.measure_entropy(net, data, mode="paper", progress=False)
+    exact = egp_fast.measure_entropy(net, data, mode="exact", progress=False)
+    assert list(s.sites) == list(ref.sites) == ["1", "3"]
+    for name in ref.sites:
+        assert s.sites[name].entropy == pytest.approx(ref.sites[name].entropy, abs=1e-6)
+    # the two modes differ on these batches, so the comparison above tells them apart
+    assert any(abs(ref.sites[n].entropy - exact.sites[n].entropy) > 1e-3 for n in ref.sites)
     with pytest.raises(ConfigError, match="mode="):
         with track_entropy(net, mode="bogus"):
             pass

@@ -36,13 +36,29 @@ def test_options_and_errors():
             fid.parse_args(bad)
 
 
-def test_interleaved_latency_ratio_tracks_the_slower_model():
+def test_interleaved_latency_ratio_tracks_the_slower_model(monkeypatch):
+    # Planted timings on a fake clock (the speed of real models belongs in the benchmarks).
+    from _clock import UNIT, Costly, FakeClock
+
+    from egp_fast import collapse_latency
+
     fid = _fidelity()
-    fast = torch.nn.Linear(8, 8)
-    slow = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(40)])
+    clock = FakeClock().install(monkeypatch, collapse_latency)
+    fast = Costly(clock, lambda bs, i: UNIT * bs)
+    slow = Costly(clock, lambda bs, i: 40 * UNIT * bs)
     lat = fid.interleaved_latency(fast, slow, torch.randn(4, 8), rounds=3, min_run_ms=5)
-    assert lat["ratio"] > 2.0 and lat["ratio_min"] <= lat["ratio"] <= lat["ratio_max"]
-    assert lat["b_ms"] > lat["a_ms"]
+    assert lat["ratio"] == 40.0 and lat["ratio_min"] == lat["ratio_max"] == 40.0
+    assert lat["a_ms"] == pytest.approx(1e3 * 4 * UNIT) and lat["b_ms"] == pytest.approx(1e3 * 160 * UNIT)
+    # Five rounds of planted costs (after one warm-up and one calibration forward each): the
+    # ratio is 1 / the median of the paired a / b (1/40, 1/40, 1/30, 1/20, 1/20), not the ratio
+    # of the medians (40 / 1), and its spread the inverted interquartile range of a / b.
+    a_rounds, b_rounds = [1, 1, 2, 2, 1], [20, 40, 80, 40, 30]
+    fast = Costly(clock, lambda bs, i: UNIT * (1 if i < 2 else a_rounds[i - 2]))
+    slow = Costly(clock, lambda bs, i: UNIT * (1 if i < 2 else b_rounds[i - 2]))
+    lat = fid.interleaved_latency(fast, slow, torch.randn(2, 8), rounds=5, min_run_ms=0)
+    assert lat["a_ms"] == pytest.approx(1e3 * UNIT) and lat["b_ms"] == pytest.approx(1e3 * 40 * UNIT)
+    assert lat["ratio"] == pytest.approx(30.0)
+    assert lat["ratio_min"] == pytest.approx(20.0) and lat["ratio_max"] == pytest.approx(40.0)
 
 
 def test_save_and_reload_detects_a_mismatch(monkeypatch):

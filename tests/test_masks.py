@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import egp_fast
-from egp_fast import masks
+from egp_fast import _ext, masks
 
 
 def _net():
@@ -116,22 +116,45 @@ def _steps(net, opt, n, gen, check=None):
         opt.step()
 
 
+def _extension_kernel():
+    """The extension's CPU zero_pruned_ when the extension is built, else skip the test.
+
+    With the extension loaded the masks must zero through it: a build where masks fell back to
+    the bit mask (``_cpu_zero_kernel()`` returning None) fails here instead of skipping.
+    """
+    if not _ext.HAS_CPP:
+        pytest.skip(f"the compiled extension is not built ({_ext.LOAD_ERROR})")
+    kernel = torch.ops.egp_fast.zero_pruned_.default
+    assert masks._ZERO_PRUNED is kernel, (
+        f"egp_fast._C is loaded but the masks zero pruned entries with {masks._ZERO_PRUNED!r}, "
+        "not the extension's zero_pruned_")
+    return kernel
+
+
 @pytest.fixture(params=["kernel", "bits"])
 def zero_path(request, monkeypatch):
     """How pruned entries are zeroed on the CPU: the extension's zero_pruned_, or (a build
-    without it) the cached int bit mask."""
+    without it) the cached int bit mask. The test must go through the path it names."""
+    used = []
     if request.param == "bits":
         monkeypatch.setattr(masks, "_ZERO_PRUNED", None)
-    elif masks._ZERO_PRUNED is None:
-        pytest.skip("needs the compiled extension")
-    return request.param
+
+        class _Seen(dict):  # the bit-mask path looks up the int dtype of the tensor's width
+            def get(self, key, default=None):
+                used.append(key)
+                return super().get(key, default)
+
+        monkeypatch.setattr(masks, "_BITS", _Seen(masks._BITS))
+    else:
+        real = _extension_kernel()
+        monkeypatch.setattr(masks, "_ZERO_PRUNED", lambda t, p: (used.append(t.shape), real(t, p))[1])
+    yield request.param
+    assert used, f"the {request.param} zeroing path was never used"
 
 
 def test_cpu_zeroing_uses_the_kernel_and_keeps_no_int_mask(monkeypatch):
-    if masks._ZERO_PRUNED is None:
-        pytest.skip("needs the compiled extension")
+    real = _extension_kernel()
     calls = []
-    real = masks._ZERO_PRUNED
     monkeypatch.setattr(masks, "_ZERO_PRUNED", lambda t, p: (calls.append(t.shape), real(t, p)))
     net = _net()
     _prune_half(net)

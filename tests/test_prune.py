@@ -99,18 +99,12 @@ def test_stepwise_pruner_matches_contract():
 
 
 def test_pruner_measure_takes_the_options_of_measure_entropy():
-    import inspect
-
     model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 2))
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(64, 5, generator=g) for _ in range(12)]
     p = egp_fast.Pruner(model, data[0], progress=True)
     quiet = p.measure(data[:2], progress=False)
     assert quiet.batches == 2
-    if "stop" not in inspect.signature(egp_fast.measure_entropy).parameters:
-        with pytest.raises(ConfigError, match="stop="):
-            p.measure(data, stop="decided")
-        return
     direct = egp_fast.measure_entropy(model, data, stop="decided", tol=0.2, progress=False)
     via = p.measure(data, stop="decided", tol=0.2, progress=False)
     assert via.batches == direct.batches < len(data)
@@ -143,6 +137,30 @@ def test_track_counts_training_forwards_for_plan():
     assert set(plan) == {"0", "2"} and sum(plan.values()) > 0.45 * 204
     p.apply(plan)
     assert p.sparsity() == pytest.approx(sum(plan.values()) / 204)
+
+
+def test_track_in_paper_mode_counts_what_measure_counts_in_paper_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 4, generator=g) for _ in range(3)]
+    p = egp_fast.Pruner(model, data[0], entropy_mode="paper", progress=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # train-mode steps that change nothing
+    with p.track() as t:
+        for x in data:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    tracked = t.stats()
+    measured = p.measure(data)
+    exact = egp_fast.measure_entropy(model, data, mode="exact", progress=False)
+    assert tracked.mode == measured.mode == "paper" and tracked.batches == 3
+    assert list(tracked.sites) == list(measured.sites) == ["1", "3"]
+    for name in measured.sites:
+        assert tracked.sites[name].entropy == pytest.approx(measured.sites[name].entropy, abs=1e-6)
+    # paper and exact entropies differ on these batches: exact counts labelled "paper" would fail
+    assert any(abs(measured.sites[n].entropy - exact.sites[n].entropy) > 1e-3 for n in measured.sites)
+    assert p.plan(tracked) == p.plan(measured)
 
 
 def test_stops_early_when_nothing_is_eligible():
@@ -257,3 +275,32 @@ def test_prune_collapse_passes_the_evidence_threshold():
     assert gone.collapse.removed_sites == ["1"]
     with pytest.raises(egp_fast.ConfigError, match="max_flip"):
         egp_fast.prune(net(), data, iterations=1, max_flip=0.0, progress=False)
+
+
+def test_prune_confidence_sets_the_evidence_collapse_and_measure_stop_need():
+    def net():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        with torch.no_grad():
+            m[0].bias += 100.0  # site "1" is always ON
+        return m
+
+    # 16 samples: the flip bound is 17.1% at 95% confidence and 4.2% at 50%; max_flip is 10%.
+    data = [torch.randn(16, 4)]
+    kept = egp_fast.prune(net(), data, iterations=1, collapse=True, max_flip=0.1, progress=False)
+    assert kept.collapse.removed_sites == [] and kept.collapse.weak_sites == ["1"]
+    assert any("95% confidence" in e.get("reason", "") for e in kept.collapse.left)
+    gone = egp_fast.prune(net(), data, iterations=1, collapse=True, max_flip=0.1, confidence=0.5, progress=False)
+    assert gone.collapse.removed_sites == ["1"] and gone.collapse.weak_sites == []
+    assert gone.config["confidence"] == 0.5
+    # measure_stop="decided": the site is decided after 29 samples at 95% (8 batches of 4) and
+    # after 7 samples at 50% (2 batches).
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 4, generator=g) for _ in range(12)]
+    strict = egp_fast.prune(net(), batches, iterations=1, measure_stop="decided", max_flip=0.1, progress=False)
+    lenient = egp_fast.prune(net(), batches, iterations=1, measure_stop="decided", max_flip=0.1, confidence=0.5,
+                             progress=False)
+    assert strict.rounds[0].stats["batches"] == 8 and strict.stats.batches == 8
+    assert lenient.rounds[0].stats["batches"] == 2 and lenient.stats.batches == 2
+    with pytest.raises(egp_fast.ConfigError, match="confidence"):
+        egp_fast.prune(net(), data, iterations=1, confidence=1.0, progress=False)

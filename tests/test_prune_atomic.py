@@ -272,3 +272,76 @@ def test_a_failure_in_round_two_keeps_round_one(method, stage, exc, monkeypatch)
     # the model keeps working: one more round runs on it
     res = egp_fast.prune(net, data, method=method, iterations=1, evaluate=evaluate, progress=False)
     assert res.rounds[0].removed_sites if method == "easier" else res.rounds[0].pruned > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C (or an error) while the end-of-round snapshot is being taken: the round had finished,
+# the model is at its end and untouched; only the half-written snapshot must not be used.
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, _Boom], ids=["interrupt", "error"])
+@pytest.mark.parametrize("at_round", [0, 1])
+def test_interrupt_while_the_snapshot_is_taken_keeps_the_round_just_finished(at_round, exc, monkeypatch):
+    import sys
+
+    records = sys.modules["egp_fast.prune_records"]
+    torch.manual_seed(0)
+    net = SmallNet()
+    net.train()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(6, 3, 6, 6, generator=g) for _ in range(3)]
+    ends = {}
+
+    def finetune(m, i):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        for x in data[:2]:
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+        ends[i] = _full_state(m)
+
+    real_take = records.ModelSnapshot.take
+    takes = {"n": 0, "interrupted": False}
+
+    def take(self, model):
+        # take #1 is prune()'s snapshot of the model as passed; take #(2 + i) ends round i.
+        takes["n"] += 1
+        if takes["n"] != 2 + at_round:
+            return real_take(self, model)
+        real_modules = model.modules
+        walks = {"n": 0}
+
+        def modules():
+            # take() walks the modules twice (structure, then values): stop half-way through
+            # the values, so the snapshot holds a mix of the previous state and this one.
+            walks["n"] += 1
+            for j, m in enumerate(real_modules()):
+                if walks["n"] == 2 and j == 6:
+                    takes["interrupted"] = True
+                    raise exc("injected") if exc is not KeyboardInterrupt else exc()
+                yield m
+
+        model.modules = modules  # an instance attribute hides the method during this take only
+        try:
+            return real_take(self, model)
+        finally:
+            del model.modules
+
+    monkeypatch.setattr(records.ModelSnapshot, "take", take)
+    expected = PruneInterrupted if exc is _Boom else KeyboardInterrupt
+    with pytest.raises(expected) as info:
+        egp_fast.prune(net, data, iterations=3, finetune=finetune, progress=False)
+    monkeypatch.undo()
+    assert takes["interrupted"]
+    partial = info.value.result
+    # the round that had just finished is kept: its record, and the model at its end
+    assert [r.iteration for r in partial.rounds] == list(range(at_round + 1))
+    assert partial.best_round == at_round and all(r.kept for r in partial.rounds)
+    assert partial.model is net and partial.stats is None
+    assert partial.rounds[-1].sparsity == pytest.approx(1 - 0.5 ** (at_round + 1), abs=0.01)
+    if exc is _Boom:
+        assert isinstance(info.value.original, _Boom) and info.value.__cause__ is info.value.original
+    _assert_same_state(ends[at_round], _full_state(net))
+    # the model keeps working: its masks hold and one more round prunes further
+    res = egp_fast.prune(net, data, iterations=1, progress=False)
+    assert res.rounds[0].pruned > 0
