@@ -13,7 +13,7 @@ Every case is collapsed with ``exact=True`` (variant ``collapsed``: output uncha
 rounding; the headline) and, where that differs, with ``exact=False, fold="always"`` (variant
 ``collapsed_inexact``) (zero-padded conv pairs composed: exact only away
 from the border), whose measured deviation is printed next to it. Latency: original and
-collapsed model timed interleaved (:func:`egp_fast.collapse.compare_latency`), medians and
+collapsed model timed interleaved (:func:`egp_fast.folding.compare_latency`), medians and
 the interquartile range of the paired ratios.
 
 Run: ``.venv/bin/python benchmarks/bench_collapse.py`` (markdown tables for docs/collapse.md),
@@ -31,11 +31,11 @@ import pytest
 import torch
 from torch import nn
 
-from egp_fast.collapse import collapse, compare_latency
-from egp_fast.collapse_affine import ChannelAffine
-from egp_fast.graph import discover_sites
-from egp_fast.models import cifar_resnet18
-from egp_fast.stats import measure_entropy
+from egp_fast.folding.collapser import collapse, compare_latency
+from egp_fast.folding.affine import ChannelAffine
+from egp_fast.graph.sites import discover_sites
+from egp_fast.cli.models import cifar_resnet18
+from egp_fast.measurement.measure import measure_entropy
 
 RESNET_ORDER = ["layer1.0.relu1", "layer1.1.relu1", "layer2.0.relu1", "layer2.1.relu1", "layer3.0.relu1",
                 "layer3.1.relu1", "layer4.0.relu1", "layer4.1.relu1"]

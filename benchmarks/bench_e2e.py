@@ -16,7 +16,7 @@ Groups (provider ``reference`` is the baseline of every group, measured in the s
   *repeated* call (discovery cached) versus four plain ``no_grad`` forwards of the same
   4 batches of 64 (resnet18, 32x32). Targets: <= 1.15x and <= 1.05x.
 * ``e2e_track_step``: a CPU resnet18 training step (forward, backward, SGD step; batch 32,
-  32x32) inside ``egp_fast.stats.track_entropy`` versus the same step without it,
+  32x32) inside ``egp_fast.measurement.track_entropy`` versus the same step without it,
   interleaved. Target: <= 1.03x.
 * ``e2e_global_prune``: one global magnitude pruning step (half of resnet50's Conv/Linear
   weights) with ``egp_fast.ops.global_smallest`` + mask update versus
@@ -42,9 +42,9 @@ from paper_reference import paper_round, remove_reparametrization, site_producer
 from torch.nn.utils import prune as torch_prune
 
 import egp_fast
-from egp_fast import masks as egp_masks
+from egp_fast.masks import core as egp_masks
 from egp_fast import ops
-from egp_fast.stats import track_entropy
+from egp_fast.measurement.measure import track_entropy
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA_DEVICE else [])
 

@@ -17,7 +17,7 @@ import torch
 from conftest import HAS_CUDA_DEVICE, backend_of, machine, providers, run_timed
 
 from egp_fast import ops
-from egp_fast.modules import MaskedLinear
+from egp_fast.masks.linear import MaskedLinear
 
 DEVICE = "cuda" if HAS_CUDA_DEVICE else "cpu"
 

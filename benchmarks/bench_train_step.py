@@ -66,7 +66,7 @@ OPTIMIZERS = ("sgd", "adamw", "adamw_loop")
 
 def make_optimizer(model: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
     """SGD (momentum 0.9, weight decay 5e-4: the paper's fine-tuning), AdamW with torch's fused
-    kernel (the faster AdamW, and what ``egp_fast.train.build_optimizer`` gives), or the
+    kernel (the faster AdamW, and what ``egp_fast.cli.train.build_optimizer`` gives), or the
     for-loop AdamW (torch's default; an extra row: on AMD CPUs its ``torch.sqrt`` of the second
     moments, MKL's, is ~6x slower on the exact zeros pruned entries keep)."""
     if kind == "sgd":

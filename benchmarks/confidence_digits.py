@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import egp_fast
-from egp_fast.data import load_data
-from egp_fast.models import cifar_resnet18
-from egp_fast.stats import track_entropy
+from egp_fast.cli.data import load_data
+from egp_fast.cli.models import cifar_resnet18
+from egp_fast.measurement.measure import track_entropy
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int, perm: torch.Tensor | None = None):

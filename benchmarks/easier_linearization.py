@@ -23,9 +23,9 @@ import time
 import torch
 
 import egp_fast
-from egp_fast.data import hold_out, load_data, make_loader
-from egp_fast.models import build_model
-from egp_fast.train import build_optimizer, build_scheduler, evaluate, train_epoch
+from egp_fast.cli.data import hold_out, load_data, make_loader
+from egp_fast.cli.models import build_model
+from egp_fast.cli.train import build_optimizer, build_scheduler, evaluate, train_epoch
 
 CPU = torch.device("cpu")
 

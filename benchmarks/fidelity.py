@@ -4,7 +4,7 @@ On scikit-learn's digits (16x16, the ``digits`` data of ``egp-fast``), for each 
 method, this trains one dense model (shared by every method of that seed), then prunes it:
 
 * ``egp`` and ``imp``: ``rounds`` rounds of 50% (:class:`egp_fast.Pruner`), each followed by
-  ``ft_epochs`` epochs of fine-tuning (SGD, lr 0.01, cosine) -- the EGP.md recipe;
+  ``ft_epochs`` epochs of fine-tuning (SGD, lr 0.01, cosine) -- the recipe of docs/algorithm.md's digits figures;
 * ``easier``: ``egp_fast.prune(method="easier")`` with ``ft_epochs`` epochs of fine-tuning per
   step and ``max_drop`` accuracy drop allowed on a validation split held out from the training
   data (never the test split).
@@ -28,7 +28,7 @@ Usage::
     python benchmarks/fidelity.py --quick         # seconds: tiny data and epochs (smoke test)
     python benchmarks/fidelity.py --models resnet --methods easier --seeds 0 --jobs 1 --threads 2
 
-Not part of the default test run (``tests/test_fidelity.py`` runs ``--quick``).
+Not part of the default test run (``tests/bench/test_fidelity.py`` runs ``--quick``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ METHODS = ("egp", "imp", "easier")
 
 
 def model_recipes(quick: bool) -> dict[str, dict[str, Any]]:
-    """Per-model build and training recipe (the EGP.md recipe; the ViT trains with AdamW)."""
+    """Per-model build and training recipe (the recipe of docs/algorithm.md's digits figures; the ViT trains with AdamW)."""
     return {
         # CIFAR-style ResNet-18 of width 16: 17 ReLU sites (--quick: width 4, same depth)
         "resnet": {"name": "cifar_resnet18", "kwargs": {"width": 4 if quick else 16}, "optimizer": "sgd",
@@ -76,8 +76,7 @@ def model_recipes(quick: bool) -> dict[str, dict[str, Any]]:
 
 
 def build(recipe: dict[str, Any]) -> nn.Module:
-    from egp_fast import models
-
+    from egp_fast.cli import models as models
     if recipe["name"] == "cifar_resnet18":
         return models.cifar_resnet18(10, in_channels=1, **recipe["kwargs"])
     return models.digits_vit(10, in_channels=1, image_size=16, **recipe["kwargs"])
@@ -146,7 +145,7 @@ class Splits:
     """Train (minus validation), validation (held out from train), test; loaders over them."""
 
     def __init__(self, seed: int, val_fraction: float, limit: int | None, batch_size: int) -> None:
-        from egp_fast.data import TensorDataset, load_data, make_loader
+        from egp_fast.cli.data import TensorDataset, load_data, make_loader
 
         src = load_data("digits", limit=limit)
         x, y = src.train.x, src.train.y
@@ -171,7 +170,7 @@ class Splits:
 
 def train(model: nn.Module, splits: Splits, epochs: int, lr: float, optimizer: str) -> None:
     """``epochs`` epochs with a fresh optimizer and a cosine schedule (masks stay enforced)."""
-    from egp_fast.train import build_optimizer, build_scheduler, train_epoch
+    from egp_fast.cli.train import build_optimizer, build_scheduler, train_epoch
 
     opt = build_optimizer(model, optimizer, lr=lr, weight_decay=1e-4 if optimizer == "sgd" else 0.05)
     sch = build_scheduler(opt, "cosine", epochs=epochs)
@@ -183,7 +182,7 @@ def train(model: nn.Module, splits: Splits, epochs: int, lr: float, optimizer: s
 
 
 def accuracy(model: nn.Module, loader) -> float:
-    from egp_fast.train import evaluate
+    from egp_fast.cli.train import evaluate
 
     return float(evaluate(model, loader, device=torch.device("cpu"))["acc"])
 
@@ -194,7 +193,7 @@ def accuracy(model: nn.Module, loader) -> float:
 
 def _plain(model: nn.Module) -> nn.Module:
     """The uncollapsed model as it runs: a copy with masks applied and removed."""
-    from egp_fast.masks import strip_masks
+    from egp_fast.masks.core import strip_masks
 
     work = copy.deepcopy(model)
     for m in work.modules():
@@ -209,12 +208,12 @@ def _plain(model: nn.Module) -> nn.Module:
 def interleaved_latency(a: nn.Module, b: nn.Module, x: torch.Tensor, rounds: int, min_run_ms: float) -> dict[str, float]:
     """Latency of ``b`` relative to ``a`` at ``x``'s batch size, timed alternately.
 
-    :func:`egp_fast.collapse.compare_latency` with ``rounds`` interleaved rounds, each run
+    :func:`egp_fast.folding.compare_latency` with ``rounds`` interleaved rounds, each run
     repeating a forward until it lasts ``min_run_ms`` milliseconds or more. Returns the two medians
     per forward, ``ratio`` = b / a (the median of the paired ratios) and its spread (the
     interquartile range of the paired ratios).
     """
-    from egp_fast.collapse import compare_latency
+    from egp_fast.folding.collapser import compare_latency
 
     bs = int(x.shape[0])
     row = compare_latency(a, b, x, batch_sizes=(bs,), budget_s=1e-9, min_rounds=rounds, max_rounds=rounds,

@@ -1,6 +1,6 @@
 """The reference scripts' way of running one EGP round, re-implemented as the speed baseline.
 
-This is what the EGP paper's scripts do (EGP.md, "Entropy" and "One pruning round"), written
+This is what the EGP paper's scripts do (docs/algorithm.md, "Entropy" and "One pruning round"), written
 plainly and independently of egp_fast (nothing here imports it), so the end-to-end benchmarks
 compare egp_fast against the same work done the usual PyTorch way, and the tests can check
 egp_fast's ``mode="paper"`` against it:
@@ -224,7 +224,7 @@ def allocate_budget(
     remaining: Mapping[str, int],
     budget: float,
 ) -> dict[str, int]:
-    """EGP's allocation (EGP.md steps 4-6), written out with plain Python floats.
+    """EGP's allocation (docs/algorithm.md, "One pruning round", steps 4-6), written out with plain Python floats.
 
     Layers with zero entropy or nothing left get 0. For the others, ``s_l = H_l * mean|w_l|``,
     ``I_l = sum_k s_k / s_l``, share ``softmax(I)_l`` of the budget; a layer asked for more than

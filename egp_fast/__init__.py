@@ -4,10 +4,7 @@ Prune the weights of the layers whose activations have the lowest entropy until 
 layers become affine on the data, then fold those layers away.
 """
 
-from egp_fast import activations, ops
-from egp_fast.activations import register_activation
-from egp_fast.budget import allocate
-from egp_fast.collapse import CollapseResult, collapse, linearize
+from egp_fast import ops
 from egp_fast.errors import (
     BackendError,
     CheckpointError,
@@ -18,14 +15,23 @@ from egp_fast.errors import (
     NumericsError,
     PruneInterrupted,
 )
-from egp_fast.graph import Site, SiteGraph, discover_sites, inspect, trace, weight_layers
-from egp_fast.masks import attach_masks, load_pruned_state_dict, masked_layers, sparsity, strip_masks
-from egp_fast.modules import MaskedLinear
+from egp_fast.folding import CollapseResult, collapse, linearize
+from egp_fast.graph import (
+    Site,
+    SiteGraph,
+    activations,
+    discover_sites,
+    inspect,
+    register_activation,
+    trace,
+    weight_layers,
+)
+from egp_fast.masks import MaskedLinear, attach_masks, load_pruned_state_dict, masked_layers, sparsity, strip_masks
+from egp_fast.measurement import EntropyStats, SiteStats, measure_entropy
 from egp_fast.ops import available_backends
-from egp_fast.prune import Pruner, PruneResult, RoundRecord, prune
-from egp_fast.stats import EntropyStats, SiteStats, measure_entropy
+from egp_fast.pruning import PruneResult, Pruner, RoundRecord, allocate, prune
 
-__version__ = "0.1.0"
+from egp_fast._version import __version__
 
 __all__ = [
     "BackendError",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from egp_fast.graph import discover_sites
+from egp_fast.graph.sites import discover_sites
 
 
 def bias_module(model, x, site_name, g=None):
@@ -51,7 +51,7 @@ def remove_sites(model, stats, names, how="identity"):
     ON at least half the time, zero otherwise. Independent of ``egp_fast.linearize`` so the
     collapse tests do not depend on it; the ChannelAffine is built the same way.
     """
-    from egp_fast.collapse_affine import ChannelAffine
+    from egp_fast.folding.affine import ChannelAffine
 
     for name in names:
         st = stats.sites[name]

@@ -1,0 +1,7 @@
+"""``python -m egp_fast.cli``: the ``egp-fast`` command."""
+
+import sys
+
+from egp_fast.cli import main
+
+sys.exit(main())

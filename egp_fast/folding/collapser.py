@@ -1,0 +1,529 @@
+"""Collapse: remove zero-entropy sites and fold the affine layers around them.
+
+``collapse(model, stats, example_inputs)`` returns a new, shallower model (the input model is
+never modified): each zero-entropy site (docs/algorithm.md, "Collapse") becomes its per-channel affine map
+(:mod:`egp_fast.collapse_affine`), then the passes of :mod:`egp_fast.collapse_fold` fold
+BatchNorm, the affine maps, compose the layers around removed sites, merge residual
+shortcuts, replace dead branches by constants and drop dead channels. The result is an
+``fx.GraphModule``: it runs, pickles, and works with ``torch.compile``.
+
+Depth is reported before and after: nonlinear sites, weight layers on the longest
+input-to-output path, parameters, FLOPs (``torch.utils.flop_counter``) and measured CPU
+latency at batch 1 and 64 (median of repeated runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import tree_leaves
+
+from egp_fast.folding.affine import ChannelAffine, linearize_sites, _selected, linearize, site_affine
+from egp_fast.folding.evidence import check_max_flip, evidence, observed_flips, weak_reason
+from egp_fast.folding.fold import Folder, normalise_wrapped_affines
+from egp_fast.folding.latency import _batched, compare_latency
+from egp_fast.errors import ConfigError, ModelError
+from egp_fast.graph.sites import WEIGHT_TYPES, unwrap_model, discover_sites, eval_mode, normalize_inputs, trace
+
+__all__ = ["ChannelAffine", "CollapseResult", "collapse", "compare_latency", "depth_report", "linearize"]
+
+FOLD_MODES = ("auto", "always", "never")
+
+
+@dataclass
+class CollapseResult:
+    """What :func:`collapse` built and removed.
+
+    Attributes:
+        model: the collapsed model (an ``fx.GraphModule``, eval mode, masks stripped). Its
+            weights are ordinary ``nn.Parameter`` objects (``requires_grad=True``), so it can be
+            fine-tuned, deep-copied, moved with ``.to(device)`` and saved with ``state_dict``.
+        removed: one dict per change: ``kind`` (``linearize``, ``bn_fold``, ``compose_conv``,
+            ``compose_linear``, ``residual_identity``, ``residual_parallel``, ``dead_branch``,
+            ``dead_channels``, ``dead_code``: a site inside a branch whose output became
+            unused), ``site`` or ``layers``, and ``exact``. ``linearize`` entries also carry the
+            evidence: ``samples`` and ``flip_bound`` (None when the statistics do not say),
+            ``held_out`` (see ``check``) when held-out data was given, and ``composed``: whether
+            the layers around the site were merged into one.
+        left: what was not done, with ``reason`` (weak evidence, unsupported pattern, cost,
+            border effects). Sites kept for weak evidence have ``kind="evidence"``,
+            ``samples``, ``flip_bound``, ``max_flip`` and ``confidence``.
+        before: depth report of the input model (see :func:`depth_report`).
+        after: depth report of the collapsed model.
+        exact: True when every change is exact (no approximate site, no border-inexact merge).
+        max_deviation: max |output difference| on ``example_inputs``.
+        relative_deviation: ``max_deviation`` over the max |output| of the input model.
+        latency: :func:`compare_latency` of the input model (``a``) and the collapsed one
+            (``b``), measured interleaved; empty when ``measure_latency=False``.
+        check: site -> observed flips on the held-out data (``samples``, ``flipped_samples``,
+            ``flip_rate``, ``channels_changed``, ``channels``, ``per="sample"``); empty without
+            ``check=``.
+        settings: the arguments that decided the result (``exact``, ``fold``, ``max_flip``,
+            ``confidence``), echoed so the run can be repeated.
+    """
+
+    model: nn.Module
+    removed: list[dict[str, Any]] = field(default_factory=list)
+    left: list[dict[str, Any]] = field(default_factory=list)
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    exact: bool = True
+    max_deviation: float = 0.0
+    relative_deviation: float = 0.0
+    latency: dict[str, Any] = field(default_factory=dict)
+    check: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def removed_sites(self) -> list[str]:
+        """Names of the sites that are gone."""
+        return [e["site"] for e in self.removed if e["kind"] == "linearize"]
+
+    @property
+    def weak_sites(self) -> list[str]:
+        """Zero-entropy sites left in place because their flip bound exceeds ``max_flip``."""
+        return [e["site"] for e in self.left if e.get("kind") == "evidence"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe summary (everything but the model)."""
+        lat = copy.deepcopy(self.latency)
+        if "batches" in lat:
+            lat["batches"] = {str(k): v for k, v in lat["batches"].items()}
+        return {
+            "removed": [copy.deepcopy(e) for e in self.removed],
+            "left": [copy.deepcopy(e) for e in self.left],
+            "before": dict(self.before),
+            "after": dict(self.after),
+            "exact": self.exact,
+            "max_deviation": self.max_deviation,
+            "relative_deviation": self.relative_deviation,
+            "latency": lat,
+            "check": copy.deepcopy(self.check),
+            "settings": dict(self.settings),
+        }
+
+    def table(self) -> str:
+        """A markdown before/after table of the depth report (latency measured interleaved)."""
+        rows = [
+            ("nonlinear sites", "sites", "{:d}"),
+            ("weight layers on the longest path", "longest_path", "{:d}"),
+            ("weight layer calls", "weight_layers", "{:d}"),
+            ("parameters", "params", "{:,d}"),
+            ("FLOPs", "flops", "{:,d}"),
+        ]
+        out = ["| | before | after | after / before |", "|---|---:|---:|---:|"]
+        for label, key, fmt in rows:
+            a, b = self.before.get(key), self.after.get(key)
+            if a is None or b is None:
+                continue
+            ratio = f"{b / a:.3f}" if a else "-"
+            out.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+        for bs, row in (self.latency.get("batches") or {}).items():
+            lo, hi = row["speedup_iqr"]
+            note = " (inside the noise)" if row["inside_noise"] else ""
+            out.append(f"| latency batch {bs} (ms, median) | {row['a_ms']:.2f} | {row['b_ms']:.2f} | "
+                       f"{1 / row['speedup']:.3f}; speed-up {row['speedup']:.2f}x, IQR {lo:.2f}-{hi:.2f}{note} |")
+        return "\n".join(out)
+
+
+def collapse(
+    model: nn.Module,
+    stats: Any,
+    example_inputs: Any,
+    exact: bool = True,
+    fold: str = "auto",
+    measure_latency: bool = True,
+    sites: list[str] | None = None,
+    *,
+    max_flip: float = 0.01,
+    confidence: float = 0.95,
+    check: Any = None,
+) -> CollapseResult:
+    """Remove the zero-entropy sites of ``model`` and fold the layers around them.
+
+    A site is removed only when the evidence is strong enough: its upper confidence bound on
+    the probability that a new sample flips it (``SiteStats.flip_bound(confidence)``; with no
+    flip in ``n`` samples, ``1 - (1 - confidence) ** (1 / n)``, about ``3 / n``) must be at most
+    ``max_flip``. Weaker sites stay, listed in ``.left`` with the numbers ("seen on 8 samples:
+    flip bound 31.2% > 1% ..."). Activations already replaced by ``egp_fast.linearize`` (or the
+    EASIER loop) are folded whatever the evidence: that decision was made earlier.
+
+    Fine-tuning the folded model (fold-then-finetune): ``out.model`` is trainable as it is.
+    Folding composes the layers around removed sites into new dense layers (masks are stripped;
+    BatchNorm is folded into the conv before it, so training updates the folded weights without
+    batch statistics; dropout is removed). Recipe::
+
+        out = egp_fast.collapse(model, stats, x, exact=False, fold="always")
+        net = out.model.train()          # a GraphModule; parameters require grad
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+        for xb, yb in loader:            # a few epochs at a small learning rate
+            opt.zero_grad(); F.cross_entropy(net(xb), yb).backward(); opt.step()
+        net.eval()                       # evaluate; save with torch.save(net.state_dict(), ...)
+
+    Args:
+        model: the (pruned) network; it is not modified (a deep copy is collapsed).
+        stats: :class:`egp_fast.measurement.EntropyStats` measured on this model. Only sites whose
+            every channel is constant (``collapsible``) are touched.
+        example_inputs: a batch the model accepts (tensor, tuple or dict), used to trace,
+            for shapes, FLOPs, latency and to measure the output deviation.
+        exact: True (default) allows only changes that keep every output (up to rounding).
+            False also composes two zero-padded convs, which is exact only away from the
+            border; the deviation is measured on ``example_inputs`` and reported.
+        fold: ``"auto"`` composes two layers only when the merged layer costs no more FLOPs
+            than the pair; ``"always"`` composes whenever it is possible; ``"never"`` only
+            removes the sites (folding them into neighbouring layers' scale/bias).
+        measure_latency: time the input and the collapsed model at batch 1 and 64,
+            interleaved (:func:`compare_latency`; a few seconds).
+        sites: only these sites (default: every collapsible site in ``stats``).
+        max_flip: largest tolerated flip bound, in (0, 1]; ``1.0`` collapses every zero-entropy
+            site whatever the number of samples behind it.
+        confidence: confidence level of the flip bound, in (0, 1).
+        check: optional held-out data (an iterable of batches, as
+            :func:`egp_fast.measure_entropy` takes): the original model is run on it and, per
+            removed site, the fraction of held-out samples on which any neuron left its piece
+            is reported (``removed[i]["held_out"]``, ``result.check``).
+
+    Returns:
+        :class:`CollapseResult`.
+
+    Raises:
+        ConfigError: bad ``fold``, ``max_flip`` or ``confidence``, or ``sites`` names a site
+            ``stats`` does not have.
+        DataError: the model rejects ``example_inputs`` or a ``check`` batch.
+
+    Example:
+        >>> import torch, egp_fast
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> net[0].bias.data += 100.0
+        >>> stats = egp_fast.measure_entropy(net, [torch.randn(512, 4)], progress=False)
+        >>> out = egp_fast.collapse(net, stats, torch.randn(2, 4), measure_latency=False)
+        >>> out.after["sites"], out.after["longest_path"]
+        (0, 1)
+        >>> few = egp_fast.measure_entropy(net, [torch.randn(8, 4)], progress=False)
+        >>> weak = egp_fast.collapse(net, few, torch.randn(2, 4), measure_latency=False)
+        >>> weak.weak_sites, weak.left[0]["reason"][:40]
+        (['1'], 'seen on 8 samples: flip bound 31.2% > 1%')
+    """
+    if fold not in FOLD_MODES:
+        raise ConfigError(f"fold={fold!r}; use one of {FOLD_MODES}")
+    check_max_flip(max_flip)
+    model = unwrap_model(model)
+    chosen = _selected(stats, sites)
+    # Sites linearised earlier (egp_fast.linearize, the EASIER loop) are folded below whatever
+    # the statistics say: that decision was already made.
+    earlier = {m.site for m in model.modules() if isinstance(m, ChannelAffine) and m.site}
+    evid: dict[str, tuple[int | None, float | None]] = {}
+    weak: list[dict[str, Any]] = []
+    for name, st in list(chosen.items()):
+        if name in earlier:
+            del chosen[name]
+            continue
+        n, bound = evidence(st, confidence)
+        evid[name] = (n, bound)
+        why = weak_reason(name, n, bound, max_flip, confidence)
+        if why is not None:
+            del chosen[name]
+            weak.append({"site": name, "kind": "evidence", "samples": n, "flip_bound": bound,
+                         "max_flip": max_flip, "confidence": confidence, "reason": why})
+    settings = {"exact": exact, "fold": fold, "max_flip": max_flip, "confidence": confidence,
+                "check": check is not None}
+    before = depth_report(model, example_inputs, False)
+    work = _plain_copy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            graph = discover_sites(work, example_inputs)
+        except ModelError:
+            graph = None
+    checks: dict[str, dict[str, Any]] = {}
+    if check is not None and graph is not None and chosen:
+        checks = observed_flips(work, graph, chosen, check)
+    left: list[dict[str, Any]] = []
+    removed: list[dict[str, Any]] = []
+    if (graph is not None and not graph.traced) or (graph is None and not _traceable(work)):
+        # fx cannot see into the model: only swap single-call activation modules, fold nothing.
+        why = "; ".join(str(w.message)[:200] for w in caught) or "torch.fx could not trace the model"
+        done, refused = linearize_sites(work, stats, list(chosen))
+        removed = [_site_entry(chosen[n], None) for n in done]
+        left = [{"site": n, "reason": r} for n, r in refused]
+        left.append({"kind": "fold", "reason": f"nothing folded: {why}"})
+        result_model = work
+    else:
+        gm = graph.graph_module if graph is not None else _traced_with_shapes(work, example_inputs)
+        site_nodes = {s.node: s.name for s in graph.sites} if graph is not None else {}
+        folder = Folder(gm, exact, fold, site_nodes)
+        known = {n: m for n, m in work.named_modules() if isinstance(m, ChannelAffine)}
+        for aff in normalise_wrapped_affines(gm, known):
+            # The function changed when the site was linearised (``linearization_exact``); folding
+            # the map that is now in the model is exact.
+            folder.removed.append({"kind": "linearize", "site": aff.site, "exact": True,
+                                   "linearization_exact": aff.exact, "how": aff.how,
+                                   "note": "linearised earlier (egp_fast.linearize)"})
+        if graph is not None:
+            _linearize_graph(gm, graph, stats, chosen, folder)
+        folder.run()
+        removed, left = folder.removed, folder.left
+        result_model = gm
+        # Whether the layers around each removed site became one layer (a gated MLP, a
+        # zero-padded pair with exact=True or a costlier merge leaves them apart).
+        composed = {s for e in removed if e["kind"] in ("compose_linear", "compose_conv") for s in e.get("sites", ())}
+        for e in removed:
+            if e["kind"] == "linearize":
+                e["composed"] = e["site"] in composed
+    for e in removed:
+        if e["kind"] == "linearize" and e["site"] in evid:
+            e["samples"], e["flip_bound"] = evid[e["site"]]
+            if e["site"] in checks:
+                e["held_out"] = checks[e["site"]]
+    left = weak + left
+    result_model.eval()
+    dev, rel = _deviation(model, result_model, example_inputs)
+    after = depth_report(result_model, example_inputs, False)
+    latency: dict[str, Any] = {}
+    if measure_latency:
+        latency = compare_latency(model, result_model, example_inputs)
+        for bs, row in latency["batches"].items():
+            before[f"latency_ms_b{bs}"], after[f"latency_ms_b{bs}"] = row["a_ms"], row["b_ms"]
+        before["threads"] = after["threads"] = latency["threads"]
+    is_exact = all(e.get("exact", True) for e in removed)
+    return CollapseResult(result_model, removed, left, before, after, is_exact, dev, rel, latency,
+                          checks, settings)
+
+
+def _traceable(model: nn.Module) -> bool:
+    try:
+        trace(model)
+        return True
+    except Exception:
+        return False
+
+
+def _traced_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
+    # No site left (discover_sites raised ModelError): still fold earlier linearisations and BN.
+    from egp_fast.graph.sites import propagate_shapes
+
+    gm = trace(model)
+    args, kwargs = normalize_inputs(example_inputs)
+    propagate_shapes(model, gm, args, kwargs)
+    return gm
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """Transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` of shape ``[in, out]``.
+
+    Recognised by its name and what it computes (one probe on a small input), so transformers
+    need not be importable and a different layer that happens to share the name is left alone.
+    """
+    w = getattr(m, "weight", None)
+    if not (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
+            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == m.nf):
+        return False
+    b = getattr(m, "bias", None)
+    with torch.no_grad():
+        x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+        want = x @ w + (b if isinstance(b, torch.Tensor) else 0)
+        try:
+            got = m(x)
+        except Exception:
+            return False
+    return isinstance(got, torch.Tensor) and got.shape == want.shape and bool(
+        torch.allclose(got, want, rtol=1e-3, atol=1e-3 * (1 + float(want.abs().max()))))
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy with masks applied and stripped, and linear-like layers made ``nn.Linear``.
+
+    Masked linear layers (subclasses of ``nn.Linear``) and transformers' ``Conv1D`` (its weight
+    transposed) become plain ``nn.Linear``, so the folding passes see one kind of linear layer.
+    """
+    work = copy.deepcopy(model)
+    from egp_fast.masks import core as _masks
+    for name, m in list(work.named_modules()):
+        mask = getattr(m, "weight_mask", None)
+        if isinstance(mask, torch.Tensor) and isinstance(getattr(m, "weight", None), torch.Tensor):
+            with torch.no_grad():
+                m.weight.mul_(mask.to(m.weight.dtype))
+        conv1d = _is_conv1d(m)
+        if name and (conv1d or (isinstance(m, nn.Linear) and type(m) is not nn.Linear)):
+            w = m.weight.detach().t() if conv1d else m.weight.detach()
+            bias = getattr(m, "bias", None)
+            plain = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                plain.weight.copy_(w)
+                if bias is not None:
+                    plain.bias.copy_(bias)
+            plain.weight.requires_grad_(m.weight.requires_grad)
+            parent, _, attr = name.rpartition(".")
+            setattr(work.get_submodule(parent) if parent else work, attr, plain)
+    _masks.strip_masks(work)
+    work.eval()
+    return work
+
+
+def _site_entry(st: Any, site: Any) -> dict[str, Any]:
+    piece = st.piece
+    return {
+        "kind": "linearize",
+        "site": st.name,
+        "activation": st.kind,
+        "exact": bool(st.exact),
+        "channels": int(piece.numel()),
+        "always_off": int((piece == 0).sum()),
+        "identity": int((piece == 1).sum()),
+        "saturated": int((piece == 2).sum()),
+    }
+
+
+def _linearize_graph(gm: fx.GraphModule, graph: Any, stats: Any, chosen: dict[str, Any], folder: Folder) -> None:
+    g = gm.graph
+    nodes = {n.name: n for n in g.nodes}
+    present = {s.name for s in graph.sites}
+    for name in chosen:
+        if name not in present:
+            folder.left.append({"site": name, "reason": "no such site in the model (stale statistics?)"})
+    for site in graph.sites:
+        if site.name not in chosen:
+            continue
+        st = chosen[site.name]
+        if st.kind != site.kind or int(st.piece.numel()) != site.channels:
+            folder.left.append({"site": site.name, "reason": f"statistics ({st.kind}, {st.piece.numel()} channels) "
+                                f"do not match the model ({site.kind}, {site.channels} channels)"})
+            continue
+        node = nodes[site.node]
+        inp = node.args[0] if node.args else node.kwargs.get("input")
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        inplace = bool(getattr(mod, "inplace", False)) or node.kwargs.get("inplace", False) or (
+            isinstance(node.target, str) and node.target.endswith("_")
+        ) or getattr(node.target, "__name__", "").endswith("_")
+        if inplace and len(inp.users) > 1:
+            folder.left.append({"site": site.name, "reason": "in-place activation whose input is also read elsewhere"})
+            continue
+        prelu_w = None
+        if site.kind == "prelu":
+            if mod is not None:
+                prelu_w = mod.weight
+            else:
+                w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+                if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+                    folder.left.append({"site": site.name, "reason": "PReLU slopes are not a module attribute"})
+                    continue
+                prelu_w = gm.get_parameter(w.target)
+        ref = inp.meta.get("egp_shape")
+        dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        scale, shift = site_affine(site.kind, st.piece, site.params, prelu_w, dtype=dtype)
+        aff = ChannelAffine(scale.to(device), shift.to(device), site.channel_dim, site.exact, site.name)
+        with g.inserting_after(node):
+            new = g.call_module(folder.add(aff, "egp_lin"), (inp,))
+        new.meta["egp_shape"] = node.meta.get("egp_shape", ref)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        folder.removed.append(_site_entry(st, site))
+
+
+def _deviation(original: nn.Module, collapsed: nn.Module, example_inputs: Any) -> tuple[float, float]:
+    args, kwargs = normalize_inputs(example_inputs)
+    with eval_mode(original), eval_mode(collapsed):
+        ref = [t for t in tree_leaves(original(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+        out = [t for t in tree_leaves(collapsed(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+        raise ModelError("collapse changed the model's output structure; please report this model")
+    dev = max((float((a.double() - b.double()).abs().max()) for a, b in zip(ref, out) if a.numel()), default=0.0)
+    scale = max((float(a.double().abs().max()) for a in ref if a.numel()), default=0.0)
+    return dev, dev / scale if scale > 0 else dev
+
+
+# --------------------------------------------------------------------------------------------
+# Depth report.
+
+
+def _longest_path(model: nn.Module, gm: fx.GraphModule | None = None) -> tuple[int | None, int | None]:
+    if gm is None:
+        try:
+            gm = trace(model)
+        except Exception:
+            return None, None
+    mods = dict(gm.named_modules())
+    depth: dict[fx.Node, int] = {}
+    calls = 0
+    for n in gm.graph.nodes:
+        w = 1 if n.op == "call_module" and isinstance(mods.get(n.target), WEIGHT_TYPES) else 0
+        calls += w
+        depth[n] = w + max((depth[p] for p in n.all_input_nodes), default=0)
+    return max(depth.values(), default=0), calls
+
+
+def _latency_ms(model: nn.Module, example_inputs: Any, b: int, budget_s: float, max_runs: int = 15) -> float:
+    args, kwargs = _batched(example_inputs, b)
+    with eval_mode(model):
+        model(*args, **kwargs)  # warm-up: allocator, lazy init
+        times = []
+        start = time.perf_counter()
+        while len(times) < max_runs and (len(times) < 3 or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            model(*args, **kwargs)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def depth_report(model: nn.Module, example_inputs: Any, measure_latency: bool = True) -> dict[str, Any]:
+    """Depth and cost of ``model`` on ``example_inputs``.
+
+    Args:
+        model: any network.
+        example_inputs: a batch it accepts; FLOPs are counted on it as given.
+        measure_latency: also time it on this machine's CPU threads at batch 1 and 64
+            (the first sample repeated; median of up to 15 runs after a warm-up). To compare
+            two models use :func:`compare_latency`, which times them interleaved.
+
+    Returns:
+        dict with ``sites`` (nonlinear sites), ``longest_path`` (weight layers on the
+        longest input-to-output path; None if fx cannot trace), ``weight_layers`` (weight
+        layer calls), ``params``, ``nonzero_params``, ``flops`` and, when measured,
+        ``latency_ms_b1``, ``latency_ms_b64`` and ``threads``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> depth_report(net, torch.randn(2, 4), measure_latency=False)["longest_path"]
+        2
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = unwrap_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = None
+        try:
+            found = discover_sites(model, example_inputs)
+            n_sites, gm = len(found.sites), found.graph_module
+        except ModelError:
+            n_sites = 0
+    longest, calls = _longest_path(model, gm)
+    params = sum(p.numel() for p in model.parameters())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    args, kwargs = normalize_inputs(example_inputs)
+    with eval_mode(model):
+        with FlopCounterMode(display=False) as fc:
+            model(*args, **kwargs)
+    rep: dict[str, Any] = {
+        "sites": n_sites,
+        "longest_path": longest,
+        "weight_layers": calls,
+        "params": int(params),
+        "nonzero_params": int(nonzero),
+        "flops": int(fc.get_total_flops()),
+    }
+    if measure_latency:
+        rep["latency_ms_b1"] = _latency_ms(model, example_inputs, 1, budget_s=1.0)
+        rep["latency_ms_b64"] = _latency_ms(model, example_inputs, 64, budget_s=4.0, max_runs=7)
+        rep["threads"] = torch.get_num_threads()
+    return rep

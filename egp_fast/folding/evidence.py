@@ -1,0 +1,254 @@
+"""Evidence behind a collapse: flip bounds per site and observed flips on held-out data.
+
+A zero-entropy site is affine on the data it was measured on; that is evidence, not proof
+(docs/algorithm.md, "How sure is zero entropy?"). :func:`evidence` reads how many samples a site was seen
+on and its one-sided upper confidence bound on the probability that a new sample flips it;
+:func:`observed_flips` runs the model on held-out batches and counts, per site, the samples on
+which any neuron left the piece the statistics fixed it in. :func:`egp_fast.collapse` uses both
+(``max_flip``, ``confidence``, ``check``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from egp_fast.errors import ConfigError, DataError
+from egp_fast.measurement.decide import check_confidence, check_fraction, samples_needed
+from egp_fast.measurement.decide import flip_bound as _zero_entropy_bound
+
+__all__ = ["evidence", "flip_bound", "observed_flips", "samples_needed"]
+
+
+def flip_bound(samples: int, confidence: float = 0.95) -> float:
+    """Exact one-sided upper bound on the flip probability after ``samples`` samples, no flip.
+
+    The bound of :func:`egp_fast.measurement.flip_bound` for a zero-entropy site: with ``n``
+    independent samples and no flip, any flip probability above
+    ``1 - (1 - confidence) ** (1 / n)`` would have shown a flip with probability at least
+    ``confidence`` (Clopper-Pearson for zero successes; about ``3 / n`` at 95%).
+
+    Args:
+        samples: input samples the site was seen on (0 gives 1.0: no evidence).
+        confidence: one-sided confidence level, in (0, 1).
+
+    Returns:
+        The bound, in (0, 1]; never 0 for a finite number of samples.
+
+    Example:
+        >>> round(flip_bound(8), 3), round(flip_bound(1437), 4)
+        (0.312, 0.0021)
+    """
+    return _zero_entropy_bound(samples, True, confidence)
+
+
+def check_max_flip(max_flip: float) -> None:
+    """Raise :class:`ConfigError` unless ``max_flip`` is a number in (0, 1]."""
+    try:
+        check_fraction(max_flip, "max_flip")
+    except ConfigError:
+        raise ConfigError(
+            f"max_flip={max_flip!r} must be a number in (0, 1]: the largest tolerated bound on the "
+            "probability that a new sample flips a collapsed site (1.0 collapses on any evidence)"
+        ) from None
+
+
+def evidence(st: Any, confidence: float = 0.95) -> tuple[int | None, float | None]:
+    """``(samples, flip bound)`` of one site's statistics; ``(None, None)`` when unknown.
+
+    Uses ``SiteStats.flip_bound(confidence)`` when the statistics have it, else the bound from
+    ``SiteStats.samples``.
+
+    Args:
+        st: a :class:`egp_fast.measurement.SiteStats` (or any object with ``samples``).
+        confidence: one-sided confidence level of the bound.
+
+    Returns:
+        The number of samples (None if the statistics do not say) and the bound (None if
+        unknown; 1.0 for a site that already flips).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> n, b = evidence(SimpleNamespace(samples=8))
+        >>> n, round(b, 3)
+        (8, 0.312)
+    """
+    check_confidence(confidence)
+    n = getattr(st, "samples", None)
+    n = int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None
+    fb = getattr(st, "flip_bound", None)
+    if callable(fb):
+        return n, float(fb(confidence))
+    if n is None:
+        return None, None
+    return n, flip_bound(n, confidence)
+
+
+def pct(x: float) -> str:
+    """``0.312 -> '31.2%'``, ``0.01 -> '1%'``, ``0.00208 -> '0.208%'``."""
+    return f"{100.0 * x:.3g}%"
+
+
+def weak_reason(name: str, n: int | None, bound: float | None, max_flip: float, confidence: float) -> str | None:
+    """Why a zero-entropy site is not collapsed, or None when its evidence suffices."""
+    if max_flip >= 1.0:
+        return None
+    need = samples_needed(max_flip, confidence)
+    if bound is None:
+        return (f"number of samples behind the statistics unknown, so no flip bound; measure with "
+                f"egp_fast.measure_entropy (about {need} samples for a {pct(max_flip)} bound) or pass "
+                f"max_flip=1.0 to collapse anyway")
+    if bound <= max_flip:
+        return None
+    seen = f"seen on {n} samples" if n is not None else "seen on too few samples"
+    return (f"{seen}: flip bound {pct(bound)} > {pct(max_flip)} (at {pct(confidence)} confidence); "
+            f"measure on about {need} samples or pass max_flip=1.0 to collapse anyway")
+
+
+# --------------------------------------------------------------------------------------------
+# Observed flips on held-out data.
+
+
+class _Probe:
+    """Per site: samples seen, samples with any neuron out of its fixed piece, channels that left."""
+
+    def __init__(self, piece: torch.Tensor, breakpoints: tuple[float, ...], channel_dim: int) -> None:
+        self.piece = piece.to(torch.int64)
+        self.breakpoints = tuple(float(b) for b in breakpoints)
+        self.channel_dim = channel_dim
+        self.samples = 0
+        self.flipped = 0
+        self.channels: torch.Tensor | None = None  # bool [C], on the activations' device
+
+    def record(self, z: torch.Tensor) -> None:
+        if not isinstance(z, torch.Tensor) or z.dim() < 2:
+            raise DataError("held-out check: a site's input has no batch dimension; pass batches of samples")
+        cd = self.channel_dim % z.dim()
+        state = torch.zeros(z.shape, dtype=torch.int64, device=z.device)
+        for b in self.breakpoints:
+            state += z > b  # the piece index, as egp_fast.stats counts it (z == breakpoint is below)
+        shape = [1] * z.dim()
+        shape[cd] = -1
+        moved = state != self.piece.to(z.device).view(shape)
+        self.samples += int(z.shape[0])
+        self.flipped += int(moved.reshape(z.shape[0], -1).any(dim=1).sum())
+        per_channel = moved.movedim(cd, -1).reshape(-1, z.shape[cd]).any(dim=0)
+        self.channels = per_channel if self.channels is None else self.channels | per_channel
+
+    def report(self) -> dict[str, Any]:
+        changed = int(self.channels.sum()) if self.channels is not None else 0
+        return {
+            "samples": self.samples,
+            "flipped_samples": self.flipped,
+            "flip_rate": self.flipped / self.samples if self.samples else None,
+            "channels_changed": changed,
+            "channels": int(self.piece.numel()),
+            "per": "sample",
+        }
+
+
+class _FlipInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, probes: dict[str, _Probe]) -> None:
+        super().__init__(gm)
+        self.probes = probes
+
+    def run_node(self, n: fx.Node) -> Any:
+        probe = self.probes.get(n.name)
+        if probe is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            probe.record(args[0] if args else kwargs["input"])
+        return super().run_node(n)
+
+
+def _batches(data: Any) -> Iterable[Any]:
+    if isinstance(data, (torch.Tensor, Mapping)):
+        return [data]  # one batch (iterating a tensor would yield its rows)
+    if not isinstance(data, Iterable):
+        raise ConfigError(f"check={type(data).__name__}: pass held-out data as an iterable of batches "
+                          "(a DataLoader, a list of tensors or (inputs, labels) tuples)")
+    return data
+
+
+def _to(v: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return v
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, Mapping):
+        return {k: _to(x, device) for k, x in v.items()}
+    if isinstance(v, (tuple, list)):
+        return type(v)(_to(x, device) for x in v)
+    return v
+
+
+def observed_flips(model: nn.Module, graph: Any, sites: Mapping[str, Any], data: Any) -> dict[str, dict[str, Any]]:
+    """Run ``model`` on held-out ``data`` and count, per site, samples that leave the fixed pieces.
+
+    Args:
+        model: the original network (eval mode and no_grad are set here, flags restored).
+        graph: its :class:`egp_fast.graph.SiteGraph` (the fx graph when traced, else module hooks).
+        sites: site name -> :class:`egp_fast.measurement.SiteStats` of the sites to check (their
+            ``piece`` is the piece each neuron was fixed in).
+        data: an iterable of batches (tensors, ``(inputs, labels)`` tuples or dicts), as
+            :func:`egp_fast.measure_entropy` takes; a single tensor or dict is one batch.
+
+    Returns:
+        site -> ``{"samples", "flipped_samples", "flip_rate", "channels_changed", "channels",
+        "per": "sample"}``: ``flip_rate`` is the fraction of held-out samples on which at least
+        one neuron of the site was outside its piece (any position), ``channels_changed`` how
+        many neurons left their piece on at least one sample.
+
+    Raises:
+        DataError: no batch in ``data``, or the model rejects a batch.
+    """
+    from egp_fast.graph.sites import placeholder_args, eval_mode
+    from egp_fast.measurement.measure import model_device, split_batch
+
+    by_name = {s.name: s for s in graph.sites}
+    probes = {n: _Probe(st.piece, by_name[n].breakpoints, by_name[n].channel_dim)
+              for n, st in sites.items() if n in by_name}
+    if not probes:
+        return {}
+    device = model_device(model)
+    seen = 0
+    handles = []
+    try:
+        if graph.traced:
+            gm = graph.graph_module
+            run = _FlipInterpreter(gm, {by_name[n].node: p for n, p in probes.items()})
+        else:
+            modules = dict(model.named_modules())
+            calls: dict[str, int] = {}
+            for n, site in by_name.items():
+                if n in probes and site.module in modules:
+                    def hook(mod, inp, _name=site.module):
+                        k = calls.get(_name, 0)
+                        calls[_name] = k + 1
+                        p = probes.get(_name if k == 0 else f"{_name}:{k}")
+                        if p is not None:
+                            p.record(inp[0])
+                    if site.module not in {h[0] for h in handles}:
+                        handles.append((site.module, modules[site.module].register_forward_pre_hook(hook)))
+        with eval_mode(model):
+            for batch in _batches(data):
+                args, kwargs = split_batch(batch)
+                args, kwargs = _to(args, device), _to(kwargs, device)
+                try:
+                    if graph.traced:
+                        run.run(*placeholder_args(model, gm, args, kwargs)[0])
+                    else:
+                        calls.clear()
+                        model(*args, **kwargs)
+                except Exception as e:
+                    raise DataError(f"held-out check: the model failed on batch {seen}: {type(e).__name__}: {e}") from e
+                seen += 1
+    finally:
+        for _, h in handles:
+            h.remove()
+    if seen == 0:
+        raise DataError("check= gave no batches; pass held-out data (an iterable of batches)")
+    return {n: p.report() for n, p in probes.items()}

@@ -1,0 +1,291 @@
+"""Data specs: digits, CIFAR-10 and image folders on disk, epoch-seeded sharded loaders."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from egp_fast.cli.data import EpochSampler, TensorDataset, hold_out, load_data, make_loader, parse_data_spec
+from egp_fast.errors import ConfigError, DataError
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [("digits", ("digits", None)), ("cifar10:/d/c", ("cifar10", "/d/c")),
+     ("imagefolder:rel/x", ("imagefolder", "rel/x")), ("ImageNet:/in", ("imagenet", "/in"))],
+)
+def test_parse_data_spec(spec, expected):
+    assert parse_data_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec, words", [("mnist", "unknown data kind"), ("cifar10", "needs a path"),
+                                         ("digits:/x", "takes no path"), ("", "non-empty")])
+def test_parse_data_spec_errors(spec, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_data_spec(spec)
+
+
+def test_digits_fixed_split_and_shapes():
+    torch.manual_seed(1)
+    a = load_data("digits")
+    torch.manual_seed(2)
+    b = load_data("digits")
+    assert (len(a.train), len(a.test)) == (1437, 360)
+    assert a.train.x.shape == (1437, 1, 16, 16) and a.test.y.dtype == torch.int64
+    # The split does not depend on the global seed: same test digits in the same order.
+    assert torch.equal(a.test.x, b.test.x) and torch.equal(a.test.y, b.test.y)
+    assert set(a.test.y.tolist()) == set(range(10))
+    # Standardised with the training statistics.
+    assert abs(a.train.x.mean().item()) < 1e-4 and abs(a.train.x.std().item() - 1) < 1e-3
+    assert a.describe()["num_classes"] == 10
+
+
+def test_digits_are_real_digits():
+    from sklearn.datasets import load_digits
+
+    def unit(t):  # remove any positive affine map (the standardisation) from each image
+        lo = t.amin(dim=(-2, -1), keepdim=True)
+        return (t - lo) / (t.amax(dim=(-2, -1), keepdim=True) - lo).clamp_min(1e-9)
+
+    raw = load_digits()
+    ref = unit(torch.tensor(raw.data, dtype=torch.float64).reshape(-1, 8, 8))
+    src = load_data("digits", image_size=8, limit=20)
+    for img, label in zip(unit(src.train.x[:, 0].double()), src.train.y):
+        match = (ref - img).abs().amax(dim=(1, 2)) < 1e-5
+        assert match.any() and int(label) in set(raw.target[match.numpy()].tolist())
+
+
+def test_digits_channels_and_limit():
+    src = load_data("digits", channels=3, image_size=12, limit=30)
+    assert src.train.x.shape == (30, 3, 12, 12) and len(src.test) == 30
+    assert torch.equal(src.train.x[:, 0], src.train.x[:, 2])
+
+
+@pytest.mark.parametrize("kw, words", [({"image_size": 2}, "--image-size"), ({"channels": 2}, "channels"),
+                                       ({"limit": 0}, "--limit")])
+def test_load_data_bad_options(kw, words):
+    with pytest.raises(ConfigError, match=words):
+        load_data("digits", **kw)
+
+
+# ------------------------------------------------------------------ CIFAR-10 on disk
+def _write_fake_cifar(root, n=8):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+                         "labels": [int(v) for v in rng.integers(0, 10, n)]}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return folder
+
+
+def test_cifar10_missing_path_names_layout(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*cifar-10-batches-py"):
+        load_data(f"cifar10:{tmp_path / 'nope'}")
+
+
+def test_cifar10_missing_files_listed(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"")
+    with pytest.raises(DataError, match="lacks data_batch_2.*test_batch.*expected"):
+        load_data(f"cifar10:{tmp_path}")
+
+
+def test_cifar10_corrupt_files_fail_with_layout(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                 "test_batch", "batches.meta"]:
+        (folder / name).write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="unreadable or corrupt"):
+        load_data(f"cifar10:{tmp_path}")
+
+
+def test_cifar10_loads_from_disk(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tvc
+
+    _write_fake_cifar(tmp_path)
+    # The fake files cannot match CIFAR-10's md5 sums; everything else is the real code path.
+    monkeypatch.setattr(tvc, "check_integrity", lambda *a, **k: True)
+    src = load_data(f"cifar10:{tmp_path / 'cifar-10-batches-py'}")
+    assert (len(src.train), len(src.test), src.num_classes, src.image_size) == (40, 8, 10, 32)
+    x, y = next(iter(make_loader(src.test, 4)))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+# ------------------------------------------------------------------ image folders
+def _write_folder(root, classes=("a", "b"), val_classes=None, n=3, size=20):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, cls in (("train", classes), ("val", val_classes or classes)):
+        for c in cls:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (size, size + 3, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "imagenet"])
+def test_imagefolder_loads(tmp_path, kind):
+    _write_folder(tmp_path)
+    src = load_data(f"{kind}:{tmp_path}", image_size=16)
+    assert (len(src.train), len(src.test), src.num_classes) == (6, 6, 2)
+    ld = make_loader(src.train, 4, shuffle=True, seed=3, workers=1)
+    ld.set_epoch(0)
+    batches = list(ld)
+    assert len(batches) == len(ld) == 1 and batches[0][0].shape == (4, 3, 16, 16)
+    grey = load_data(f"{kind}:{tmp_path}", image_size=16, channels=1)
+    assert next(iter(make_loader(grey.test, 6)))[0].shape == (6, 1, 16, 16)
+
+
+def test_imagefolder_augmentation_is_epoch_seeded(tmp_path):
+    _write_folder(tmp_path, n=4)
+    src = load_data(f"imagefolder:{tmp_path}", image_size=12)
+
+    def epoch(e):
+        ld = make_loader(src.train, 8, shuffle=True, seed=5, workers=1)
+        ld.set_epoch(e)
+        return torch.cat([x for x, _ in ld])
+
+    assert torch.equal(epoch(1), epoch(1))
+    assert not torch.equal(epoch(1), epoch(2))
+
+
+def _mk_train_only(root):
+    (root / "train" / "a").mkdir(parents=True)
+
+
+def _mk_empty_val(root):
+    (root / "train" / "a").mkdir(parents=True)
+    (root / "val").mkdir()
+
+
+@pytest.mark.parametrize("setup, words", [(None, "does not exist"), (_mk_train_only, "val is missing"),
+                                          (_mk_empty_val, "has no class folders")])
+def test_imagefolder_bad_layout(tmp_path, setup, words):
+    root = tmp_path / "data"
+    if setup is not None:
+        setup(root)
+    with pytest.raises(DataError, match=f"{words}.*expected PATH/train/<class>"):
+        load_data(f"imagefolder:{root}")
+
+
+def test_imagefolder_class_mismatch(tmp_path):
+    _write_folder(tmp_path, classes=("a", "b"), val_classes=("a", "c"))
+    with pytest.raises(DataError, match="class folders differ"):
+        load_data(f"imagenet:{tmp_path}")
+
+
+def test_imagefolder_empty_class_folder(tmp_path):
+    _write_folder(tmp_path)
+    os.makedirs(tmp_path / "train" / "zzz")
+    with pytest.raises(DataError, match="expected PATH/train"):
+        load_data(f"imagefolder:{tmp_path}")
+
+
+# ------------------------------------------------------------------ sampler and loader
+def test_epoch_sampler_shuffle_is_a_function_of_seed_and_epoch():
+    a, b = EpochSampler(50, shuffle=True, seed=7), EpochSampler(50, shuffle=True, seed=7)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert a.indices() == b.indices() and sorted(a.indices()) == list(range(50))
+    b.set_epoch(4)
+    assert a.indices() != b.indices()
+
+
+@pytest.mark.parametrize("n, world", [(11, 2), (10, 3), (2, 4)])
+def test_eval_shards_are_disjoint_and_complete(n, world):
+    shards = [EpochSampler(n, shuffle=False, rank=r, world_size=world).indices() for r in range(world)]
+    flat = sorted(i for s in shards for i in s)
+    assert flat == list(range(n))
+    for r in range(world):
+        assert len(EpochSampler(n, shuffle=False, rank=r, world_size=world)) == len(shards[r])
+
+
+@pytest.mark.parametrize("n, world", [(11, 2), (10, 3)])
+def test_train_shards_equal_length_and_cover(n, world):
+    shards = []
+    for r in range(world):
+        s = EpochSampler(n, shuffle=True, seed=1, rank=r, world_size=world)
+        s.set_epoch(2)
+        shards.append(s.indices())
+    assert len({len(s) for s in shards}) == 1
+    assert set(i for s in shards for i in s) == set(range(n))
+
+
+def test_loader_batches_drop_last_and_channels_last():
+    ds = TensorDataset(torch.randn(10, 2, 4, 4), torch.arange(10))
+    ld = make_loader(ds, 4, shuffle=True, seed=0)
+    ld.set_epoch(0)
+    sizes = [x.shape[0] for x, _ in ld]
+    assert sizes == [4, 4] and len(ld) == 2
+    ev = make_loader(ds, 4)
+    ys = torch.cat([y for _, y in ev])
+    assert torch.equal(ys, torch.arange(10)) and len(ev) == 3
+    cl = make_loader(ds, 4, channels_last=True)
+    x, _ = next(iter(cl))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ConfigError, match="--batch-size"):
+        make_loader(ds, 0)
+
+
+# ------------------------------------------------------------------ validation split held out from training
+def _rows(x):
+    return {tuple(r.tolist()) for r in x.flatten(1)}
+
+
+def test_hold_out_is_stratified_disjoint_and_seeded():
+    src = load_data("digits")
+    a = hold_out(src, 0.1, seed=0)
+    assert (len(a.train), len(a.val), len(a.test)) == (1294, 143, 360)
+    assert a.test is src.test and a.train_eval.x.shape == a.train.x.shape
+    # stratified: every class gets round(10%) of its training samples
+    per_class = torch.bincount(src.train.y, minlength=10)
+    assert torch.equal(torch.bincount(a.val.y, minlength=10), (per_class.double() * 0.1).round().long())
+    # disjoint and covering: train + val is the original training split
+    tr, va = _rows(a.train.x), _rows(a.val.x)
+    assert not tr & va and tr | va == _rows(src.train.x) and not va & _rows(src.test.x)
+    # a function of the seed alone
+    assert torch.equal(hold_out(src, 0.1, seed=0).val.x, a.val.x)
+    assert not torch.equal(hold_out(src, 0.1, seed=1).val.x, a.val.x)
+    assert hold_out(src, 0, seed=0) is src and src.val is None
+    assert a.describe()["val_size"] == 143
+
+
+def test_hold_out_of_on_disk_folders(tmp_path):
+    _write_folder(tmp_path, n=4)
+    src = hold_out(load_data(f"imagefolder:{tmp_path}", image_size=16), 0.25, seed=0)
+    assert (len(src.train), len(src.val)) == (6, 2)  # one of each class's 4 images
+    labels = [src.val[i][1] for i in range(len(src.val))]
+    assert sorted(labels) == [0, 1]
+    assert isinstance(src.train, torch.utils.data.Subset) and set(src.train.indices).isdisjoint(src.val.indices)
+
+
+@pytest.mark.parametrize("fraction, err", [(1.0, ConfigError), (-0.1, ConfigError), (True, ConfigError)])
+def test_hold_out_bad_fraction(fraction, err):
+    with pytest.raises(err, match="--val-fraction"):
+        hold_out(load_data("digits", limit=50), fraction)
+
+
+def test_hold_out_twice_and_too_little_data():
+    once = hold_out(load_data("digits"), 0.1)
+    with pytest.raises(ConfigError, match="already has a validation split"):
+        hold_out(once, 0.1)
+    with pytest.raises(DataError, match="empty split"):
+        hold_out(_one_per_class(), 0.1)  # one sample per class: nothing can be held out
+
+
+def _one_per_class():
+    from egp_fast.cli.data import DataSource
+
+    ds = TensorDataset(torch.zeros(3, 1, 8, 8), torch.arange(3))
+    return DataSource("digits", "digits", ds, ds, ds, 3, 1, 8)
