@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from egp_fast._progress import progress_bar
 from egp_fast.errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -354,11 +355,7 @@ def autocast(device: torch.device, amp: bool):
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return progress_bar(iterable, total=total, desc=desc, unit="batch", enabled=enabled)
 
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, device: torch.device,

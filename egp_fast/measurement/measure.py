@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast import ops
+from egp_fast._progress import progress_bar
 from egp_fast.errors import ConfigError, DataError, EGPError, ModelError, NumericsError
 from egp_fast.graph.sites import LABEL_KEYS, Site, SiteGraph, describe_inputs, unwrap_model, eval_mode
 from egp_fast.ops._dispatch import backend_for
@@ -927,14 +928,7 @@ class _RecorderOf(nn.Module):
 
 
 def _progress(total: int | None, enabled: bool, desc: str):
-    if not enabled or not _is_rank0():
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but never fail a measurement over a bar
-        warnings.warn("tqdm is not installed; no progress bar", stacklevel=3)
-        return None
-    return tqdm(total=total, desc=desc, unit="batch", leave=False)
+    return progress_bar(total=total, desc=desc, unit="batch", enabled=enabled and _is_rank0())
 
 
 def _is_rank0() -> bool:
