@@ -33,7 +33,7 @@ from torch import nn
 
 from egp_fast.folding.collapser import collapse, compare_latency
 from egp_fast.folding.affine import ChannelAffine
-from egp_fast.graph.sites import discover_sites
+from egp_fast.graph import discover_sites
 from egp_fast.cli.models import cifar_resnet18
 from egp_fast.measurement.measure import measure_entropy
 

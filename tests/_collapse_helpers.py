@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from egp_fast.graph.sites import discover_sites
+from egp_fast.graph import discover_sites
 
 
 def bias_module(model, x, site_name, g=None):

@@ -18,7 +18,7 @@ from egp_fast import ops
 from egp_fast.pruning.budget import allocate, round_budget
 from egp_fast.pruning.easier import EasierMethod
 from egp_fast.errors import ConfigError
-from egp_fast.graph.sites import weight_layers
+from egp_fast.graph import weight_layers
 from egp_fast.ops._dispatch import backend_for
 from egp_fast.pruning.records import RoundRecord
 from egp_fast.measurement.measure import EntropyStats

@@ -32,7 +32,7 @@ from egp_fast.pruning.easier import (
     within_tolerance,
 )
 from egp_fast.errors import ConfigError, DataError, ModelError, PruneInterrupted
-from egp_fast.graph.sites import SiteGraph, unwrap_model, discover_sites, weight_layers
+from egp_fast.graph import SiteGraph, unwrap_model, discover_sites, weight_layers
 from egp_fast.pruning.methods import _EGPMethod, _IMPMethod, _make_method, _WeightMethod, layer_magnitudes
 from egp_fast.pruning.records import ModelSnapshot, PruneResult, RoundRecord, _Snapshot
 from egp_fast.measurement.measure import EntropyStats, measure_entropy, split_batch

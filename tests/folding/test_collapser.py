@@ -16,7 +16,7 @@ from egp_fast.folding.collapser import collapse, depth_report
 from egp_fast.folding.affine import ChannelAffine, linearize, site_affine
 from egp_fast.folding.fold import compose_conv_weight
 from egp_fast.errors import ConfigError
-from egp_fast.graph.sites import discover_sites, trace
+from egp_fast.graph import discover_sites, trace
 from egp_fast.cli.models import BasicBlock, cifar_resnet18
 from egp_fast.measurement.measure import measure_entropy
 

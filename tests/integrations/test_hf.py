@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import egp_fast  # noqa: E402
-from egp_fast.graph.sites import discover_sites, trace  # noqa: E402
+from egp_fast.graph import discover_sites, trace  # noqa: E402
 
 VOCAB = 100
 

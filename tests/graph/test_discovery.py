@@ -1,0 +1,102 @@
+"""Site discovery (egp_fast/graph/discovery.py): sites, kinds, the hooks fallback, inspect, unwrap_model."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import egp_fast
+from egp_fast.errors import DataError, ModelError
+from egp_fast.graph import unwrap_model
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 8)
+        self.fc4 = nn.Linear(8, 8)
+        self.fc5 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = F.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        x = self.fc3(x).relu()
+        x = F.gelu(self.fc4(x))
+        return self.fc5(x)
+
+
+def test_functional_activations_are_sites():
+    g = egp_fast.discover_sites(Functional(), torch.randn(4, 6))
+    kinds = [s.kind for s in g.sites]
+    assert kinds == ["relu", "relu", "relu", "gelu"]
+    assert [s.producers for s in g.sites] == [["fc1"], ["fc2"], ["fc3"], ["fc4"]]
+    assert [s.module for s in g.sites] == [None] * 4
+    assert g.sites[3].exact is False
+
+
+@pytest.mark.parametrize(
+    "act,kind,bps",
+    [
+        (nn.ReLU6(), "relu6", (0.0, 6.0)),
+        (nn.Hardtanh(-2.0, 3.0), "hardtanh", (-2.0, 3.0)),
+        (nn.LeakyReLU(0.1), "leaky_relu", (0.0,)),
+        (nn.PReLU(4), "prelu", (0.0,)),
+        (nn.SiLU(), "silu", (0.0,)),
+        (nn.GELU(), "gelu", (0.0,)),
+    ],
+)
+def test_supported_activations(act, kind, bps):
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), act)
+    (s,) = egp_fast.discover_sites(net, torch.randn(2, 3, 4, 4)).sites
+    assert (s.kind, s.breakpoints) == (kind, bps)
+
+
+def test_untraceable_model_falls_back_to_hooks():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
+                x = x * 2
+            return self.act(self.fc(x))
+
+    with pytest.warns(UserWarning, match="falling back to module hooks"):
+        g = egp_fast.discover_sites(Dynamic(), torch.randn(3, 4))
+    assert not g.traced
+    assert [(s.name, s.producers) for s in g.sites] == [("act", ["fc"])]
+
+
+def test_no_activation_is_a_model_error():
+    with pytest.raises(ModelError, match="no supported activation"):
+        egp_fast.discover_sites(nn.Linear(3, 3), torch.randn(2, 3))
+
+
+def test_rejected_example_inputs_is_a_data_error_and_mode_restored():
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    net.train()
+    with pytest.raises(DataError, match="failed on example_inputs"):
+        egp_fast.discover_sites(net, torch.randn(2, 7))
+    assert net.training
+
+
+def test_inspect_prints_table(capsys):
+    text = egp_fast.inspect(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+    out = capsys.readouterr().out
+    assert out == text
+    assert "layer1.0.relu:1" in text and "layer1.0.conv2" in text and "17 sites" in text
+
+
+def test_unwrap_model_strips_data_parallel_and_compile_wrappers():
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    assert unwrap_model(m) is m
+    assert unwrap_model(nn.DataParallel(m)) is m
+    compiled = torch.compile(nn.DataParallel(m))  # wrapped only: nothing is compiled until called
+    assert unwrap_model(compiled) is m
+    # site names carry no wrapper prefix (module., _orig_mod.)
+    assert [s.name for s in egp_fast.discover_sites(compiled, torch.randn(2, 3)).sites] == ["1"]
+    assert egp_fast.graph.weight_layers(compiled) == ["0"]
