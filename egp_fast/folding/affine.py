@@ -51,7 +51,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast.errors import ConfigError, ModelError
-from egp_fast.graph.sites import FUNCTION_KINDS, METHOD_KINDS, module_kind, functional_site_name, unwrap_model
+from egp_fast.graph import FUNCTION_KINDS, METHOD_KINDS, module_kind, functional_site_name, unwrap_model
 
 __all__ = ["LINEARIZATIONS", "ChannelAffine", "linearize", "site_affine"]
 
@@ -235,7 +235,7 @@ def _caller_path(node: fx.Node) -> str | None:
 
 
 def _module_site_kind_params(m: nn.Module) -> dict[str, Any]:
-    from egp_fast.graph.sites import module_params
+    from egp_fast.graph import module_params
 
     kind = module_kind(m)
     return module_params(kind, m) if kind else {}
@@ -266,7 +266,7 @@ def _is_exact(st: Any, piece: torch.Tensor) -> bool:
 
 def _affine_for(node: fx.Node, owner: nn.Module, st: Any, how: str = "data") -> ChannelAffine:
     """The ChannelAffine replacing one activation call, from its statistics."""
-    from egp_fast.graph.sites import function_params
+    from egp_fast.graph import function_params
 
     prelu_w = None
     if node.op == "call_module":
@@ -403,7 +403,7 @@ def linearize_sites(
     for those left in place. One trace for all sites: replacing one call of a module called
     twice renames the other call, so the sites of one round must be replaced together.
     """
-    from egp_fast.graph.sites import trace
+    from egp_fast.graph import trace
 
     model = unwrap_model(model)
     chosen = _selected(stats, sites, how)
@@ -461,7 +461,7 @@ def unremovable_sites(model: nn.Module, names: list[str]) -> dict[str, str]:
     one call of a module called twice) in the root's own forward needs a root ``GraphModule``;
     a model fx cannot trace allows only activation modules called once.
     """
-    from egp_fast.graph.sites import trace
+    from egp_fast.graph import trace
 
     model = unwrap_model(model)
     if not names:
@@ -538,7 +538,7 @@ def _rewrite_caller(
     how: str | dict[str, str] = "data",
 ) -> tuple[bool, str]:
     """Re-trace ``caller`` alone and point the chosen activation calls at ChannelAffines."""
-    from egp_fast.graph.sites import trace
+    from egp_fast.graph import trace
 
     try:
         owner = model.get_submodule(caller) if caller else model

@@ -31,7 +31,7 @@ from egp_fast.folding.evidence import check_max_flip, evidence, observed_flips, 
 from egp_fast.folding.fold import Folder, normalise_wrapped_affines
 from egp_fast.folding.latency import _batched, compare_latency
 from egp_fast.errors import ConfigError, ModelError
-from egp_fast.graph.sites import WEIGHT_TYPES, unwrap_model, discover_sites, eval_mode, normalize_inputs, trace
+from egp_fast.graph import WEIGHT_TYPES, unwrap_model, discover_sites, eval_mode, normalize_inputs, trace
 
 __all__ = ["ChannelAffine", "CollapseResult", "collapse", "compare_latency", "depth_report", "linearize"]
 
@@ -308,7 +308,7 @@ def _traceable(model: nn.Module) -> bool:
 
 def _traced_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     # No site left (discover_sites raised ModelError): still fold earlier linearisations and BN.
-    from egp_fast.graph.sites import propagate_shapes
+    from egp_fast.graph import propagate_shapes
 
     gm = trace(model)
     args, kwargs = normalize_inputs(example_inputs)

@@ -205,7 +205,7 @@ def observed_flips(model: nn.Module, graph: Any, sites: Mapping[str, Any], data:
     Raises:
         DataError: no batch in ``data``, or the model rejects a batch.
     """
-    from egp_fast.graph.sites import placeholder_args, eval_mode
+    from egp_fast.graph import placeholder_args, eval_mode
     from egp_fast.measurement.measure import model_device, split_batch
 
     by_name = {s.name: s for s in graph.sites}

@@ -23,7 +23,7 @@ __all__ = ["compare_latency"]
 
 
 def _batched(example_inputs: Any, b: int) -> tuple[tuple, dict]:
-    from egp_fast.graph.sites import normalize_inputs
+    from egp_fast.graph import normalize_inputs
 
     args, kwargs = normalize_inputs(example_inputs)
 
@@ -97,7 +97,7 @@ def compare_latency(
         >>> sorted(r["batches"][1])[:4]
         ['a_iqr_ms', 'a_ms', 'b_iqr_ms', 'b_ms']
     """
-    from egp_fast.graph.sites import unwrap_model, eval_mode
+    from egp_fast.graph import unwrap_model, eval_mode
 
     sizes = list(batch_sizes)
     if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):

@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast.errors import DataError
-from egp_fast.graph.sites import SiteGraph, discover_sites_sampled, unwrap_model, discover_sites, normalize_inputs
+from egp_fast.graph import SiteGraph, discover_sites_sampled, unwrap_model, discover_sites, normalize_inputs
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:

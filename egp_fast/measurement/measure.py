@@ -31,7 +31,7 @@ import torch.nn as nn
 from egp_fast import ops
 from egp_fast._progress import progress_bar
 from egp_fast.errors import ConfigError, DataError, EGPError, ModelError, NumericsError
-from egp_fast.graph.sites import LABEL_KEYS, Site, SiteGraph, describe_inputs, unwrap_model, eval_mode
+from egp_fast.graph import LABEL_KEYS, Site, SiteGraph, describe_inputs, unwrap_model, eval_mode
 from egp_fast.ops._dispatch import backend_for
 from egp_fast.measurement.decide import Decider, PlanFn, check_confidence, check_fraction, check_plan
 from egp_fast.measurement.decide import flip_bound as _flip_bound
@@ -835,7 +835,7 @@ def _verify(model: nn.Module, graph: SiteGraph, real: Any, traced: Any) -> None:
 def _bind(graph: SiteGraph, model: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
     if not kwargs:
         return list(args)
-    from egp_fast.graph.sites import placeholder_args
+    from egp_fast.graph import placeholder_args
 
     values, _ = placeholder_args(model, graph.graph_module, args, kwargs)
     return values

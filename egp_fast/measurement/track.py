@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from egp_fast.errors import ConfigError, DataError
-from egp_fast.graph.sites import SiteGraph, unwrap_model
+from egp_fast.graph import SiteGraph, unwrap_model
 from egp_fast.ops._dispatch import backend_for
 
 
