@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from egp_fast.masks import core as _masks
+from egp_fast import masks as _masks
 from egp_fast.pruning.budget import round_shares
 from egp_fast.pruning.easier import (
     EasierMethod,

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from egp_fast.masks import core as _masks
+from egp_fast import masks as _masks
 from egp_fast.measurement.measure import EntropyStats
 
 __all__ = ["ModelSnapshot", "PruneResult", "RoundRecord"]

@@ -20,6 +20,8 @@ from _models import SmallNet
 
 import egp_fast
 from egp_fast.masks import core as masks_mod
+from egp_fast.masks import guard as masks_guard
+from egp_fast.masks import optim as masks_optim
 from egp_fast import ops
 from egp_fast.errors import DataError
 
@@ -74,7 +76,7 @@ def state(model: nn.Module) -> dict:
         )
     for name, p in model.named_parameters():
         out[f"param:{name}"] = (list((p._backward_hooks or {}).items()), p.requires_grad,
-                                p in masks_mod._REGISTRY)
+                                p in masks_optim._REGISTRY)
     out["values"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return out
 
@@ -223,7 +225,7 @@ def test_apply_failure_while_zeroing_weights_changes_nothing(exc, monkeypatch):
     net = _net()
     pruner, plan = _pruner(net)
     before = state(net)
-    real = masks_mod._Guard.zero_  # what zeroes a layer's pruned weights
+    real = masks_guard._Guard.zero_  # what zeroes a layer's pruned weights
     hit = _fail_on_call(2, exc)
     calls = []
 
@@ -232,7 +234,7 @@ def test_apply_failure_while_zeroing_weights_changes_nothing(exc, monkeypatch):
         hit()
         return real(self, t, pruned)
 
-    monkeypatch.setattr(masks_mod._Guard, "zero_", flaky)
+    monkeypatch.setattr(masks_guard._Guard, "zero_", flaky)
     with pytest.raises(type(exc)):
         pruner.apply(plan)
     monkeypatch.undo()

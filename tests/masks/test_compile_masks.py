@@ -13,7 +13,7 @@ import torch.nn as nn
 from _models import ResidualBlock
 
 import egp_fast
-from egp_fast.masks import core as masks
+from egp_fast import masks
 dynamo = pytest.importorskip("torch._dynamo")
 
 

@@ -172,7 +172,7 @@ def test_snapshot_reuses_its_buffers_and_restores_a_root_graph_module():
 
 
 def _full_state(model):
-    from egp_fast.masks import core as masks_mod
+    from egp_fast.masks import optim as masks_mod
     out = {}
     for name, m in model.named_modules():
         out[f"module:{name}"] = (type(m), m.training, list(m._forward_pre_hooks.items()),
