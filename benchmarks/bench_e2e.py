@@ -44,7 +44,7 @@ from torch.nn.utils import prune as torch_prune
 import egp_fast
 from egp_fast.masks import core as egp_masks
 from egp_fast import ops
-from egp_fast.measurement.measure import track_entropy
+from egp_fast.measurement import track_entropy
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA_DEVICE else [])
 

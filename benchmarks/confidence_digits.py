@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import egp_fast
 from egp_fast.cli.data import load_data
 from egp_fast.cli.models import cifar_resnet18
-from egp_fast.measurement.measure import track_entropy
+from egp_fast.measurement import track_entropy
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int, perm: torch.Tensor | None = None):

@@ -18,32 +18,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast.errors import ConfigError, DataError
-from egp_fast.measurement.decide import check_confidence, check_fraction, samples_needed
-from egp_fast.measurement.decide import flip_bound as _zero_entropy_bound
+from egp_fast.measurement import check_confidence, check_fraction, flip_bound, samples_needed
 
-__all__ = ["evidence", "flip_bound", "observed_flips", "samples_needed"]
-
-
-def flip_bound(samples: int, confidence: float = 0.95) -> float:
-    """Exact one-sided upper bound on the flip probability after ``samples`` samples, no flip.
-
-    The bound of :func:`egp_fast.measurement.flip_bound` for a zero-entropy site: with ``n``
-    independent samples and no flip, any flip probability above
-    ``1 - (1 - confidence) ** (1 / n)`` would have shown a flip with probability at least
-    ``confidence`` (Clopper-Pearson for zero successes; about ``3 / n`` at 95%).
-
-    Args:
-        samples: input samples the site was seen on (0 gives 1.0: no evidence).
-        confidence: one-sided confidence level, in (0, 1).
-
-    Returns:
-        The bound, in (0, 1]; never 0 for a finite number of samples.
-
-    Example:
-        >>> round(flip_bound(8), 3), round(flip_bound(1437), 4)
-        (0.312, 0.0021)
-    """
-    return _zero_entropy_bound(samples, True, confidence)
+__all__ = ["evidence", "observed_flips", "samples_needed"]
 
 
 def check_max_flip(max_flip: float) -> None:
@@ -206,7 +183,7 @@ def observed_flips(model: nn.Module, graph: Any, sites: Mapping[str, Any], data:
         DataError: no batch in ``data``, or the model rejects a batch.
     """
     from egp_fast.graph import placeholder_args, eval_mode
-    from egp_fast.measurement.measure import model_device, split_batch
+    from egp_fast.measurement import model_device, split_batch
 
     by_name = {s.name: s for s in graph.sites}
     probes = {n: _Probe(st.piece, by_name[n].breakpoints, by_name[n].channel_dim)

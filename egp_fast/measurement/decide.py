@@ -36,7 +36,7 @@ from numbers import Real
 import torch
 
 from egp_fast.errors import ConfigError
-from egp_fast.ops.entropy import reference_entropy
+from egp_fast.ops import reference_entropy
 
 JACKKNIFE_GROUPS = 20
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile used for the entropy tolerance
@@ -96,27 +96,31 @@ def check_plan(plan: object, plan_tol: object) -> tuple[PlanFn | None, float | N
     return plan, (float(plan_tol) if plan is not None else None)
 
 
-def flip_bound(samples: int, zero_entropy: bool, confidence: float = 0.95) -> float:
-    """Upper confidence bound on the chance that a new sample flips a site.
+def flip_bound(samples: int, confidence: float = 0.95) -> float:
+    """Exact one-sided upper bound on the flip probability after ``samples`` samples, no flip.
+
+    For a site none of whose neurons changed state on ``n = samples`` independent samples, any
+    probability ``q`` that a new sample flips it above ``1 - (1 - confidence) ** (1 / n)``
+    would have shown a flip with probability at least ``confidence`` (Clopper-Pearson for zero
+    events; about ``3 / n`` at 95%). A site that already changes state has no such bound: its
+    :meth:`SiteStats.flip_bound` is 1.0 (see docs/algorithm.md, "How sure is \"zero entropy\"?").
 
     Args:
-        samples: input samples the site saw.
-        zero_entropy: True when no neuron of the site changed state on those samples.
+        samples: input samples the site was seen on without a flip (0 gives 1.0: no evidence).
         confidence: one-sided confidence level, in (0, 1).
 
     Returns:
-        ``1 - (1 - confidence) ** (1 / samples)`` for a zero-entropy site seen on
-        ``samples > 0`` samples (never 0.0 for finite ``samples``); 1.0 otherwise.
+        The bound, in (0, 1]; never 0.0 for a finite number of samples.
 
     Raises:
         ConfigError: ``confidence`` is not in (0, 1).
 
     Example:
-        >>> round(flip_bound(8, True), 3), round(flip_bound(1437, True), 4), flip_bound(8, False)
+        >>> round(flip_bound(8), 3), round(flip_bound(1437), 4), flip_bound(0)
         (0.312, 0.0021, 1.0)
     """
     c = check_confidence(confidence)
-    if not zero_entropy or samples <= 0:
+    if samples <= 0:
         return 1.0
     # -expm1(log1p(-c) / n) == 1 - (1 - c) ** (1 / n) without cancellation: stays > 0 for huge n.
     return -math.expm1(math.log1p(-c) / samples)
@@ -153,7 +157,7 @@ def layer_entropies(
     """Layer entropy and "every channel constant" of every site, for each row of counts.
 
     Args:
-        rows: int64 ``[R, L]``: counter buffers (layout of ``egp_fast.measurement._Counter.flat``).
+        rows: int64 ``[R, L]``: counter buffers (the layout of ``_Counter.flat`` in counting.py).
         obs: int64 ``[R, S]``: observations per site in each row.
         sizes: channels per site (``S`` entries); the first ``sum(sizes)`` entries of a row
             are the first-breakpoint counts of every site.

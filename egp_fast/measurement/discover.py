@@ -19,17 +19,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast.errors import DataError
-from egp_fast.graph import SiteGraph, discover_sites_sampled, unwrap_model, discover_sites, normalize_inputs
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _tensors(v)]
-    if isinstance(x, Mapping):
-        return [t for v in x.values() for t in _tensors(v)]
-    return []
+from egp_fast.graph import (
+    SiteGraph,
+    discover_sites,
+    discover_sites_sampled,
+    normalize_inputs,
+    registered_activations,
+    unwrap_model,
+)
+from egp_fast.measurement.batches import _tensors
 
 
 # model -> (structure key, SiteGraph). Weak keys: the cache never keeps a model alive (the
@@ -39,7 +37,7 @@ _DISCOVERY_SAMPLES = 2
 
 
 def _structure_key(model: nn.Module, example: Any) -> tuple:
-    """A cheap signature of what discovery depends on (resnet18: ~0.3 ms).
+    """A cheap signature of what discovery depends on.
 
     Module identities and types in tree order (a swapped module, e.g. after ``linearize``, changes
     it), parameter shapes, and the layout of the example (dtypes and shapes past dim 0).
@@ -56,10 +54,6 @@ def _structure_key(model: nn.Module, example: Any) -> tuple:
 
 def _registry_state() -> tuple:
     # register_activation changes which modules are sites: a registration discovers again.
-    try:
-        from egp_fast.graph.activations import registered_activations
-    except ImportError:  # an install without user-registered activations
-        return ()
     return tuple((id(c), k) for c, k in registered_activations().items())
 
 
@@ -146,7 +140,7 @@ def cached_graph(model: nn.Module, example_inputs: Any) -> SiteGraph:
 
     Example:
         >>> import torch, egp_fast
-        >>> from egp_fast.measurement.measure import cached_graph
+        >>> from egp_fast.measurement import cached_graph
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
         >>> cached_graph(net, torch.randn(3, 4)) is cached_graph(net, torch.randn(5, 4))
         True

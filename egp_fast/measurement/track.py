@@ -13,7 +13,6 @@ statistics describe what the model did while it trained (see ``docs/confidence.m
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 import warnings
 from collections.abc import Iterator
@@ -24,6 +23,11 @@ import torch.nn as nn
 
 from egp_fast.errors import ConfigError, DataError
 from egp_fast.graph import SiteGraph, unwrap_model
+from egp_fast.measurement.batches import batch_size, model_device
+from egp_fast.measurement.counting import _all_reduce, _Counter, _finish
+from egp_fast.measurement.discover import cached_graph
+from egp_fast.measurement.recorders import _HookRecorder
+from egp_fast.measurement.stats import EntropyStats
 from egp_fast.ops._dispatch import backend_for
 
 
@@ -58,7 +62,7 @@ class EntropyTracker:
         self.backend = backend
         self.graph: SiteGraph | None = None
         self.unmeasured: list[str] = []
-        self._counter = None
+        self._counter: _Counter | None = None
         self._sites: list = []
         self._hooks = None
         self._root_handle = None
@@ -70,8 +74,6 @@ class EntropyTracker:
             if graph is not None:
                 self._install(graph)
             elif example_inputs is not None:
-                from egp_fast.measurement.measure import cached_graph
-
                 self._install(cached_graph(self.model, example_inputs))
             self._root_handle = self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         except BaseException:
@@ -81,17 +83,15 @@ class EntropyTracker:
     # -- hooks ---------------------------------------------------------------------------
 
     def _install(self, graph: SiteGraph) -> None:
-        from egp_fast.measurement.measure import _Counter, _HookRecorder, model_device
-
         self.graph = graph
         pairs = [(i, s) for i, s in enumerate(s for s in graph.sites if s.module is not None)]
         self._sites = [s for _, s in pairs]
         self.unmeasured = [s.name for s in graph.sites if s.module is None]
         if self.unmeasured:
             warnings.warn(
-                f"egp_fast.track_entropy: {len(self.unmeasured)} site(s) are functional activations "
-                f"({', '.join(self.unmeasured[:5])}{'...' if len(self.unmeasured) > 5 else ''}) that "
-                "hooks cannot see; they are not counted while training and are listed in "
+                f"egp_fast.measurement.track_entropy: {len(self.unmeasured)} site(s) are functional "
+                f"activations ({', '.join(self.unmeasured[:5])}{'...' if len(self.unmeasured) > 5 else ''})"
+                " that hooks cannot see; they are not counted while training and are listed in "
                 "EntropyStats.unmeasured (measure them with egp_fast.measure_entropy)",
                 stacklevel=4,
             )
@@ -104,8 +104,6 @@ class EntropyTracker:
         self._counter = counter
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        from egp_fast.measurement.measure import _Counter, batch_size  # noqa: F401
-
         if self._discovering or self._closed:
             return None
         self._active = module.training or not self.training_only
@@ -123,8 +121,6 @@ class EntropyTracker:
         return None
 
     def _discover(self, args: tuple, kwargs: dict) -> None:
-        from egp_fast.measurement.measure import cached_graph
-
         example = kwargs if kwargs else (args[0] if len(args) == 1 else args)
         example = _detached(example)
         self._discovering = True
@@ -141,7 +137,7 @@ class EntropyTracker:
         """Training forwards counted so far."""
         return self._counter.batches if self._counter is not None else 0
 
-    def stats(self) -> Any:
+    def stats(self) -> EntropyStats:
         """The statistics of the forwards counted so far, as :class:`EntropyStats`.
 
         Under ``torch.distributed`` the counts of all ranks are summed (on copies: counting
@@ -154,8 +150,6 @@ class EntropyTracker:
         Raises:
             DataError: no training forward was counted yet.
         """
-        from egp_fast.measurement.measure import EntropyStats, _all_reduce, _finish
-
         if self._counter is None or self._counter.batches == 0:
             if self.graph is not None and not self._sites:
                 return EntropyStats({}, self.mode, 0, 0.0, unmeasured=list(self.unmeasured))
@@ -165,14 +159,7 @@ class EntropyTracker:
                 + (" (eval-mode forwards are not counted; pass training_only=False to count them)"
                    if self.training_only else "")
             )
-        counter = copy.copy(self._counter)
-        counter.flat = self._counter.flat.clone()
-        _rebind_views(counter)
-        if counter.paper:
-            counter.paper_sum = self._counter.paper_sum.clone()
-            counter.paper_sq = self._counter.paper_sq.clone()
-        counter.observations = list(self._counter.observations)
-        counter.samples = list(self._counter.samples)
+        counter = self._counter.snapshot()
         _all_reduce(counter)
         stats = _finish(self._sites, counter, self.mode, self.backend, time.perf_counter() - self._start)
         stats.unmeasured = list(self.unmeasured)
@@ -200,22 +187,6 @@ class _Gate:
         if self.tracker._active:
             with torch.no_grad():
                 self.counter.record(i, z)
-
-
-def _rebind_views(counter: Any) -> None:
-    """Point a copied counter's per-site views at its own flat buffer."""
-    off = 0
-    counter.first = []
-    for s in counter.sites:
-        counter.first.append(counter.flat[off : off + s.channels])
-        off += s.channels
-    counter.rest = []
-    for s in counter.sites:
-        views = []
-        for _ in s.breakpoints[1:]:
-            views.append(counter.flat[off : off + s.channels])
-            off += s.channels
-        counter.rest.append(views)
 
 
 def _detached(x: Any) -> Any:

@@ -21,7 +21,7 @@ from egp_fast.errors import ConfigError
 from egp_fast.graph import weight_layers
 from egp_fast.ops._dispatch import backend_for
 from egp_fast.pruning.records import RoundRecord
-from egp_fast.measurement.measure import EntropyStats
+from egp_fast.measurement import EntropyStats
 
 if TYPE_CHECKING:
     from egp_fast.pruning.pruner import Pruner

@@ -35,7 +35,7 @@ from egp_fast.errors import ConfigError, DataError, ModelError, PruneInterrupted
 from egp_fast.graph import SiteGraph, unwrap_model, discover_sites, weight_layers
 from egp_fast.pruning.methods import _EGPMethod, _IMPMethod, _make_method, _WeightMethod, layer_magnitudes
 from egp_fast.pruning.records import ModelSnapshot, PruneResult, RoundRecord, _Snapshot
-from egp_fast.measurement.measure import EntropyStats, measure_entropy, split_batch
+from egp_fast.measurement import EntropyStats, measure_entropy, split_batch
 from egp_fast.measurement.decide import check_plan
 
 METHODS = ("egp", "imp", "easier")
@@ -480,7 +480,7 @@ class Pruner:
             >>> list(plan), t.stats().sites["1"].samples
             (['0'], 48)
         """
-        from egp_fast.measurement import measure as _stats
+        from egp_fast import measurement as _stats
         track_entropy = getattr(_stats, "track_entropy", None)
         if track_entropy is None:
             raise ConfigError("this version of egp_fast has no egp_fast.measurement.track_entropy; use measure(data)")

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from egp_fast import masks as _masks
-from egp_fast.measurement.measure import EntropyStats
+from egp_fast.measurement import EntropyStats
 
 __all__ = ["ModelSnapshot", "PruneResult", "RoundRecord"]
 

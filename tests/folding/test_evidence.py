@@ -15,9 +15,9 @@ from torch import nn
 
 import egp_fast
 from egp_fast.folding.collapser import collapse, compare_latency
-from egp_fast.folding.evidence import evidence, flip_bound, samples_needed
+from egp_fast.folding.evidence import evidence
 from egp_fast.errors import ConfigError
-from egp_fast.measurement.measure import measure_entropy
+from egp_fast.measurement import flip_bound, measure_entropy, samples_needed
 
 
 def _measure(model, batches):

@@ -1,10 +1,12 @@
-"""stop="decided" that waits for the plan (issue 13): measure_entropy(plan=...), Pruner.measure."""
+"""How sure a measurement is (issue 13): flip bounds, stop="decided" on the entropies, and the
+plan rule that waits for the decision they feed (measure_entropy(plan=...), Pruner.measure)."""
 
 from __future__ import annotations
 
 import math
 import os
 import random
+import warnings
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from _models import TwoSites, gaussian_batches, spawn_two_ranks
 import egp_fast
 from egp_fast.pruning.budget import allocate, allocation_shares, round_shares
 from egp_fast.errors import ConfigError
+from egp_fast.measurement import flip_bound, samples_needed
 from egp_fast.measurement.decide import JACKKNIFE_GROUPS, PLAN_SLACK, T_975
 
 
@@ -33,6 +36,148 @@ def _mlp():
 def _within(early: dict, full: dict, plan_tol: float) -> bool:
     """The plan rule's promise: each amount within plan_tol of the full pass's, plus one weight."""
     return all(abs(early.get(k, 0) - v) <= plan_tol * v + 1 for k, v in full.items())
+
+
+# --------------------------------------------------------------------------------------------
+# flip_bound
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 100, 1437, 10**6])
+@pytest.mark.parametrize("confidence", [0.5, 0.9, 0.95, 0.99])
+def test_flip_bound_is_the_exact_binomial_bound(n, confidence):
+    q = flip_bound(n, confidence)
+    # No event in n draws has probability (1 - q) ** n: the bound is where it equals 1 - c.
+    assert (1 - q) ** n == pytest.approx(1 - confidence, rel=1e-9)
+    # Clopper-Pearson's upper limit for 0 events is the Beta(1, n) quantile.
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert q == pytest.approx(float(scipy_stats.beta.ppf(confidence, 1, n)), rel=1e-7)
+
+
+def test_flip_bound_examples_from_the_docs():
+    assert flip_bound(8) == pytest.approx(0.3123, abs=1e-4)
+    assert flip_bound(1437) == pytest.approx(0.002083, abs=1e-6)
+    assert flip_bound(1000) == pytest.approx(3 / 1000, rel=0.01)  # the "3 / n" rule
+
+
+def test_flip_bound_is_never_zero_and_is_one_without_evidence():
+    for n in (10**9, 10**15, 10**30):
+        assert flip_bound(n) > 0.0
+    assert flip_bound(0) == 1.0  # no evidence
+
+
+@pytest.mark.parametrize("bad", [0, 1, 1.5, -0.1, True, "0.95", None, float("nan")])
+def test_flip_bound_validates_confidence(bad):
+    with pytest.raises(ConfigError, match="confidence="):
+        flip_bound(10, bad)
+    with pytest.raises(ConfigError, match="confidence="):
+        flip_bound(0, bad)  # also where the bound is 1.0 anyway
+
+
+def test_samples_needed_is_the_smallest_sufficient_n():
+    for max_flip in (0.5, 0.1, 0.01, 0.001):
+        n = samples_needed(max_flip)
+        assert flip_bound(n) <= max_flip < flip_bound(n - 1) if n > 1 else True
+    assert samples_needed(0.01) == 299
+
+
+def test_math_helpers_agree_with_math():
+    assert math.isclose(flip_bound(3, 0.9), 1 - 0.1 ** (1 / 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert flip_bound(1) == pytest.approx(0.95)
+
+
+# --------------------------------------------------------------------------------------------
+# stop="decided" on the entropies
+
+
+def test_stop_decided_stops_early_on_an_easy_model():
+    net = TwoSites()
+    data = gaussian_batches(20, 64)
+    full = egp_fast.measure_entropy(net, data, progress=False)
+    early = egp_fast.measure_entropy(net, data, progress=False, stop="decided")
+    assert early.stopped_early and not full.stopped_early
+    # site `a` needs 299 samples for a 1% bound at 95%: 5 batches of 64
+    assert early.batches == 5 and early.samples == 320 and full.batches == 20
+    assert early.zero_entropy_sites() == full.zero_entropy_sites() == ["a"]
+    assert early.sites["a"].flip_bound() <= 0.01
+    assert abs(early.sites["b"].entropy - full.sites["b"].entropy) <= 0.02
+
+
+def test_stop_decided_runs_the_whole_pass_when_evidence_stays_short():
+    net = TwoSites()
+    few = egp_fast.measure_entropy(net, gaussian_batches(5, 4), progress=False, stop="decided")
+    assert not few.stopped_early and few.batches == 5  # 20 samples: bound 14%, undecided
+    # a loose max_flip decides it: 1 - 0.05 ** (1/8) = 31% at 2 batches of 4
+    loose = egp_fast.measure_entropy(net, gaussian_batches(5, 4), progress=False, stop="decided", max_flip=0.35, tol=1.0)
+    assert loose.stopped_early and loose.batches == 2
+    # an entropy tolerance nothing can meet keeps it going too
+    tight = egp_fast.measure_entropy(net, gaussian_batches(20, 64), progress=False, stop="decided", tol=1e-9)
+    assert not tight.stopped_early and tight.batches == 20
+
+
+def test_stop_decided_waits_for_unstable_entropies():
+    # Site b's channels: the first batches see one distribution, later ones another, so the
+    # jackknife spread stays large until many batches are in.
+    net = TwoSites()
+    data = [x * (3.0 if i % 2 else 0.2) + (2.0 if i % 3 == 0 else -2.0) for i, x in enumerate(gaussian_batches(12, 16))]
+    r = egp_fast.measure_entropy(net, data, progress=False, stop="decided", max_flip=0.5, tol=0.005)
+    assert not r.stopped_early
+
+
+def test_stop_decided_in_paper_mode():
+    net = TwoSites()
+    data = gaussian_batches(20, 64)
+    early = egp_fast.measure_entropy(net, data, progress=False, stop="decided", mode="paper")
+    assert early.stopped_early and early.batches == 5 and early.zero_entropy_sites() == ["a"]
+
+
+def test_stop_decided_respects_min_and_max_batches():
+    net = TwoSites()
+    data = gaussian_batches(20, 64)
+    r = egp_fast.measure_entropy(net, data, progress=False, stop="decided", min_batches=9)
+    assert r.stopped_early and r.batches == 9
+    r = egp_fast.measure_entropy(net, data, progress=False, stop="decided", max_batches=3)
+    assert not r.stopped_early and r.batches == 3
+
+
+def test_stop_decided_with_multi_piece_sites():
+    # ReLU6 site: channel 0 always in the middle piece (zero entropy), channel 1 moving.
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU6())
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[0.01, 0.0], [0.0, 5.0]]))
+        net[0].bias.copy_(torch.tensor([3.0, 0.0]))
+    data = gaussian_batches(20, 64)
+    data = [x[:, :2] for x in data]
+    full = egp_fast.measure_entropy(net, data, progress=False)
+    early = egp_fast.measure_entropy(net, data, progress=False, stop="decided", tol=0.05)
+    assert early.stopped_early and early.batches < full.batches
+    # tol is a 95% interval of the early estimate, not a hard bound: allow twice it
+    assert abs(early.sites["1"].entropy - full.sites["1"].entropy) <= 2 * 0.05
+    assert early.sites["1"].piece[0] == full.sites["1"].piece[0] == 1
+
+
+def test_decided_on_the_last_batch_is_not_early():
+    r = egp_fast.measure_entropy(TwoSites(), gaussian_batches(5, 64), progress=False, stop="decided")
+    assert r.batches == 5 and not r.stopped_early
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"stop": "soon"}, "stop="),
+        ({"stop": "decided", "max_flip": 0.0}, "max_flip="),
+        ({"stop": "decided", "max_flip": 1.5}, "max_flip="),
+        ({"stop": "decided", "confidence": 1.0}, "confidence="),
+        ({"stop": "decided", "tol": 0}, "tol="),
+        ({"stop": "decided", "tol": float("inf")}, "tol="),
+        ({"stop": "decided", "min_batches": 0}, "min_batches="),
+        ({"stop": "decided", "min_batches": 2.5}, "min_batches="),
+    ],
+)
+def test_stop_arguments_are_validated(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        egp_fast.measure_entropy(TwoSites(), gaussian_batches(2, 4), progress=False, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------

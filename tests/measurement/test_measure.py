@@ -1,11 +1,23 @@
+"""measure_entropy: the pass over the data runs the model the user runs (issue 11 §2).
+
+* sites that are modules are counted by hooks on the real model; a model with functional
+  activations goes through the fx-traced graph, checked against ``model.forward`` on batch 0;
+* the model's own exceptions reach the user, model restored;
+* bad arguments and data are named; NaN/Inf is found and located.
+"""
+
+from __future__ import annotations
+
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import egp_fast
-from egp_fast.errors import ConfigError, DataError, NumericsError
+from egp_fast.errors import ConfigError, DataError, ModelError, NumericsError
+from egp_fast.measurement.measure import _finite_probe
 
 
 class Identityish(nn.Module):
@@ -22,98 +34,101 @@ class Identityish(nn.Module):
         return self.act(self.conv(x))
 
 
-def test_counts_match_a_hand_computed_example():
-    x1 = torch.tensor([[[[1.0, -1.0]], [[0.0, 0.0]], [[2.0, 3.0]]]])  # [1, 3, 1, 2]
-    x2 = torch.tensor([[[[-5.0, 4.0]], [[-0.0, 1.0]], [[1.0, 1.0]]]])
-    stats = egp_fast.measure_entropy(Identityish(), [x1, x2], progress=False)
-    s = stats.sites["act"]
-    assert s.observations == 4
-    assert s.on_counts.tolist() == [2, 1, 4]  # zero and -0.0 are OFF
-    assert s.p_on.tolist() == [0.5, 0.25, 1.0]
-    h25 = -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))
-    assert s.channel_entropy.tolist() == pytest.approx([1.0, h25, 0.0], abs=1e-12)
-    assert s.entropy == pytest.approx((1.0 + h25) / 2, abs=1e-12)  # constant channel excluded
-    assert s.entropy_all == pytest.approx((1.0 + h25) / 3, abs=1e-12)
-    assert s.piece.tolist() == [-1, -1, 1]
-    assert not s.collapsible
+class FailsOnSecondCall(nn.Module):
+    """Raises on its second forward: fx tracing is the first (a Python-side call counter)."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(6, 2)
+        self.functional = functional
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("no second forward, please")
+        h = self.fc1(x)
+        return self.fc2(F.relu(h) if self.functional else self.act(h))
 
 
-def _h(p):
-    return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+@pytest.mark.parametrize("functional", [False, True], ids=["modules", "functional"])
+def test_model_exception_reaches_the_user_and_model_is_restored(functional):
+    net = FailsOnSecondCall(functional)
+    net.train()
+    with pytest.raises(DataError, match="no second forward, please") as info:
+        egp_fast.measure_entropy(net, [torch.randn(8, 4)] * 3, progress=False)
+    assert isinstance(info.value.__cause__, RuntimeError)  # the model's own exception, chained
+    assert str(info.value.__cause__) == "no second forward, please"
+    assert net.calls == 2  # the real forward ran (it used to be skipped: the trace was measured)
+    assert all(m.training for m in net.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
 
 
-def test_paper_mode_follows_the_reference_per_batch_formula():
-    # Channels: 0 mixed, 1 dead (always OFF), 2 always ON, 3 mixed. Per batch, the constant
-    # channels of THAT batch are left out and the rest averaged; an all-constant batch gives 0.
-    b1 = torch.tensor(
-        [[[[1.0, -1.0, -2.0, -4.0]], [[-1.0, -2.0, 0.0, -3.0]], [[1.0, 2.0, 3.0, 4.0]], [[1.0, 1.0, 1.0, -1.0]]]]
-    )  # [1, 4, 1, 4]: p = 0.25, 0, 1, 0.75
-    b2 = torch.tensor(
-        [[[[1.0, 1.0, 1.0, 1.0]], [[-1.0, -2.0, 0.0, -3.0]], [[1.0, 2.0, 3.0, 4.0]], [[-1.0, -1.0, -1.0, -1.0]]]]
-    )  # every channel constant in this batch (channel 0 and 3 flip only across batches)
-    b3 = torch.tensor(
-        [[[[1.0, -1.0, 1.0, -1.0]], [[-1.0, -2.0, 0.0, -3.0]], [[1.0, 2.0, 3.0, 4.0]], [[1.0, 1.0, 1.0, 1.0]]]]
-    )  # p = 0.5, 0, 1, 1
-    stats = egp_fast.measure_entropy(Identityish(4), [b1, b2, b3], mode="paper", progress=False)
-    s = stats.sites["act"]
-    batch1 = (_h(0.25) + _h(0.75)) / 2  # channels 1 and 2 left out
-    batch2 = 0.0
-    batch3 = _h(0.5) / 1
-    assert s.entropy == pytest.approx((batch1 + batch2 + batch3) / 3, abs=1e-5)
-    # the old bug (clamped H averaged over all channels) gives a visibly different number
-    eps = 1e-5
-    hc = _h(1 - eps)
-    buggy = ((_h(0.25) + _h(0.75) + 2 * hc) / 4 + 4 * hc / 4 + (_h(0.5) + 3 * hc) / 4) / 3
-    assert abs(s.entropy - buggy) > 0.05
-    # the exact mode is unaffected: over all 12 observations channel 0 is ON 1+4+2 = 7 times
-    assert s.exact_entropy == pytest.approx((_h(7 / 12) + _h(7 / 12)) / 2, abs=1e-12)
+def test_keyboard_interrupt_in_forward_passes_through_untouched():
+    net = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    net[0].register_forward_pre_hook(lambda m, i: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        egp_fast.measure_entropy(net, [torch.randn(2, 3)], progress=False)
+    assert not net[1]._forward_pre_hooks
 
 
-def test_paper_mode_clamps_only_inside_the_logs():
-    # One ON among 200000 observations: p = 5e-6 < 1e-5, so the clamp is active.
-    x = torch.full((1, 1, 1, 200000), -1.0)
-    x[..., 0] = 1.0
-    s = egp_fast.measure_entropy(Identityish(1), [x], mode="paper", progress=False).sites["act"]
-    p, pc = 5e-6, 1e-5
-    expected = -(p * math.log2(pc) + (1 - p) * math.log2(1 - pc))
-    clamped_everywhere = _h(pc)
-    assert s.entropy == pytest.approx(expected, rel=1e-9)
-    assert abs(s.entropy - clamped_everywhere) > 1e-5
+class Flipper(nn.Module):
+    """Negates the pre-activation from its second call on: a Python-side branch fx froze."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 7)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(7, 3)
+        self.functional = functional
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = self.fc1(x)
+        if self.calls > 1:
+            h = -h
+        return self.fc2(F.relu(h) if self.functional else self.act(h))
 
 
-def test_paper_mode_all_on_layer_reads_zero():
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+def test_python_side_branch_with_functional_sites_is_a_clear_error():
+    net = Flipper(functional=True)
+    with pytest.raises(ModelError, match="does not compute what model.forward computes") as info:
+        egp_fast.measure_entropy(net, [torch.randn(16, 5)], progress=False)
+    assert "relu" in str(info.value)  # names the functional site hooks cannot see
+    assert all(not m._forward_pre_hooks for m in net.modules())
+
+
+def test_python_side_branch_with_module_sites_measures_the_real_forward():
+    net = Flipper(functional=False)
+    x = torch.randn(64, 5)
+    s = egp_fast.measure_entropy(net, [x], progress=False).sites["act"]
     with torch.no_grad():
-        net[0].bias.fill_(100.0)
-    s = egp_fast.measure_entropy(net, [torch.randn(2, 3, 4, 4)] * 3, mode="paper", progress=False).sites["1"]
-    assert s.entropy == 0.0  # was 0.000181 when constant channels were averaged in
+        real = -net.fc1(x)  # what model.forward feeds the ReLU now
+    assert s.on_counts.tolist() == (real > 0).sum(0).tolist()
 
 
-def test_multi_piece_relu6_states():
-    net = nn.Sequential(nn.Identity(), nn.ReLU6())
-    x = torch.tensor([[-1.0, 3.0, 7.0, 3.0], [-2.0, 8.0, 9.0, 1.0]])  # [N=2, C=4]
-    s = egp_fast.measure_entropy(net, [x], progress=False).sites["1"]
-    assert s.piece_counts.tolist() == [[2, 0, 0, 0], [0, 1, 0, 2], [0, 1, 2, 0]]
-    assert s.piece.tolist() == [0, -1, 2, 1]
-    assert s.entropy == pytest.approx(1.0)
-
-
-def test_data_formats_tuple_dict_and_max_batches():
-    class KW(nn.Module):
+def test_traced_path_is_checked_and_agrees_on_a_plain_functional_model():
+    class Plain(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc = nn.Linear(2, 2)
-            self.act = nn.ReLU()
+            self.fc = nn.Linear(4, 6)
 
-        def forward(self, pixel_values):
-            return self.act(self.fc(pixel_values))
+        def forward(self, x):
+            return F.relu(self.fc(x))
 
-    x = torch.randn(5, 2)
-    tup = egp_fast.measure_entropy(KW(), [(x, torch.zeros(5))] * 3, max_batches=2, progress=False)
-    assert tup.batches == 2 and tup.sites["act"].observations == 10
-    net = KW()
-    d = egp_fast.measure_entropy(net, [{"pixel_values": x, "labels": torch.zeros(5)}], progress=False)
-    assert d.sites["act"].observations == 5
+    net = Plain()
+    x = torch.randn(32, 4)
+    s = egp_fast.measure_entropy(net, [x, x], progress=False)
+    (site,) = s.sites.values()
+    with torch.no_grad():
+        assert site.on_counts.tolist() == (2 * (net.fc(x) > 0).sum(0)).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments, data and numerics.
 
 
 def test_mode_restored_and_no_hooks_left():
@@ -148,8 +163,6 @@ def test_nan_names_the_site():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_finite_probe_flags_exactly_the_outputs_with_nan_or_inf(dtype):
-    from egp_fast.measurement.measure import _finite_probe
-
     big = torch.finfo(dtype).max
     clean = torch.full((64, 100), big, dtype=dtype)  # sums far past the dtype's range: still finite
     clean[1::2] = -big
@@ -178,53 +191,3 @@ def test_nan_in_the_output_alone_is_found():
         egp_fast.measure_entropy(NaNHead(), [torch.ones(4, 2)], progress=False)
 
 
-def test_forced_zero_entropy_is_collapsible():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-    with torch.no_grad():
-        net[1].bias.copy_(torch.tensor([50.0, -50.0, 50.0, -50.0]))
-    s = egp_fast.measure_entropy(net, [torch.randn(4, 3, 5, 5)], progress=False)
-    assert s.zero_entropy_sites() == ["2"]
-    assert s.sites["2"].piece.tolist() == [1, 0, 1, 0]
-    assert s.layer_entropy() == {"0": 0.0}
-
-
-def _paper_reference():
-    import importlib
-    import pathlib
-    import sys
-
-    bench = str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    return importlib.import_module("paper_reference")
-
-
-def test_paper_mode_matches_the_independent_reference_on_resnet18():
-    import torchvision
-
-    ref = _paper_reference()
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(num_classes=10).eval()
-    with torch.no_grad():
-        net.layer1[0].bn1.bias.fill_(30.0)  # every channel ON: the reference reads exactly 0
-        net.layer2[0].bn1.bias[:64].fill_(-30.0)  # half the channels dead
-    batches = [torch.randn(4, 3, 32, 32) for _ in range(3)]
-    mine = egp_fast.measure_entropy(net, batches, mode="paper", progress=False)
-    theirs = ref.measure_paper_entropy(net, batches)
-    assert list(theirs) == list(mine.sites)
-    for name, h in theirs.items():
-        assert mine.sites[name].entropy == pytest.approx(h, abs=1e-6), name
-    assert theirs["layer1.0.relu"] == 0.0 and mine.sites["layer1.0.relu"].entropy == 0.0
-    # the reference's own producer table and allocation agree with egp_fast's
-    table = ref.site_producers(net, batches[0])
-    assert table == {n: s.producers for n, s in mine.sites.items()}
-    plan = ref.paper_plan(net, theirs, table)
-    layer_h = mine.layer_entropy()
-    modules = dict(net.named_modules())
-    remaining = {n: int(modules[n].weight.count_nonzero()) for n in layer_h}
-    magnitude = {n: float(modules[n].weight.detach().abs().double().mean()) for n in layer_h}
-    budget = 0.5 * sum(remaining[n] for n in layer_h if layer_h[n] > 0)
-    theirs_plan = egp_fast.allocate(layer_h, magnitude, remaining, budget)
-    assert plan.keys() == theirs_plan.keys() and sum(plan.values()) > 0.49 * sum(remaining.values())
-    for n in plan:  # float rounding may move one weight between layers
-        assert abs(plan[n] - theirs_plan[n]) <= 1, n
