@@ -1,78 +1,34 @@
-"""The pruning loop, once, for every method: EGP, the IMP baseline and EASIER.
+"""The step-wise pruner: :class:`Pruner` runs one round of any registered method at a time.
 
-A *method* is a small strategy that says what a round changes: EGP and IMP prune a budget of
-weights (:mod:`egp_fast.prune_methods`), EASIER linearises activation sites
-(:class:`egp_fast.pruning.EasierMethod`); the records and the snapshot that rolls a round back
-are in :mod:`egp_fast.prune_records`. Around it the loop exists once: measure, plan, apply,
-fine-tune, evaluate, record, roll back. :class:`Pruner` runs one step at a time
-(``measure`` -> ``plan`` -> ``apply``, or ``round``) for users who own their training loop (and
-for the ``egp-fast`` command); :func:`prune` runs whole rounds with fine-tune and evaluation
-callbacks, keeps each completed round when a later one fails, and for EASIER returns the best
-model within the accuracy tolerance.
+A *method* (:mod:`egp_fast.pruning.methods`, looked up by name in its registry) says what a
+round changes: EGP and IMP prune a budget of weights, EASIER linearises activation sites. The
+Pruner owns the model's structure around it (traced sites, masks, snapshots) and runs the
+steps ``measure`` -> ``plan`` -> ``apply`` (or ``round``) for users who own their training loop
+and for the ``egp-fast`` command; :func:`egp_fast.prune` (:mod:`egp_fast.pruning.loop`) adds
+fine-tuning, evaluation and roll-back around whole rounds. The records and the snapshot that
+rolls a round back are in :mod:`egp_fast.pruning.records`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect as _inspect
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from egp_fast import masks as _masks
-from egp_fast.pruning.budget import round_shares
-from egp_fast.pruning.easier import (
-    EasierMethod,
-    check_accuracy,
-    check_linearization,
-    check_max_drop,
-    within_tolerance,
-)
-from egp_fast.errors import ConfigError, DataError, ModelError, PruneInterrupted
-from egp_fast.graph import SiteGraph, unwrap_model, discover_sites, weight_layers
-from egp_fast.pruning.methods import _EGPMethod, _IMPMethod, _make_method, _WeightMethod, layer_magnitudes
-from egp_fast.pruning.records import ModelSnapshot, PruneResult, RoundRecord, _Snapshot
-from egp_fast.measurement import EntropyStats, measure_entropy, split_batch
-from egp_fast.measurement.decide import check_plan
+from egp_fast.errors import ConfigError, DataError, ModelError
+from egp_fast.folding import linearize
+from egp_fast.graph import SiteGraph, discover_sites, unwrap_model, weight_layers
+from egp_fast.masks import MASK, MaskedLinear, attach_masks, masked_layers, rebind
+from egp_fast.measurement import EntropyStats, check_plan, measure_entropy, split_batch, track_entropy
+from egp_fast.pruning.checks import check_entropy_mode, check_linearization, check_step
+from egp_fast.pruning.methods import MethodContext, PlanRule, get_method
+from egp_fast.pruning.records import ModelSnapshot, RoundRecord, layer_rows
 
-METHODS = ("egp", "imp", "easier")
-
-__all__ = ["METHODS", "ModelSnapshot", "PruneResult", "Pruner", "RoundRecord", "prune"]
-# Re-exported for code that reaches them here (tests patch the method classes).
-_REEXPORTED = (EasierMethod, _EGPMethod, _IMPMethod, _WeightMethod, _Snapshot)
-
-
-# --------------------------------------------------------------------------------------------
-# Pruner.
-
-
-def _check_step(step: Any) -> float:
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < 1:
-        raise ConfigError(
-            f"step={step!r} must be a number strictly between 0 and 1 (the fraction of the "
-            "remaining weights pruned per round; the paper uses 0.5)"
-        )
-    return float(step)
-
-
-def _check_method(method: Any) -> str:
-    if method not in METHODS:
-        raise ConfigError(
-            f"method={method!r} is not a pruning method; use 'egp' or 'imp' (weight pruning) or "
-            "'easier' (activation removal)"
-        )
-    return method
-
-
-# Options of measure_entropy that Pruner.measure passes through when this install's
-# measure_entropy has them (early stopping: stop/max_flip/confidence/tol).
-
-
-def _measure_supports() -> set[str]:
-    return set(_inspect.signature(measure_entropy).parameters)
+__all__ = ["Pruner"]
 
 
 def _empty_stats(mode: str) -> EntropyStats:
@@ -103,14 +59,15 @@ class Pruner:
             (``egp``/``imp``; unused by ``easier``).
         method: ``"egp"`` (entropy-guided, prunes the producers of activation sites),
             ``"imp"`` (one global magnitude threshold over every Conv/Linear layer) or
-            ``"easier"`` (removes the lowest-entropy activation site each round).
+            ``"easier"`` (removes the lowest-entropy activation site each round), or a name
+            added with :func:`egp_fast.pruning.register_method`.
         layers: prune these layers instead of the method's default set (not with ``easier``).
         linearize: ``egp``/``imp``: replace zero-entropy sites by their affine equivalent at
             each round, so fine-tuning trains the shallower model (the prune-collapse loop).
         backend: force a compute backend for the ops (``None``: automatic).
         entropy_mode: ``"exact"`` or ``"paper"`` (see :func:`measure_entropy`).
         progress: show progress bars.
-        masked_linear: swap each pruned ``nn.Linear`` for :class:`egp_fast.modules.MaskedLinear`
+        masked_linear: swap each pruned ``nn.Linear`` for :class:`egp_fast.MaskedLinear`
             (same Parameters), whose forward skips all-zero weight tiles on a GPU.
         linearization: ``easier`` only: ``"identity"`` (the site becomes ``y = z``, as in the
             EASIER paper) or ``"majority"`` (per channel: identity where ``p_on >= 0.5``, zero
@@ -152,13 +109,11 @@ class Pruner:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = unwrap_model(model)
-        self.step = _check_step(step)
-        self.method = _check_method(method)
+        self.step = check_step(step)
+        self._method = get_method(method, linearization=linearization)
+        self.method = method
         self.linearization = check_linearization(linearization)
-        self._method = _make_method(self.method, self.linearization)
-        if entropy_mode not in ("exact", "paper"):
-            raise ConfigError(f"entropy_mode={entropy_mode!r}; use 'exact' or 'paper'")
-        self.entropy_mode = entropy_mode
+        self.entropy_mode = check_entropy_mode(entropy_mode)
         self.linearize = bool(linearize)
         self.backend = backend
         self.progress = progress
@@ -167,6 +122,7 @@ class Pruner:
         self._layers = list(layers) if layers is not None else None
         self._graph: SiteGraph | None = None
         self._planned: EntropyStats | None = None
+        self._modules_cache: tuple[SiteGraph, dict[str, nn.Module]] | None = None
         self.iteration = 0
         if self._layers is not None:
             if not self._method.prunes_weights:
@@ -192,7 +148,7 @@ class Pruner:
                 raise DataError("no example_inputs yet: call measure(data) first or pass example_inputs")
             self.example_inputs = example_inputs
             self._graph = discover_sites(self.model, example_inputs)
-            _masks.attach_masks(self.model, self._default_layers())
+            attach_masks(self.model, self._default_layers())
             if self.masked_linear and self._swap_masked_linear():
                 self._graph = discover_sites(self.model, example_inputs)  # new module objects
         return self._graph
@@ -208,8 +164,6 @@ class Pruner:
             self._graph = SiteGraph([], None, [])
 
     def _swap_masked_linear(self) -> bool:
-        from egp_fast.masks.linear import MaskedLinear
-
         swapped = False
         for name in self._default_layers():
             layer = self.model.get_submodule(name)
@@ -219,14 +173,14 @@ class Pruner:
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             new = MaskedLinear.from_linear(layer, backend=self.backend)
             setattr(parent, child, new)
-            _masks.rebind(new)
+            rebind(new)
             swapped = True
         return swapped
 
     def _default_layers(self) -> list[str]:
         if self._layers is not None:
             return list(self._layers)
-        return self._method.layers(self)
+        return self._method.layers(self.model, self._ensure_graph(self.example_inputs))
 
     @property
     def graph(self) -> SiteGraph:
@@ -244,11 +198,11 @@ class Pruner:
         return len(self.graph)
 
     def _modules(self) -> dict[str, nn.Module]:
-        # Walking named_modules() costs ~10 ms on resnet18: do it once per traced graph.
+        # Walking named_modules() is slow on a large model: do it once per traced graph.
         graph = self._ensure_graph(self.example_inputs)
-        cache = getattr(self, "_modules_cache", None)
+        cache = self._modules_cache
         if cache is None or cache[0] is not graph:
-            layers = _masks.masked_layers(self.model)
+            layers = masked_layers(self.model)
             cache = (graph, {n: layers[n] for n in self._default_layers() if n in layers})
             self._modules_cache = cache
         return cache[1]
@@ -259,7 +213,7 @@ class Pruner:
 
     def _remaining(self) -> dict[str, int]:
         """Unpruned weights per prunable layer (one reduction per layer)."""
-        return {n: int(torch.count_nonzero(m)) for n, (_, m) in self._layer_view().items()}
+        return self._context().remaining()
 
     def _sparsity(self, remaining: dict[str, int]) -> float:
         view = self._layer_view()
@@ -267,7 +221,12 @@ class Pruner:
         return 1.0 - sum(remaining.values()) / total if total else 0.0
 
     def _layer_view(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {n: (m.weight, getattr(m, _masks.MASK)) for n, m in self._modules().items()}
+        return {n: (m.weight, getattr(m, MASK)) for n, m in self._modules().items()}
+
+    def _context(self) -> MethodContext:
+        """What the method sees of the model now."""
+        graph = self._ensure_graph(self.example_inputs)
+        return MethodContext(self.model, graph, self._layer_view(), self.step, self.backend)
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -355,8 +314,7 @@ class Pruner:
 
         Raises:
             DataError: ``data`` yields no batch.
-            ConfigError: ``stop`` is set but this install's ``measure_entropy`` cannot stop
-                early, or an option is out of range (the message names it).
+            ConfigError: an option is out of range (the message names it).
         """
         example = self.example_inputs
         if self._graph is None and example is None:
@@ -371,9 +329,6 @@ class Pruner:
             return _empty_stats(self.entropy_mode)
         check_plan(None, plan_tol)  # validate plan_tol also when no plan is built
         plan = self.plan_rule() if stop == "decided" and plan_tol is not None else None
-        extra = self._stop_options(
-            stop=stop, max_flip=max_flip, confidence=confidence, tol=tol, plan=plan, plan_tol=plan_tol
-        )
         return measure_entropy(
             self.model,
             data,
@@ -383,72 +338,30 @@ class Pruner:
             progress=self.progress if progress is None else progress,
             backend=self.backend,
             graph=graph,
-            **extra,
+            stop=stop,
+            max_flip=max_flip,
+            confidence=confidence,
+            tol=tol,
+            plan=plan,
+            plan_tol=plan_tol,
         )
 
-    @staticmethod
-    def _stop_options(**given: Any) -> dict[str, Any]:
-        supported = _measure_supports()
-        if given["stop"] is not None and "stop" not in supported:
-            raise ConfigError(
-                f"stop={given['stop']!r}: this version of egp_fast.measure_entropy cannot stop "
-                "early; use stop=None"
-            )
-        return {k: v for k, v in given.items() if k in supported}
-
-    def plan_rule(self) -> Callable[[list[float], list[bool]], dict[str, float]] | None:
+    def plan_rule(self) -> PlanRule | None:
         """The ``plan`` callback :meth:`measure` gives ``measure_entropy(stop="decided")``.
 
         Returns:
             ``plan(entropy, constant) -> {key: amount}`` for the model as it is now (weights,
             masks, step), reading per-site entropies and zero-entropy flags in the order of
-            :attr:`graph`'s sites; ``None`` for ``imp``, whose plan ignores entropies.
+            :attr:`graph`'s sites: the method's :meth:`~egp_fast.pruning.PruningMethod.plan_rule`.
+            ``None`` for a method whose plan reads no entropy (``imp``).
 
             * ``egp``: layer -> weights to prune, before rounding down (the allocation's shares;
               ``floor`` of them is :meth:`plan`'s answer on the same entropies).
             * ``easier``: site -> 1 for the sites :meth:`plan` would remove, 0 for the others.
         """
-        graph = self._ensure_graph(self.example_inputs)
-        sites = graph.sites
-        if isinstance(self._method, _EGPMethod):
-            view = self._layer_view()
-            remaining = self._remaining()
-            magnitude = layer_magnitudes(view, remaining)
-            feeds = [(i, s.producers) for i, s in enumerate(sites) if s.producers]
-            names = list(view)
-            step = self.step
-
-            def egp_plan(entropy: list[float], constant: list[bool]) -> dict[str, float]:
-                layer_h: dict[str, float] = {}
-                for i, producers in feeds:  # EntropyStats.layer_entropy: the largest per layer
-                    for p in producers:
-                        layer_h[p] = max(layer_h.get(p, 0.0), entropy[i])
-                return round_shares({n: layer_h.get(n, 0.0) for n in names}, magnitude, remaining, step)
-
-            return egp_plan
-        if isinstance(self._method, EasierMethod):
-            from egp_fast.folding.affine import unremovable_sites
-
-            names = [s.name for s in sites]
-            blocked = set(unremovable_sites(self.model, names))
-            live = [(i, n) for i, n in enumerate(names) if n not in blocked]
-
-            def easier_plan(entropy: list[float], constant: list[bool]) -> dict[str, float]:
-                # egp_fast.pruning.choose_sites on these entropies: every zero-entropy site, and
-                # the live one with the lowest entropy (ties: the first in execution order).
-                out = dict.fromkeys((n for _, n in live), 0.0)
-                best = None
-                for i, n in live:
-                    if constant[i]:
-                        out[n] = 1.0
-                    elif best is None or entropy[i] < entropy[best[0]]:
-                        best = (i, n)
-                if best is not None:
-                    out[best[1]] = 1.0
-                return out
-
-            return easier_plan
-        return None
+        if not self._method.needs_entropy:
+            return None
+        return self._method.plan_rule(self._context())
 
     def track(self) -> contextlib.AbstractContextManager[Any]:
         """Count activation signs during the model's own (training) forwards.
@@ -464,7 +377,6 @@ class Pruner:
 
         Raises:
             DataError: no ``example_inputs`` yet (pass them to the Pruner, or measure once).
-            ConfigError: this install has no ``track_entropy``.
 
         Example:
             >>> import torch, egp_fast
@@ -480,10 +392,6 @@ class Pruner:
             >>> list(plan), t.stats().sites["1"].samples
             (['0'], 48)
         """
-        from egp_fast import measurement as _stats
-        track_entropy = getattr(_stats, "track_entropy", None)
-        if track_entropy is None:
-            raise ConfigError("this version of egp_fast has no egp_fast.measurement.track_entropy; use measure(data)")
         graph = self._ensure_graph(self.example_inputs)
         return track_entropy(self.model, graph=graph, example_inputs=self.example_inputs, mode=self.entropy_mode,
                              backend=self.backend)
@@ -508,7 +416,7 @@ class Pruner:
         if not isinstance(stats, EntropyStats):
             raise ConfigError(f"stats must be the EntropyStats of measure(), got {type(stats).__name__}")
         self._planned = stats
-        return self._method.plan(self, stats, self._remaining())
+        return self._method.plan(self._context(), stats, self._remaining())
 
     def apply(self, plan: dict[str, int], stats: EntropyStats | None = None) -> list[str]:
         """Carry out a plan.
@@ -532,7 +440,7 @@ class Pruner:
         """
         if not isinstance(plan, dict):
             raise ConfigError(f"plan must be the dict returned by plan(), got {type(plan).__name__}")
-        removed = self._method.apply(self, plan, stats if stats is not None else self._planned)
+        removed = self._method.apply(self._context(), plan, stats if stats is not None else self._planned)
         if removed:
             self._modules_cache = None
             self._retrace()
@@ -555,31 +463,12 @@ class Pruner:
         stats = self.measure(data, max_batches, **measure_options)
         before = self._remaining()
         self._planned = stats
-        plan = self._method.plan(self, stats, before)
-        sites_of: dict[str, list[str]] = {}
-        for s in stats.sites.values():
-            for p in s.producers:
-                sites_of.setdefault(p, []).append(s.name)
-        zero = set(stats.zero_entropy_sites())
-        layer_h = stats.layer_entropy()
-        layers = []
-        for n in self.prunable:
-            sites = sites_of.get(n, [])
-            layers.append(
-                {
-                    "name": n,
-                    "site": ",".join(sites),
-                    "entropy": layer_h.get(n),
-                    "nonzero": before.get(n, 0),
-                    "pruned": int(plan.get(n, 0)),
-                    "collapsible": bool(sites) and all(s in zero for s in sites),
-                }
-            )
+        plan = self._method.plan(self._context(), stats, before)
+        layers = layer_rows(stats, self.prunable, before, plan)
+        zero = stats.zero_entropy_sites()
         removed = self.apply(plan, stats)
         after = {n: before[n] - int(plan.get(n, 0)) for n in before}
         if self.linearize and zero and self._method.prunes_weights:
-            from egp_fast.folding import linearize
-
             removed = linearize(self.model, stats)
             if removed:
                 self._modules_cache = None
@@ -590,7 +479,7 @@ class Pruner:
             sparsity=self._sparsity(after),
             layers=layers,
             seconds=time.perf_counter() - start,
-            zero_entropy_sites=sorted(zero, key=list(stats.sites).index),
+            zero_entropy_sites=zero,
             stats=stats.to_dict(),
             removed_sites=list(removed),
             sites_left=len(self._graph) if self._graph is not None else None,
@@ -599,238 +488,3 @@ class Pruner:
         self.iteration += 1
         return record
 
-
-# --------------------------------------------------------------------------------------------
-# One call.
-
-
-def prune(
-    model: nn.Module,
-    data: Iterable[Any],
-    *,
-    finetune: Callable[[nn.Module, int], Any] | None = None,
-    iterations: int = 9,
-    step: float = 0.5,
-    method: str = "egp",
-    example_inputs: Any = None,
-    max_batches: int | None = None,
-    collapse: bool = False,
-    progress: bool = True,
-    backend: str | None = None,
-    linearize: bool = False,
-    entropy_mode: str = "exact",
-    masked_linear: bool = False,
-    evaluate: Callable[[nn.Module], float] | None = None,
-    max_drop: float | None = None,
-    linearization: str = "identity",
-    measure_stop: str | None = None,
-    max_flip: float = 0.01,
-    confidence: float = 0.95,
-) -> PruneResult:
-    """Prune ``model`` in rounds with EGP, IMP or EASIER, fine-tuning after each round.
-
-    Each round measures the activation entropies on ``data`` and then, by ``method``:
-
-    * ``"egp"``: prunes ``step`` of the remaining weights of the eligible layers, shared by
-      entropy and magnitude; ``"imp"``: one global magnitude threshold. Masks keep pruned
-      weights at zero through your optimizer. Stops early when no layer is eligible.
-    * ``"easier"``: replaces the live activation site with the lowest entropy (ties: the
-      first in execution order), and every site already at zero entropy, by an affine map
-      (``linearization``); stops early when no site is left.
-
-    Then it calls ``finetune(model, round)`` and, if given, ``evaluate(model)``. With
-    ``evaluate`` and a tolerance (``max_drop``; EASIER always has one) the dense model is
-    evaluated once before the first round, and the run stops at the first round whose
-    accuracy is more than ``max_drop`` below it: that round is rolled back (its record stays,
-    with ``kept=False``) and the model of the last round within the tolerance is returned.
-
-    Rounds are atomic. If anything fails inside a round (measure, plan, apply, ``finetune``,
-    ``evaluate``), the model goes back to the end of the last *completed* round (weights,
-    masks, hooks, ``training`` flags, linearised modules) and:
-
-    * an ``Exception`` is re-raised as :class:`~egp_fast.errors.PruneInterrupted` (``from``
-      the original): ``.result`` is a :class:`PruneResult` of the completed rounds,
-      ``.original`` the exception;
-    * a ``KeyboardInterrupt`` (Ctrl-C) or other ``BaseException`` is re-raised unchanged, with
-      the same partial :class:`PruneResult` attached as its ``.result`` attribute, so Ctrl-C
-      still stops your script but nothing finished is lost.
-
-    A failure before the first round completes (bad batches, a crash in the first
-    fine-tune) restores the model exactly as it was passed and re-raises the original
-    exception. Optimizers and schedulers are yours and are not rolled back: build them anew
-    before training the restored model further.
-
-    Args:
-        model: the network, changed in place.
-        data: measurement batches (tensors, ``(inputs, labels)``, or dicts), on the model's device.
-        finetune: ``finetune(model, round_index)`` called after each round; ``None`` skips it.
-        iterations: number of rounds, >= 1 (the paper uses 9).
-        step: fraction pruned per round, in (0, 1) (the paper uses 0.5; unused by ``easier``).
-        method: ``"egp"``, ``"imp"`` or ``"easier"``.
-        example_inputs: a batch for tracing (default: the first batch of ``data``).
-        max_batches: cap on measurement batches per round.
-        collapse: after the last round, fold zero-entropy and linearised layers away
-            (:func:`egp_fast.collapse`); ``result.model`` is then the collapsed model.
-        progress: show progress bars.
-        backend: force a compute backend (``None``: automatic).
-        linearize: ``egp``/``imp``: replace zero-entropy sites by affine maps between rounds.
-        entropy_mode: ``"exact"`` or ``"paper"``.
-        masked_linear: swap pruned ``nn.Linear`` layers for tile-skipping
-            :class:`~egp_fast.modules.MaskedLinear` modules.
-        evaluate: ``evaluate(model) -> float``, the accuracy in [0, 1] on a *validation*
-            split (never the test split); required for ``easier``.
-        max_drop: the largest accepted accuracy drop below the dense model, as a fraction
-            (0.01 = one point); default 0.01 for ``easier``, no tolerance for ``egp``/``imp``
-            (set it, with ``evaluate``, to get the same roll-back there).
-        linearization: ``easier``: ``"identity"`` (EASIER's choice: the site becomes
-            ``y = z``) or ``"majority"`` (per channel: identity when mostly ON, zero when
-            mostly OFF).
-        measure_stop: passed to each round's measurement as ``stop`` (``None``: a whole pass;
-            ``"decided"``: stop when every site is decided and the round's plan is known, see
-            :meth:`Pruner.measure`; the final measurement, which only feeds ``collapse``, waits
-            for the sites alone).
-        max_flip, confidence: the evidence a zero-entropy site needs (its flip bound at
-            ``confidence``, :meth:`SiteStats.flip_bound`, at most ``max_flip``) to be removed by
-            ``collapse=True``, and to count as decided with ``measure_stop="decided"``;
-            ``max_flip=1.0`` trusts any amount of data.
-
-    Returns:
-        :class:`PruneResult`: the model, one :class:`RoundRecord` per round (with
-        ``removed_sites`` and ``accuracy``), the final statistics, ``dense_accuracy`` and
-        ``best_round``.
-
-    Raises:
-        ConfigError: a bad argument (named in the message), e.g. ``easier`` without
-            ``evaluate``.
-        DataError: the data cannot be used with the model.
-        PruneInterrupted: a round failed after at least one had completed (see above).
-
-    Example:
-        >>> import torch, egp_fast
-        >>> _ = torch.manual_seed(0)
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-        >>> data = [torch.randn(64, 4)]
-        >>> result = egp_fast.prune(net, data, iterations=2, progress=False)
-        >>> [r.sparsity for r in result.rounds]
-        [0.5, 0.75]
-        >>> deep = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16),
-        ...                            torch.nn.ReLU(), torch.nn.Linear(16, 2))
-        >>> result = egp_fast.prune(deep, data, method="easier", evaluate=lambda m: 0.9,
-        ...                         iterations=5, progress=False)
-        >>> [r.removed_sites for r in result.rounds], result.best_round
-        ([['3'], ['1']], 1)
-    """
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ConfigError(f"iterations={iterations!r} must be an int >= 1 (the number of pruning rounds)")
-    if finetune is not None and not callable(finetune):
-        raise ConfigError("finetune must be a callable finetune(model, round_index) or None")
-    if evaluate is not None and not callable(evaluate):
-        raise ConfigError("evaluate must be a callable evaluate(model) -> accuracy in [0, 1], or None")
-    _check_step(step)
-    _check_method(method)
-    check_linearization(linearization)
-    if method == "easier":
-        if evaluate is None:
-            raise ConfigError(
-                "method='easier' needs evaluate=fn: fn(model) -> accuracy in [0, 1] on a validation "
-                "split; EASIER keeps the last model within max_drop of the dense accuracy"
-            )
-        max_drop = 0.01 if max_drop is None else max_drop
-    if max_drop is not None:
-        max_drop = check_max_drop(max_drop)
-        if evaluate is None:
-            raise ConfigError(f"max_drop={max_drop} needs evaluate=fn to measure the accuracy drop")
-    from egp_fast.measurement.decide import check_confidence, check_fraction
-
-    max_flip = check_fraction(max_flip, "max_flip")
-    confidence = check_confidence(confidence)
-    if measure_stop not in (None, "decided"):
-        raise ConfigError(f"measure_stop={measure_stop!r}; use None (a whole pass) or 'decided'")
-    if data is None:
-        raise DataError("data is None; pass an iterable of batches")
-    config = {
-        "iterations": iterations,
-        "step": step,
-        "method": method,
-        "max_batches": max_batches,
-        "collapse": collapse,
-        "linearize": linearize,
-        "entropy_mode": entropy_mode,
-        "backend": backend,
-        "masked_linear": masked_linear,
-        "max_drop": max_drop,
-        "linearization": linearization,
-        "measure_stop": measure_stop,
-        "max_flip": max_flip,
-        "confidence": confidence,
-    }
-    target = unwrap_model(model)
-    # The state a failure returns to: the model as passed, then the end of each completed round.
-    snapshot = ModelSnapshot(target)
-    completed = False
-    rounds: list[RoundRecord] = []
-    result = PruneResult(target, rounds, None, None, config)
-    measure_options = (
-        {"stop": measure_stop, "max_flip": max_flip, "confidence": confidence} if measure_stop is not None else {}
-    )
-    try:
-        pruner = Pruner(
-            target,
-            example_inputs,
-            step=step,
-            method=method,
-            linearize=linearize,
-            backend=backend,
-            entropy_mode=entropy_mode,
-            progress=progress,
-            masked_linear=masked_linear,
-            linearization=linearization,
-        )
-        if evaluate is not None:
-            result.dense_accuracy = check_accuracy(evaluate(model), "before the first round")
-        for i in range(iterations):
-            if pruner._graph is not None and len(pruner._graph) == 0:
-                break  # EASIER removed every site
-            record = pruner.round(data, max_batches, **measure_options)
-            if not pruner._method.progressed(record):
-                rounds.append(record)  # the record says why: nothing eligible, or no site left
-                result.best_round = len(rounds) - 1
-                break
-            if finetune is not None:
-                finetune(model, i)
-            if evaluate is not None:
-                record.accuracy = check_accuracy(evaluate(model), f"after round {i}")
-            rounds.append(record)
-            if max_drop is not None and not within_tolerance(record.accuracy, result.dense_accuracy, max_drop):
-                record.kept = False
-                pruner.restore(snapshot)  # back to the best model: the last round within tolerance
-                break
-            snapshot.take(target)
-            completed = True
-            result.best_round = len(rounds) - 1
-        # The last measurement feeds collapse, not a plan: no plan rule to wait for.
-        final_options = dict(measure_options, plan_tol=None) if measure_options else {}
-        result.stats = pruner.measure(data, max_batches, **final_options)
-        if collapse:
-            from egp_fast.folding.collapser import collapse as _collapse
-
-            result.collapse = _collapse(
-                target, result.stats, pruner.example_inputs, max_flip=max_flip, confidence=confidence
-            )
-            result.model = result.collapse.model
-        return result
-    except BaseException as e:
-        if snapshot.complete:
-            snapshot.restore()
-        elif rounds and rounds[-1].kept:
-            # Interrupted while recording the round that had just completed: the model is at
-            # its end, untouched; the half-written snapshot is what must not be used.
-            completed = True
-            result.best_round = len(rounds) - 1
-        if not completed:
-            raise
-        partial = PruneResult(target, list(rounds), None, None, config, result.dense_accuracy, result.best_round)
-        if isinstance(e, Exception):
-            raise PruneInterrupted(partial, e) from e
-        e.result = partial  # KeyboardInterrupt, SystemExit: keep their type, attach the work done
-        raise

@@ -1,6 +1,8 @@
 """What a pruning run records and how it rolls back: RoundRecord, PruneResult, ModelSnapshot.
 
-Split from :mod:`egp_fast.prune` (which re-exports every name here) to keep the loop readable.
+:class:`RoundRecord` is what one round of :class:`egp_fast.Pruner` did (its per-layer rows come
+from :func:`layer_rows`), :class:`PruneResult` what :func:`egp_fast.prune` returns, and
+:class:`ModelSnapshot` the state a failed or rolled-back round returns to.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from egp_fast import masks as _masks
+from egp_fast.masks import release
 from egp_fast.measurement import EntropyStats
 
-__all__ = ["ModelSnapshot", "PruneResult", "RoundRecord"]
+__all__ = ["ModelSnapshot", "PruneResult", "RoundRecord", "layer_rows"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,6 +87,47 @@ class RoundRecord:
         }
 
 
+def layer_rows(
+    stats: EntropyStats, prunable: list[str], before: dict[str, int], plan: dict[str, int]
+) -> list[dict[str, Any]]:
+    """The :attr:`RoundRecord.layers` of a round: one row per prunable layer.
+
+    Args:
+        stats: the round's measurement (before anything changed).
+        prunable: the pruner's layers, in site order.
+        before: unpruned weights per layer before the round.
+        plan: the round's plan (``{layer: count}``; a site plan leaves every count 0).
+
+    Example:
+        >>> import torch, egp_fast
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> stats = egp_fast.measure_entropy(net, [torch.randn(32, 4)], progress=False)
+        >>> row = layer_rows(stats, ["0"], {"0": 32}, {"0": 16})[0]
+        >>> row["site"], row["nonzero"], row["pruned"]
+        ('1', 32, 16)
+    """
+    sites_of: dict[str, list[str]] = {}
+    for s in stats.sites.values():
+        for p in s.producers:
+            sites_of.setdefault(p, []).append(s.name)
+    zero = set(stats.zero_entropy_sites())
+    layer_h = stats.layer_entropy()
+    rows = []
+    for n in prunable:
+        sites = sites_of.get(n, [])
+        rows.append(
+            {
+                "name": n,
+                "site": ",".join(sites),
+                "entropy": layer_h.get(n),
+                "nonzero": before.get(n, 0),
+                "pruned": int(plan.get(n, 0)),
+                "collapsible": bool(sites) and all(s in zero for s in sites),
+            }
+        )
+    return rows
+
+
 @dataclass
 class PruneResult:
     """Result of :func:`prune`.
@@ -96,7 +139,7 @@ class PruneResult:
             tolerance is listed with ``kept=False``).
         stats: the entropy measurement of the returned model (what collapse used); ``None``
             in the partial result of :class:`~egp_fast.errors.PruneInterrupted`.
-        collapse: the :class:`~egp_fast.collapse.CollapseResult`, when ``collapse=True``.
+        collapse: the :class:`~egp_fast.CollapseResult`, when ``collapse=True``.
         config: the arguments of the run, JSON-safe.
         dense_accuracy: ``evaluate(model)`` before the first round (``None`` without evaluate).
         best_round: index in ``rounds`` of the round whose model is returned; ``-1`` when it is
@@ -182,7 +225,7 @@ class ModelSnapshot:
             )
             for m in model.modules()
         ]
-        # Only the root can be edited in place as a graph (collapse_affine._rewrite_caller);
+        # Only the root can be edited in place as a graph (folding/linearizer.py, _rewrite_caller);
         # every other rewrite builds a new GraphModule, restored through _modules.
         self.graph = (copy.deepcopy(model.graph), model.code) if isinstance(model, fx.GraphModule) else None
         old = {id(t): (t, v) for t, v in self.values}
@@ -223,8 +266,5 @@ class ModelSnapshot:
         with torch.no_grad():
             for t, v in self.values:
                 t.copy_(v.to(t.device))
-        _masks.release(self.root)
+        release(self.root)
 
-
-# The previous name, kept for code that imported it.
-_Snapshot = ModelSnapshot

@@ -291,14 +291,14 @@ def _fail_stage(stage: str, exc: BaseException, monkeypatch):
 
         monkeypatch.setattr(ops, "select_smallest", flaky)
     elif stage == "collapse":
-        collapse_mod = sys.modules["egp_fast.folding.collapser"]  # egp_fast.collapse is the function
+        loop_mod = sys.modules["egp_fast.pruning.loop"]  # prune() calls collapse as collapse_model
 
         def broken(*a, **k):
             raise exc
 
-        monkeypatch.setattr(collapse_mod, "collapse", broken)
+        monkeypatch.setattr(loop_mod, "collapse_model", broken)
     elif stage == "graph":
-        prune_mod = sys.modules["egp_fast.pruning.pruner"]  # egp_fast.prune is the function
+        prune_mod = sys.modules["egp_fast.pruning.pruner"]  # Pruner reads discover_sites there
 
         def broken(*a, **k):
             raise exc

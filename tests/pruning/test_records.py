@@ -12,7 +12,7 @@ from _models import FunctionalMLP, SmallNet
 import egp_fast
 from egp_fast.folding.affine import ChannelAffine
 from egp_fast.errors import PruneInterrupted
-from egp_fast.pruning.pruner import ModelSnapshot
+from egp_fast.pruning.records import ModelSnapshot
 
 
 def _net():
@@ -204,7 +204,8 @@ class _Boom(RuntimeError):
 def test_a_failure_in_round_two_keeps_round_one(method, stage, exc, monkeypatch):
     import sys
 
-    prune_mod = sys.modules["egp_fast.pruning.pruner"]
+    pruner_mod = sys.modules["egp_fast.pruning.pruner"]  # Pruner.measure reads measure_entropy there
+    methods = sys.modules["egp_fast.pruning.methods"]
     torch.manual_seed(0)
     net = SmallNet()
     net.train()
@@ -230,7 +231,7 @@ def test_a_failure_in_round_two_keeps_round_one(method, stage, exc, monkeypatch)
             raise exc
         return 0.5
 
-    real_measure = prune_mod.measure_entropy
+    real_measure = pruner_mod.measure_entropy
 
     def measure(*a, **k):
         calls["measure"] += 1
@@ -238,9 +239,9 @@ def test_a_failure_in_round_two_keeps_round_one(method, stage, exc, monkeypatch)
             raise exc
         return real_measure(*a, **k)
 
-    monkeypatch.setattr(prune_mod, "measure_entropy", measure)
+    monkeypatch.setattr(pruner_mod, "measure_entropy", measure)
     if stage == "apply":
-        target = prune_mod.EasierMethod if method == "easier" else prune_mod._WeightMethod
+        target = methods.EasierMethod if method == "easier" else methods.WeightMethod
         real_apply = target.apply
         applied = {"n": 0}
 
@@ -255,7 +256,7 @@ def test_a_failure_in_round_two_keeps_round_one(method, stage, exc, monkeypatch)
         def broken(*a, **k):
             raise exc
 
-        monkeypatch.setattr(sys.modules["egp_fast.folding.collapser"], "collapse", broken)
+        monkeypatch.setattr(sys.modules["egp_fast.pruning.loop"], "collapse_model", broken)  # what prune() calls
     iterations = 2 if stage in ("final_measure", "collapse") else 3
     expected = PruneInterrupted if isinstance(exc, Exception) else KeyboardInterrupt
     with pytest.raises(expected) as info:
