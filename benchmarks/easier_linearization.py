@@ -23,7 +23,8 @@ import time
 import torch
 
 import egp_fast
-from egp_fast.cli.data import hold_out, load_data, make_loader
+from egp_fast.cli.data import hold_out, load_data
+from egp_fast.cli.loader import make_loader
 from egp_fast.cli.models import build_model
 from egp_fast.cli.train import build_optimizer, build_scheduler, evaluate, train_epoch
 

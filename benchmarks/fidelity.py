@@ -145,7 +145,8 @@ class Splits:
     """Train (minus validation), validation (held out from train), test; loaders over them."""
 
     def __init__(self, seed: int, val_fraction: float, limit: int | None, batch_size: int) -> None:
-        from egp_fast.cli.data import TensorDataset, load_data, make_loader
+        from egp_fast.cli.data import TensorDataset, load_data
+        from egp_fast.cli.loader import make_loader
 
         src = load_data("digits", limit=limit)
         x, y = src.train.x, src.train.y

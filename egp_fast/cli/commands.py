@@ -26,27 +26,31 @@ cores available to each process.
 
 Checkpoints (``checkpoint.pt``) are written atomically after every epoch and every round;
 ``--resume RUN_DIR`` continues exactly where the run stopped.
+
+Output: progress bars only on a terminal; redirected (``egp-fast demo > log.txt``) the run
+prints one plain line per epoch and per round, so the log reads like a table of the run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from typing import Any
 
 import torch
 
-from egp_fast.cli import defaults as _common
-from egp_fast.cli.defaults import options_hash as _options_hash
+from egp_fast.cli import defaults
+from egp_fast.cli.distributed import cleanup_distributed, init_distributed
+from egp_fast.cli.run import Run
+from egp_fast.cli.rundir import agree_on_run_dir, is_nonempty_dir, missing_ancestors
 from egp_fast.errors import CheckpointError, ConfigError, EGPError
 
-# Shared with egp_fast.run; re-exported here because callers have imported them from the CLI.
-DEFAULTS = _common.DEFAULTS
-RUNTIME_OPTIONS = _common.RUNTIME_OPTIONS
-PROG = _common.PROG
+# Shared with egp_fast.cli.run (through egp_fast.cli.defaults); re-exported here because callers
+# have imported them from the command's module.
+DEFAULTS = defaults.DEFAULTS
+RUNTIME_OPTIONS = defaults.RUNTIME_OPTIONS
+PROG = defaults.PROG
 
 
 class _UsageError(Exception):
@@ -87,7 +91,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "collapse's held-out flip check use it; the test split only reports (default 0.1; "
                    "0 disables both)")
     g = p.add_argument_group("pruning")
-    g.add_argument("--method", choices=_common.METHODS, default=S, help="egp (default), the imp baseline, or "
+    g.add_argument("--method", choices=defaults.METHODS, default=S, help="egp (default), the imp baseline, or "
                    "easier (remove the lowest-entropy activation each step, keep the best model within "
                    "--max-drop)")
     g.add_argument("--rounds", type=int, default=S, help="pruning rounds; for easier the most removal steps "
@@ -157,7 +161,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "(default runs)")
     g.add_argument("--resume", default=S, metavar="RUN_DIR", help="continue this run where it stopped")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S,
-                   help="no progress bars")
+                   help="no progress bars, one plain line per epoch and per round instead (bars are drawn "
+                   "only on a terminal; output to a file or a pipe always gets the plain lines)")
     g.add_argument("--no-latency", dest="latency", action="store_false", default=S,
                    help="skip the latency measurements of the summary (a few seconds)")
 
@@ -293,11 +298,11 @@ def _resolve_derived(cfg: dict) -> dict:
 
     kind, _ = parse_data_spec(cfg["data"])
     cfg = dict(cfg)
-    for key, value in _common.METHOD_DEFAULTS[cfg["method"]].items():
+    for key, value in defaults.METHOD_DEFAULTS[cfg["method"]].items():
         if cfg[key] is None:
             cfg[key] = value
     family = "vit" if resolve_model_name(cfg["model"])[0] == "vit" else "other"
-    for key, value in _common.MODEL_DEFAULTS[family].items():
+    for key, value in defaults.MODEL_DEFAULTS[family].items():
         if cfg[key] is None:
             cfg[key] = value
     if cfg["fold_lr"] is None:
@@ -313,71 +318,12 @@ def _resolve_derived(cfg: dict) -> dict:
     return cfg
 
 
-def _is_nonempty_dir(path: str) -> bool:
-    return os.path.isdir(path) and any(True for _ in os.scandir(path))
-
-
-def _prepare_run_dir(cfg: dict, given: dict) -> tuple[str, dict, bool]:
-    """Pick and check the run directory. Returns (run_dir, config, resuming); writes nothing."""
-    if cfg["resume"] is not None:
-        run_dir = os.path.abspath(cfg["resume"])
-        cfg_path = os.path.join(run_dir, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise ConfigError(f"--resume {cfg['resume']}: not an egp-fast run directory (no config.json)")
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                stored = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--resume {cfg['resume']}: config.json is unreadable ({e})") from None
-        stored_opts = stored.get("options", {})
-        for key, value in given.items():
-            if key in RUNTIME_OPTIONS:
-                continue
-            if key not in stored_opts or stored_opts[key] != value:
-                raise ConfigError(
-                    f"--resume {cfg['resume']}: --{key.replace('_', '-')} {value} differs from the run's config "
-                    f"({stored_opts.get(key)}); resume with the run's own options or start a new run")
-        opts = {**DEFAULTS, **stored_opts, **{k: v for k, v in given.items() if k in RUNTIME_OPTIONS}}
-        if stored.get("options_hash") != _options_hash(opts):
-            raise ConfigError(f"--resume {cfg['resume']}: config.json was written by another version or edited "
-                              "by hand; start a new run")
-        if not os.access(run_dir, os.W_OK):
-            raise ConfigError(f"--resume {cfg['resume']}: run directory is not writable")
-        return run_dir, opts, True
-    if cfg["out"] is not None:
-        run_dir = os.path.abspath(cfg["out"])
-    else:
-        root = os.path.abspath(cfg["runs_root"])
-        if cfg["name"] is not None:
-            run_dir = os.path.join(root, cfg["name"])
-        else:
-            from egp_fast.cli.data import parse_data_spec
-
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            base = os.path.join(root, f"{cfg['method']}-{parse_data_spec(cfg['data'])[0]}-{stamp}")
-            run_dir, i = base, 1
-            while os.path.exists(run_dir):
-                i += 1
-                run_dir = f"{base}-{i}"
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ConfigError(f"run directory {run_dir} exists and is a file; choose another --out")
-    if _is_nonempty_dir(run_dir):
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty; pass --resume {run_dir} "
-                          "to continue it, or choose another --out/--name")
-    parent = run_dir
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write run directory {run_dir}: {parent} is not a writable directory")
-    return run_dir, cfg, False
-
-
+# ----------------------------------------------------------------------------------------------
+# prune
 def _cmd_prune(given: dict) -> int:
     cfg = {**DEFAULTS, **given}
     _validate(cfg)
     cfg = _resolve_derived(cfg)
-    from egp_fast.cli.train import cleanup_distributed, init_distributed
-
     threads_before = torch.get_num_threads()
     threads = cfg["threads"]
     if threads is None and cfg["data"].lower() == "digits" and not cfg["compile"]:
@@ -392,10 +338,8 @@ def _cmd_prune(given: dict) -> int:
             raise ConfigError("--compile on the CPU needs at least 2 threads (torch.compile's CPU code crashed "
                               "with 1 thread on torch 2.14); pass --threads 2 (and OMP_NUM_THREADS unset or "
                               ">= 2) or drop --compile")
-        missing = _missing_ancestors(cfg)
-        run_dir, cfg, resuming = _agree_on_run_dir(cfg, given, info)
-        from egp_fast.cli.run import Run
-
+        missing = missing_ancestors(cfg)
+        run_dir, cfg, resuming = agree_on_run_dir(cfg, given, info)
         try:
             return Run(cfg, run_dir, resuming, info).run()
         except BaseException:
@@ -403,50 +347,12 @@ def _cmd_prune(given: dict) -> int:
             # empty directories behind.
             if info.is_main and not resuming:
                 for d in [run_dir] + [m for m in missing if m != run_dir]:
-                    if os.path.isdir(d) and not _is_nonempty_dir(d):
+                    if os.path.isdir(d) and not is_nonempty_dir(d):
                         os.rmdir(d)
             raise
     finally:
         torch.set_num_threads(threads_before)  # in-process callers (tests, notebooks) get theirs back
         cleanup_distributed(info)
-
-
-def _missing_ancestors(cfg: dict) -> list[str]:
-    """The directories a new run would create above its run directory, deepest first."""
-    if cfg.get("resume") is not None:
-        return []
-    top = os.path.abspath(cfg["out"]) if cfg.get("out") else os.path.abspath(cfg["runs_root"])
-    out = []
-    while top and not os.path.exists(top):
-        out.append(top)
-        top = os.path.dirname(top)
-    return out
-
-
-def _agree_on_run_dir(cfg: dict, given: dict, info) -> tuple[str, dict, bool]:
-    """Rank 0 picks and creates the run directory; the other ranks get its choice (or its error)."""
-    result: list[Any] = [None]
-    if info.is_main:
-        try:
-            run_dir, cfg2, resuming = _prepare_run_dir(cfg, given)
-            if not resuming:
-                try:
-                    os.makedirs(run_dir, exist_ok=True)
-                except OSError as e:
-                    raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror or e}") from None
-            result[0] = ("ok", run_dir, cfg2, resuming)
-        except EGPError as e:
-            result[0] = ("error", type(e).__name__, str(e), None)
-    if info.distributed:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(result, src=0)
-    status, a, b, c = result[0]
-    if status == "error":
-        from egp_fast import errors
-
-        raise getattr(errors, a)(b)
-    return a, b, c
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Pieces shared by the ``egp-fast`` option parser (:mod:`egp_fast.cli`) and the run
-(:mod:`egp_fast.run`): the program name, every option's default, and the options hash that
-ties a checkpoint to its config. Both modules import from here; neither imports the other at
-module level.
+"""Pieces shared by the ``egp-fast`` option parser (:mod:`egp_fast.cli.commands`) and the run
+(:mod:`egp_fast.cli.run`): the program name, every option's default, the options hash that
+ties a checkpoint to its config, and the DataLoader worker default. Both modules import from
+here; the run never imports the parser. Private to the command: nothing outside
+:mod:`egp_fast.cli` imports it.
 """
 
 from __future__ import annotations

@@ -15,16 +15,18 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from egp_fast.cli.checkpoints import atomic_write_bytes, atomic_write_text
 from egp_fast.errors import CheckpointError, ConfigError
-from egp_fast.cli.train import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "METRIC_FIELDS",
     "compare_table",
+    "epoch_line",
     "load_run",
     "plot_entropy_heatmap",
     "plot_sparsity_curves",
     "render_run",
+    "round_line",
     "round_table",
     "summary_text",
     "write_json",
@@ -168,6 +170,55 @@ def round_table(rounds: Sequence[dict]) -> str:
             line += f"  {'-' if r.get('measure_batches') is None else r['measure_batches']:>7}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def epoch_line(rec: dict, epochs: int | None = None) -> str:
+    """One training epoch as one plain line (a run's log when no progress bar is drawn).
+
+    Args:
+        rec: an epoch record (``metrics.csv`` row): ``phase``, ``round`` (optional), ``epoch``,
+            ``train_loss``, ``train_acc``, ``test_acc`` (optional), ``seconds``.
+        epochs: epochs of the phase, shown as ``epoch 3/15``.
+
+    Returns:
+        One line: phase, round, epoch, training loss and accuracy, test accuracy, seconds.
+
+    Example:
+        >>> print(epoch_line({"phase": "finetune", "round": 1, "epoch": 2, "train_loss": 0.41234,
+        ...                   "train_acc": 0.881, "test_acc": 0.902, "seconds": 1.26}, epochs=8))
+        finetune round 1 epoch 2/8  loss 0.4123  train acc 88.1%  test acc 90.2%  1.3s
+    """
+    where = rec["phase"] + ("" if rec.get("round") is None else f" round {rec['round']}")
+    line = f"{where} epoch {rec['epoch']}{'' if epochs is None else f'/{epochs}'}"
+    line += f"  loss {rec['train_loss']:.4f}  train acc {_pct(rec.get('train_acc'))}"
+    if rec.get("test_acc") is not None:
+        line += f"  test acc {_pct(rec['test_acc'])}"
+    return line + f"  {rec.get('seconds', 0.0):.1f}s"
+
+
+def round_line(rec: dict) -> str:
+    """One finished round as one plain line (a run's log when no progress bar is drawn).
+
+    Args:
+        rec: a round record of report.json.
+
+    Returns:
+        One line: round, sparsity, sites at zero entropy (and EASIER's removed sites), test
+        accuracy, validation accuracy when held out, seconds.
+
+    Example:
+        >>> print(round_line({"round": 1, "sparsity": 0.5, "accuracy": 0.97, "val_accuracy": 0.96,
+        ...                   "n_zero": 3, "n_sites": 17, "seconds": 12.04}))
+        round 1  sparsity 50.0%  zero-entropy sites 3/17  accuracy 97.0%  val acc 96.0%  12.0s
+    """
+    line = (f"round {rec['round']}  sparsity {_pct(rec.get('sparsity'))}  "
+            f"zero-entropy sites {rec.get('n_zero', 0)}/{rec.get('n_sites', 0)}")
+    if "n_removed" in rec:
+        line += f"  removed sites {rec['n_removed']}"
+    line += f"  accuracy {_pct(rec.get('accuracy'))}"
+    if rec.get("val_accuracy") is not None:
+        line += f"  val acc {_pct(rec['val_accuracy'])}"
+    return line + f"  {rec.get('seconds', 0.0):.1f}s"
 
 
 def summary_text(report: dict) -> str:

@@ -1,217 +1,38 @@
-"""Training pieces behind ``egp-fast``: loops, optimizer/schedule, AMP, DDP helpers, checkpoints.
+"""Training pieces behind ``egp-fast``: optimizer, schedule, AMP, the epoch loops, latency.
 
 Everything here is independent of the pruning core: the CLI composes these with
-:class:`egp_fast.Pruner`. Checkpoints are written atomically (temporary file, fsync,
-``os.replace``) and read with ``torch.load(..., weights_only=True)``; a truncated or foreign
-file raises :class:`~egp_fast.errors.CheckpointError`.
+:class:`egp_fast.Pruner`. The loops sum their counts over the ranks of a ``torchrun`` job
+(:mod:`egp_fast.cli.distributed`); checkpoints live in :mod:`egp_fast.cli.checkpoints`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import statistics
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from egp_fast._progress import progress_bar
-from egp_fast.errors import CheckpointError, ConfigError
+from egp_fast.cli.distributed import DistInfo, all_reduce_sum
+from egp_fast.errors import ConfigError, NumericsError
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
-    "DistInfo",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "autocast",
-    "broadcast_buffers",
     "build_optimizer",
     "build_scheduler",
-    "capture_rng_state",
-    "cleanup_distributed",
     "evaluate",
-    "init_distributed",
-    "load_checkpoint",
     "make_grad_scaler",
     "measure_latency",
-    "restore_rng_state",
-    "save_checkpoint",
     "train_epoch",
-    "unwrap",
-    "wrap_ddp",
 ]
 
-CHECKPOINT_FORMAT = "egp_fast.checkpoint/1"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("multistep", "cosine", "constant")
-
-
-# ----------------------------------------------------------------------------------------------
-# distributed
-@dataclass
-class DistInfo:
-    """Where this process sits in a (possibly one-process) job.
-
-    Attributes:
-        rank: global rank (0 when not distributed).
-        world_size: number of processes.
-        local_rank: rank on this node (picks the GPU).
-        device: the device this process computes on.
-        distributed: whether ``torch.distributed`` was initialised by :func:`init_distributed`.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    distributed: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        """True on rank 0: the only process that writes files and shows progress bars."""
-        return self.rank == 0
-
-
-def _pick_device(device: str, local_rank: int) -> torch.device:
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``), if any.
-
-    NCCL on CUDA, gloo on the CPU; rendezvous (one node or many) is torchrun's
-    ``MASTER_ADDR``/``MASTER_PORT`` environment. Without those variables, or with
-    ``WORLD_SIZE=1``, nothing is initialised.
-
-    Args:
-        device: ``auto`` (CUDA when visible), ``cpu`` or ``cuda``.
-
-    Returns:
-        A :class:`DistInfo`.
-
-    Raises:
-        ConfigError: unknown device or CUDA requested without a GPU.
-
-    Example:
-        >>> info = init_distributed("cpu")
-        >>> info.world_size
-        1
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    dev = _pick_device(device, local)
-    if world <= 1:
-        return DistInfo(0, 1, 0, dev, False)
-    import torch.distributed as dist
-
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev, True)
-
-
-def cleanup_distributed(info: DistInfo) -> None:
-    """Leave the process group joined by :func:`init_distributed` (no-op otherwise).
-
-    Args:
-        info: what :func:`init_distributed` returned.
-
-    Example:
-        >>> cleanup_distributed(DistInfo())
-    """
-    if info.distributed:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
-    """Wrap ``model`` in DistributedDataParallel when the job has several processes.
-
-    Args:
-        model: the model, already on ``info.device``.
-        info: the job's :class:`DistInfo`.
-
-    Returns:
-        The DDP wrapper, or ``model`` itself for one process.
-
-    Example:
-        >>> m = nn.Linear(2, 2); wrap_ddp(m, DistInfo()) is m
-        True
-    """
-    if not info.distributed:
-        return model
-    ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DDP (or ``torch.compile``) wrapper.
-
-    Args:
-        model: a module, possibly wrapped.
-
-    Returns:
-        The innermost module.
-
-    Example:
-        >>> m = nn.Linear(2, 2); unwrap(m) is m
-        True
-    """
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
-    """Copy rank 0's buffers (BatchNorm running stats, masks) to every rank.
-
-    DDP broadcasts buffers at the *start* of each forward, so after the last training step the
-    ranks' running statistics differ; evaluation and entropy measurement must see one model.
-
-    Args:
-        model: the unwrapped module.
-        info: the job's :class:`DistInfo`.
-
-    Example:
-        >>> broadcast_buffers(nn.BatchNorm1d(3), DistInfo())
-    """
-    if not info.distributed:
-        return
-    import torch.distributed as dist
-
-    for b in model.buffers():
-        dist.broadcast(b.data, src=0)
-
-
-def _all_reduce_sum(values: list[float], info: DistInfo | None) -> list[float]:
-    if info is None or not info.distributed:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +71,7 @@ def build_optimizer(model: nn.Module, name: str = "sgd", *, lr: float = 0.1, mom
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if _fusable(params):
         # The fused kernel is the faster AdamW on CPU and GPU. On CPU it also avoids the
-        # for-loop AdamW's torch.sqrt of the second moments, which (MKL on AMD CPUs) runs ~6x
+        # for-loop AdamW's torch.sqrt of the second moments, which (MKL on some CPUs) is much
         # slower on exact zeros: the pruned entries' state (BENCHMARKS.md, masked step).
         try:
             return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
@@ -354,6 +175,8 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# loops
 def _progress(iterable, total: int, desc: str, enabled: bool):
     return progress_bar(iterable, total=total, desc=desc, unit="batch", enabled=enabled)
 
@@ -373,7 +196,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
         device: compute device (for autocast).
         amp: mixed precision.
         scaler: GradScaler for fp16 on CUDA, or None.
-        progress: show a tqdm bar.
+        progress: show a progress bar (drawn only on a terminal).
         desc: bar label.
         dist: the job's DistInfo; loss and accuracy are summed over ranks.
 
@@ -381,7 +204,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
         ``{"loss", "acc", "samples", "seconds"}``; acc is a fraction in [0, 1].
 
     Example:
-        >>> from egp_fast.cli.data import load_data, make_loader
+        >>> from egp_fast.cli.data import load_data
+        >>> from egp_fast.cli.loader import make_loader
         >>> m = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
         >>> ld = make_loader(load_data("digits", limit=64).train, 32, shuffle=True)
         >>> ld.set_epoch(0)
@@ -396,8 +220,6 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
             out = model(x)
             loss = F.cross_entropy(out.float(), y)
         if not torch.isfinite(loss):
-            from egp_fast.errors import NumericsError
-
             raise NumericsError(f"training loss became {loss.item()} ({desc}); lower --lr or disable --amp")
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -410,7 +232,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, d
         loss_sum += float(loss.detach()) * n
         correct += float((out.detach().argmax(1) == y).sum())
         seen += n
-    loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], dist)
+    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], dist)
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "samples": int(seen),
             "seconds": time.perf_counter() - t0}
 
@@ -425,7 +247,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, amp: bool = Fals
         loader: yields ``(x, y)`` on ``device`` (evaluation order: disjoint shards).
         device: compute device.
         amp: mixed precision.
-        progress: show a tqdm bar.
+        progress: show a progress bar (drawn only on a terminal).
         desc: bar label.
         dist: the job's DistInfo.
 
@@ -433,7 +255,8 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, amp: bool = Fals
         ``{"loss", "acc", "samples"}``.
 
     Example:
-        >>> from egp_fast.cli.data import load_data, make_loader
+        >>> from egp_fast.cli.data import load_data
+        >>> from egp_fast.cli.loader import make_loader
         >>> m = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
         >>> r = evaluate(m, make_loader(load_data("digits").test, 100), device=torch.device("cpu"))
         >>> r["samples"]
@@ -451,7 +274,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, amp: bool = Fals
             seen += y.shape[0]
     finally:
         model.train(was_training)
-    loss_sum, correct, seen = _all_reduce_sum([loss_sum, correct, seen], dist)
+    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], dist)
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "samples": int(seen)}
 
 
@@ -487,142 +310,3 @@ def measure_latency(model: nn.Module, example: torch.Tensor, *, repeats: int = 2
         model.train(was_training)
     return statistics.median(times)
 
-
-# ----------------------------------------------------------------------------------------------
-# RNG state
-def capture_rng_state() -> dict:
-    """torch (CPU and CUDA), numpy and Python RNG states, in a ``weights_only``-loadable dict.
-
-    Returns:
-        A dict of tensors, ints and tuples.
-
-    Example:
-        >>> s = capture_rng_state(); a = torch.rand(1); restore_rng_state(s)
-        >>> bool(torch.rand(1) == a)
-        True
-    """
-    py_version, py_state, py_gauss = random.getstate()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(),
-                             "python": [py_version, list(py_state), py_gauss]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = [name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss)]
-    except ImportError:
-        pass
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    """Restore what :func:`capture_rng_state` captured.
-
-    Args:
-        state: the captured dict.
-
-    Example:
-        >>> restore_rng_state(capture_rng_state())
-    """
-    torch.set_rng_state(state["torch"])
-    version, py_state, gauss = state["python"]
-    random.setstate((version, tuple(py_state), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        name, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-
-
-# ----------------------------------------------------------------------------------------------
-# atomic files and checkpoints
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a part.
-
-    Args:
-        path: destination.
-        data: file contents.
-
-    Example:
-        >>> atomic_write_bytes("/tmp/egp_demo.bin", b"ok")
-    """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text.
-
-    Args:
-        path: destination.
-        text: contents.
-
-    Example:
-        >>> atomic_write_text("/tmp/egp_demo.txt", "ok")
-    """
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Save a checkpoint atomically (temporary file, fsync, ``os.replace``).
-
-    The dict must hold only what ``torch.load(weights_only=True)`` accepts: tensors, numbers,
-    strings, lists, tuples, dicts (state_dicts of models, optimizers and schedulers qualify).
-    A ``"format"`` tag is added so foreign files are recognised on load.
-
-    Args:
-        path: destination file.
-        state: the checkpoint contents.
-
-    Example:
-        >>> save_checkpoint("/tmp/egp_ckpt.pt", {"model": nn.Linear(2, 2).state_dict()})
-    """
-    import io
-
-    buf = io.BytesIO()
-    torch.save({**state, "format": CHECKPOINT_FORMAT}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
-
-    Args:
-        path: the checkpoint file.
-        map_location: where tensors are loaded.
-
-    Returns:
-        The saved dict.
-
-    Raises:
-        CheckpointError: missing, truncated/corrupt, or not an egp_fast checkpoint.
-
-    Example:
-        >>> save_checkpoint("/tmp/egp_ckpt.pt", {"epoch": 3})
-        >>> load_checkpoint("/tmp/egp_ckpt.pt")["epoch"]
-        3
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist; nothing to resume from")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # zip/pickle errors of every kind mean the same thing to the user
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}); "
-            "delete it to restart the run, or restore it from a backup") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an egp_fast checkpoint (expected format {CHECKPOINT_FORMAT})")
-    return state

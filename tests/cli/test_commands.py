@@ -11,7 +11,8 @@ import torch
 
 from egp_fast import load_pruned_state_dict
 from egp_fast.cli.commands import build_parser, main
-from egp_fast.cli.data import load_data, make_loader
+from egp_fast.cli.data import load_data
+from egp_fast.cli.loader import make_loader
 from egp_fast.cli.models import build_model
 from egp_fast.cli.train import evaluate
 
@@ -65,14 +66,44 @@ def test_parser_defaults_are_the_demo():
     assert (vit["optimizer"], vit["width"]) == ("adamw", 64)
 
 
-def test_cli_and_run_do_not_import_each_other():
-    import subprocess
-    import sys
+def _imported_modules(path) -> set[str]:
+    import ast
 
-    code = ("import sys, egp_fast.cli.run; assert 'egp_fast.cli.commands' not in sys.modules, 'run imports commands'; "
-            "import egp_fast.cli.commands; import egp_fast.cli.defaults as c; assert egp_fast.cli.commands.PROG == c.PROG")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_the_run_never_imports_the_option_parser():
+    """commands.py parses options and starts a Run; the run's modules share only defaults.py with it."""
+    import pathlib
+
+    import egp_fast.cli
+    import egp_fast.cli.commands
+    import egp_fast.cli.defaults
+
+    cli = pathlib.Path(egp_fast.cli.__file__).parent
+    offenders = [p.name for p in sorted(cli.glob("*.py")) if p.name not in ("__init__.py", "__main__.py", "commands.py")
+                 and "egp_fast.cli.commands" in _imported_modules(p)]
+    assert not offenders, f"these modules import the option parser: {offenders}"
+    assert egp_fast.cli.commands.PROG == egp_fast.cli.defaults.PROG
+
+
+def test_defaults_stay_inside_the_cli():
+    """egp_fast/cli/defaults.py is the command's own: no other part of the package (nor the
+    benchmarks) imports it."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    files = [p for p in [*(root / "egp_fast").rglob("*.py"), *(root / "benchmarks").rglob("*.py")]
+             if (root / "egp_fast" / "cli") not in p.parents]
+    users = [str(p.relative_to(root)) for p in files
+             if any(m == "egp_fast.cli.defaults" or m.startswith("egp_fast.cli.defaults.") for m in _imported_modules(p))]
+    assert not users, f"egp_fast.cli.defaults imported outside the CLI: {users}"
 
 
 @pytest.mark.parametrize("argv", [[], ["prune", "--bogus"], ["prune", "--rounds", "x"], ["frobnicate"],
@@ -375,12 +406,13 @@ def test_measure_auto_stops_early_and_reports_batches(tmp_path):
 
 
 def test_worker_default_follows_available_cores(monkeypatch):
-    from egp_fast.cli import defaults as _common
-    monkeypatch.setattr(_common.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert _common.available_cores() == 2
-    assert _common.default_workers() == 2 and _common.default_workers(world_size=2) == 1
-    monkeypatch.setattr(_common.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert _common.default_workers() == 4
+    from egp_fast.cli import defaults
+
+    monkeypatch.setattr(defaults.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert defaults.available_cores() == 2
+    assert defaults.default_workers() == 2 and defaults.default_workers(world_size=2) == 1
+    monkeypatch.setattr(defaults.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert defaults.default_workers() == 4
 
 
 def test_compile_on_one_cpu_thread_is_refused(tmp_path, capsys):

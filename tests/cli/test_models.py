@@ -1,5 +1,5 @@
-"""The model registry's digits ViT: structure, tracing, training, EASIER-style folding, and the
-saved collapsed model running at any batch size."""
+"""The model registry: the CIFAR ResNet-18, torchvision and timm models, local weights, and the
+digits ViT (structure, tracing, training, EASIER-style folding)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,78 @@ import torch
 from torch import nn
 
 import egp_fast
-from egp_fast.cli.data import load_data, make_loader
-from egp_fast.errors import ModelError
-from egp_fast.cli.models import DigitsViT, build_model, digits_vit, model_in_channels, resolve_model_name
-from egp_fast.cli.run import _save_collapsed
+from egp_fast.cli.data import load_data
+from egp_fast.cli.loader import make_loader
+from egp_fast.cli.models import (
+    DigitsViT,
+    build_model,
+    cifar_resnet18,
+    digits_vit,
+    load_weights,
+    model_in_channels,
+    resolve_model_name,
+)
 from egp_fast.cli.train import build_optimizer, evaluate, train_epoch
+from egp_fast.errors import ModelError
 
 CPU = torch.device("cpu")
 
 
+# ------------------------------------------------------------------ registry and weights
+def test_cifar_resnet18_structure():
+    net = cifar_resnet18(10, width=8, in_channels=1)
+    relus = [n for n, m in net.named_modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == 17 and "layer1.0.relu1" in relus and "layer4.1.relu2" in relus
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert net(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    assert net.layer2[0].downsample is not None and net.layer1[0].downsample is None
+    assert net.fc.in_features == 64
+
+
+def test_resolve_and_build_torchvision_and_timm():
+    assert resolve_model_name("cifar_resnet18") == ("cifar", "cifar_resnet18")
+    assert resolve_model_name("resnet18") == ("torchvision", "resnet18")
+    assert resolve_model_name("timm:resnet18") == ("timm", "resnet18")
+    assert model_in_channels("resnet18", 1) == 3 and model_in_channels("cifar_resnet18", 1) == 1
+    tv = build_model("resnet18", 7)
+    assert tv.fc.out_features == 7
+    tm = build_model("timm:resnet10t", 5, in_channels=1)
+    assert tm(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("name", ["resnet_nope", "timm:not_a_model", ""])
+def test_unknown_model(name):
+    with pytest.raises(ModelError):
+        build_model(name, 10)
+
+
+def test_torchvision_model_needs_three_channels():
+    with pytest.raises(ModelError, match="3 input channels"):
+        build_model("resnet18", 10, in_channels=1)
+
+
+def test_load_weights_roundtrip_and_errors(tmp_path):
+    a = cifar_resnet18(10, width=4)
+    torch.save({"model": a.state_dict()}, tmp_path / "w.pt")
+    b = load_weights(cifar_resnet18(10, width=4), tmp_path / "w.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ModelError, match="does not match the model"):
+        load_weights(cifar_resnet18(10, width=8), tmp_path / "w.pt")
+    with pytest.raises(ModelError, match="no such file"):
+        load_weights(a, tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="cannot be read"):
+        load_weights(a, tmp_path / "bad.pt")
+
+
+def test_load_weights_refuses_pickled_objects(tmp_path):
+    # weights_only=True: a pickled module (arbitrary code on load) is refused.
+    torch.save(nn.Linear(2, 2), tmp_path / "obj.pt")
+    with pytest.raises(ModelError, match="cannot be read"):
+        load_weights(nn.Linear(2, 2), tmp_path / "obj.pt")
+
+
+# ------------------------------------------------------------------ digits ViT
 def test_digits_vit_structure():
     net = digits_vit(10)
     gelus = [n for n, m in net.named_modules() if isinstance(m, nn.GELU)]
@@ -81,39 +144,3 @@ def test_digits_vit_trains_on_digits_and_its_mlps_fold_exactly():
     with torch.no_grad():
         ref, got = net.eval()(x), out.model(x)
     assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-4
-
-
-def _collapsed_resnet():
-    net = build_model("cifar_resnet18", 10, in_channels=1, width=4).eval()
-    x = torch.randn(16, 1, 8, 8)
-    with torch.no_grad():
-        net.layer3[0].bn1.bias.fill_(5.0)  # relu1 of that block always ON: a zero-entropy site
-    stats = egp_fast.measure_entropy(net, [x], progress=False)
-    out = egp_fast.collapse(net, stats, x[:2], measure_latency=False, max_flip=1.0)
-    assert out.removed_sites
-    return out.model, x
-
-
-def _collapsed_vit():
-    net = digits_vit(10, dim=16, depth=2, heads=4, mlp=32).eval()
-    x = torch.randn(16, 1, 16, 16)
-    stats = egp_fast.measure_entropy(net, [x], progress=False)
-    egp_fast.linearize(net, stats, sites=list(stats.sites), how="identity")
-    return egp_fast.collapse(net, stats, x[:2], measure_latency=False).model, x
-
-
-@pytest.mark.parametrize("build", [_collapsed_resnet, _collapsed_vit], ids=["resnet", "vit"])
-def test_saved_collapsed_model_runs_at_batch_1_7_64(build, tmp_path):
-    """collapsed.pt2 was exported at batch 2 with a dynamic batch: load the file and compare it
-    with the in-memory collapsed model at batch 1, 7 and 64."""
-    model, x = build()
-    saved = _save_collapsed(model, x[:2], str(tmp_path))
-    assert saved["format"] == "torch.export" and "batch" in saved["dynamic"]
-    loaded = torch.export.load(str(tmp_path / "collapsed.pt2")).module()
-    for b in (1, 7, 64):
-        xb = torch.randn(b, *x.shape[1:])
-        with torch.no_grad():
-            want, got = model(xb), loaded(xb)
-        assert got.shape == (b, 10) and torch.allclose(got, want, atol=1e-5, rtol=1e-4), b
-    sd = torch.load(tmp_path / "collapsed_state_dict.pt", weights_only=True)
-    assert set(sd) == set(model.state_dict())

@@ -117,7 +117,7 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path):
 @pytest.mark.parametrize("cut", ["after_dense", "after_apply"])
 def test_resume_from_each_checkpoint_kind(tmp_path, cut):
     """Resume from the checkpoints between phases (end of dense training, right after a prune)."""
-    from egp_fast.cli.train import load_checkpoint, save_checkpoint
+    from egp_fast.cli.checkpoints import load_checkpoint, save_checkpoint
 
     small = ["--width", "4", "--image-size", "8", "--limit", "120", "--dense-epochs", "1", "--epochs", "1",
              "--rounds", "1", "--batch-size", "32", "--no-progress", "--no-latency", "--no-collapse"]
@@ -154,7 +154,7 @@ def test_resume_from_each_checkpoint_kind(tmp_path, cut):
 def test_easier_resume_rebuilds_the_removed_sites(tmp_path):
     """EASIER changes the model's structure each step: a resumed run rebuilds the removed sites on a
     fresh model before loading the checkpoint, and ends where an uninterrupted run ends."""
-    from egp_fast.cli.train import load_checkpoint, save_checkpoint
+    from egp_fast.cli.checkpoints import load_checkpoint, save_checkpoint
 
     small = ["--method", "easier", "--width", "4", "--image-size", "8", "--limit", "200", "--dense-epochs", "1",
              "--epochs", "1", "--rounds", "2", "--max-drop", "0.5", "--batch-size", "32", "--no-progress",

@@ -55,7 +55,7 @@ I64 = torch.zeros(3, dtype=torch.int64)
 
 
 def _ckpt(tmp, kind: str) -> str:
-    from egp_fast.cli.train import save_checkpoint
+    from egp_fast.cli.checkpoints import save_checkpoint
 
     path = os.path.join(tmp, "checkpoint.pt")
     if kind == "truncated":
@@ -70,7 +70,7 @@ def _ckpt(tmp, kind: str) -> str:
 def _load_ckpt(kind: str):
     import tempfile
 
-    from egp_fast.cli.train import load_checkpoint
+    from egp_fast.cli.checkpoints import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         return load_checkpoint(_ckpt(tmp, kind))

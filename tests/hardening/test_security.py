@@ -53,7 +53,7 @@ def _check_payload_works(tmp_path) -> None:
 
 @pytest.mark.parametrize("make", [_torch_pickle, _plain_pickle], ids=["torch_zip", "plain_pickle"])
 def test_checkpoint_with_code_is_refused(tmp_path, make):
-    from egp_fast.cli.train import load_checkpoint
+    from egp_fast.cli.checkpoints import load_checkpoint
 
     _check_payload_works(tmp_path)
     marker = str(tmp_path / "marker")
@@ -106,7 +106,7 @@ def test_report_json_that_is_a_pickle_is_refused(tmp_path):
 def test_checkpoint_zip_with_a_foreign_global_is_refused(tmp_path):
     # A hand-edited archive: the data.pkl of a valid checkpoint swapped for one that names
     # os.system. weights_only's unpickler must refuse the global, not import it.
-    from egp_fast.cli.train import load_checkpoint, save_checkpoint
+    from egp_fast.cli.checkpoints import load_checkpoint, save_checkpoint
 
     path = str(tmp_path / "checkpoint.pt")
     save_checkpoint(path, {"epoch": 1})
@@ -125,7 +125,7 @@ def test_checkpoint_zip_with_a_foreign_global_is_refused(tmp_path):
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     # A crash while writing (here: in fsync) must leave the previous checkpoint intact and
     # no temporary file behind.
-    from egp_fast.cli.train import load_checkpoint, save_checkpoint
+    from egp_fast.cli.checkpoints import load_checkpoint, save_checkpoint
 
     path = str(tmp_path / "checkpoint.pt")
     save_checkpoint(path, {"epoch": 1})
@@ -143,7 +143,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("cut", [0, 1, 100, 0.5, -1])
 def test_truncated_checkpoint_is_detected(tmp_path, cut):
-    from egp_fast.cli.train import load_checkpoint, save_checkpoint
+    from egp_fast.cli.checkpoints import load_checkpoint, save_checkpoint
 
     path = str(tmp_path / "checkpoint.pt")
     save_checkpoint(path, {"model": nn.Linear(16, 16).state_dict(), "epoch": 3})

@@ -27,7 +27,7 @@ OPTIONAL = {
 # Docstrings whose every example is skipped, with the reason. Keys are doctest names
 # (``module.object``). Keep this list short: prefer an example that runs on a tiny model.
 ALL_SKIPPED: dict[str, str] = {
-    "egp_fast.cli.main": "its example runs the egp-fast command end to end (reads a run folder made "
+    "egp_fast.cli.commands.main": "its example runs the egp-fast command end to end (reads a run folder made "
     "by training); tests/cli/test_commands.py runs the command itself",
 }
 
