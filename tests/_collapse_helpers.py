@@ -119,3 +119,21 @@ class Branchy(torch.nn.Module):
         if x.sum() > 1e9:
             return x[:, :2]
         return self.fc2(self.act(self.fc1(x)))
+
+
+def stats_of(model, x):
+    """Entropy statistics of ``model`` on the one batch ``x``."""
+    from egp_fast.measurement import measure_entropy
+
+    return measure_entropy(model, [x], progress=False)
+
+
+def rel(a, b):
+    """Max |a - b| over max |a|: the output change relative to the output's size."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max()) / max(float(a.abs().max()), 1e-12)
+
+
+def kinds(result):
+    """The ``kind`` of every change a CollapseResult reports, in order."""
+    return [e["kind"] for e in result.removed]

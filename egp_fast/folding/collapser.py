@@ -2,21 +2,19 @@
 
 ``collapse(model, stats, example_inputs)`` returns a new, shallower model (the input model is
 never modified): each zero-entropy site (docs/algorithm.md, "Collapse") becomes its per-channel affine map
-(:mod:`egp_fast.collapse_affine`), then the passes of :mod:`egp_fast.collapse_fold` fold
+(:mod:`egp_fast.folding.affine`), then the passes of :mod:`egp_fast.folding.fold` fold
 BatchNorm, the affine maps, compose the layers around removed sites, merge residual
 shortcuts, replace dead branches by constants and drop dead channels. The result is an
 ``fx.GraphModule``: it runs, pickles, and works with ``torch.compile``.
 
-Depth is reported before and after: nonlinear sites, weight layers on the longest
-input-to-output path, parameters, FLOPs (``torch.utils.flop_counter``) and measured CPU
-latency at batch 1 and 64 (median of repeated runs).
+Depth is reported before and after (:func:`egp_fast.folding.depth_report`): nonlinear sites,
+weight layers on the longest input-to-output path, parameters, FLOPs and, when asked, the
+latency of both models timed interleaved (:func:`egp_fast.folding.compare_latency`).
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,14 +24,17 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from egp_fast.folding.affine import ChannelAffine, linearize_sites, _selected, linearize, site_affine
+from egp_fast.errors import ConfigError, ModelError
+from egp_fast.folding.affine import ChannelAffine, site_affine
+from egp_fast.folding.depth import depth_report
 from egp_fast.folding.evidence import check_max_flip, evidence, observed_flips, weak_reason
 from egp_fast.folding.fold import Folder, normalise_wrapped_affines
-from egp_fast.folding.latency import _batched, compare_latency
-from egp_fast.errors import ConfigError, ModelError
-from egp_fast.graph import WEIGHT_TYPES, unwrap_model, discover_sites, eval_mode, normalize_inputs, trace
+from egp_fast.folding.latency import compare_latency
+from egp_fast.folding.linearizer import _selected, linearize_sites
+from egp_fast.graph import discover_sites, eval_mode, normalize_inputs, propagate_shapes, trace, unwrap_model
+from egp_fast.masks import strip_masks
 
-__all__ = ["ChannelAffine", "CollapseResult", "collapse", "compare_latency", "depth_report", "linearize"]
+__all__ = ["CollapseResult", "collapse"]
 
 FOLD_MODES = ("auto", "always", "never")
 
@@ -308,8 +309,6 @@ def _traceable(model: nn.Module) -> bool:
 
 def _traced_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     # No site left (discover_sites raised ModelError): still fold earlier linearisations and BN.
-    from egp_fast.graph import propagate_shapes
-
     gm = trace(model)
     args, kwargs = normalize_inputs(example_inputs)
     propagate_shapes(model, gm, args, kwargs)
@@ -345,7 +344,6 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     transposed) become plain ``nn.Linear``, so the folding passes see one kind of linear layer.
     """
     work = copy.deepcopy(model)
-    from egp_fast.masks import core as _masks
     for name, m in list(work.named_modules()):
         mask = getattr(m, "weight_mask", None)
         if isinstance(mask, torch.Tensor) and isinstance(getattr(m, "weight", None), torch.Tensor):
@@ -363,7 +361,7 @@ def _plain_copy(model: nn.Module) -> nn.Module:
             plain.weight.requires_grad_(m.weight.requires_grad)
             parent, _, attr = name.rpartition(".")
             setattr(work.get_submodule(parent) if parent else work, attr, plain)
-    _masks.strip_masks(work)
+    strip_masks(work)
     work.eval()
     return work
 
@@ -439,91 +437,3 @@ def _deviation(original: nn.Module, collapsed: nn.Module, example_inputs: Any) -
     dev = max((float((a.double() - b.double()).abs().max()) for a, b in zip(ref, out) if a.numel()), default=0.0)
     scale = max((float(a.double().abs().max()) for a in ref if a.numel()), default=0.0)
     return dev, dev / scale if scale > 0 else dev
-
-
-# --------------------------------------------------------------------------------------------
-# Depth report.
-
-
-def _longest_path(model: nn.Module, gm: fx.GraphModule | None = None) -> tuple[int | None, int | None]:
-    if gm is None:
-        try:
-            gm = trace(model)
-        except Exception:
-            return None, None
-    mods = dict(gm.named_modules())
-    depth: dict[fx.Node, int] = {}
-    calls = 0
-    for n in gm.graph.nodes:
-        w = 1 if n.op == "call_module" and isinstance(mods.get(n.target), WEIGHT_TYPES) else 0
-        calls += w
-        depth[n] = w + max((depth[p] for p in n.all_input_nodes), default=0)
-    return max(depth.values(), default=0), calls
-
-
-def _latency_ms(model: nn.Module, example_inputs: Any, b: int, budget_s: float, max_runs: int = 15) -> float:
-    args, kwargs = _batched(example_inputs, b)
-    with eval_mode(model):
-        model(*args, **kwargs)  # warm-up: allocator, lazy init
-        times = []
-        start = time.perf_counter()
-        while len(times) < max_runs and (len(times) < 3 or time.perf_counter() - start < budget_s):
-            t0 = time.perf_counter()
-            model(*args, **kwargs)
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def depth_report(model: nn.Module, example_inputs: Any, measure_latency: bool = True) -> dict[str, Any]:
-    """Depth and cost of ``model`` on ``example_inputs``.
-
-    Args:
-        model: any network.
-        example_inputs: a batch it accepts; FLOPs are counted on it as given.
-        measure_latency: also time it on this machine's CPU threads at batch 1 and 64
-            (the first sample repeated; median of up to 15 runs after a warm-up). To compare
-            two models use :func:`compare_latency`, which times them interleaved.
-
-    Returns:
-        dict with ``sites`` (nonlinear sites), ``longest_path`` (weight layers on the
-        longest input-to-output path; None if fx cannot trace), ``weight_layers`` (weight
-        layer calls), ``params``, ``nonzero_params``, ``flops`` and, when measured,
-        ``latency_ms_b1``, ``latency_ms_b64`` and ``threads``.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> depth_report(net, torch.randn(2, 4), measure_latency=False)["longest_path"]
-        2
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = unwrap_model(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = None
-        try:
-            found = discover_sites(model, example_inputs)
-            n_sites, gm = len(found.sites), found.graph_module
-        except ModelError:
-            n_sites = 0
-    longest, calls = _longest_path(model, gm)
-    params = sum(p.numel() for p in model.parameters())
-    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
-    args, kwargs = normalize_inputs(example_inputs)
-    with eval_mode(model):
-        with FlopCounterMode(display=False) as fc:
-            model(*args, **kwargs)
-    rep: dict[str, Any] = {
-        "sites": n_sites,
-        "longest_path": longest,
-        "weight_layers": calls,
-        "params": int(params),
-        "nonzero_params": int(nonzero),
-        "flops": int(fc.get_total_flops()),
-    }
-    if measure_latency:
-        rep["latency_ms_b1"] = _latency_ms(model, example_inputs, 1, budget_s=1.0)
-        rep["latency_ms_b64"] = _latency_ms(model, example_inputs, 64, budget_s=4.0, max_runs=7)
-        rep["threads"] = torch.get_num_threads()
-    return rep

@@ -107,7 +107,7 @@ class _Probe:
         cd = self.channel_dim % z.dim()
         state = torch.zeros(z.shape, dtype=torch.int64, device=z.device)
         for b in self.breakpoints:
-            state += z > b  # the piece index, as egp_fast.stats counts it (z == breakpoint is below)
+            state += z > b  # the piece index, as egp_fast.measurement counts it (z == breakpoint is below)
         shape = [1] * z.dim()
         shape[cd] = -1
         moved = state != self.piece.to(z.device).view(shape)
@@ -182,7 +182,7 @@ def observed_flips(model: nn.Module, graph: Any, sites: Mapping[str, Any], data:
     Raises:
         DataError: no batch in ``data``, or the model rejects a batch.
     """
-    from egp_fast.graph import placeholder_args, eval_mode
+    from egp_fast.graph import eval_mode, placeholder_args
     from egp_fast.measurement import model_device, split_batch
 
     by_name = {s.name: s for s in graph.sites}

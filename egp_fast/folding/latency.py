@@ -1,8 +1,8 @@
 """Interleaved latency comparison of two models (before/after collapse, or any pair).
 
 Timing one model, then the other, lets machine load that drifts between the two phases decide
-the answer (a report once said "28.30 ms -> 29.43 ms" for a pair that is 1.19x faster when timed
-carefully). :func:`compare_latency` alternates the two models run by run (``a b``, then ``b a``),
+the answer (a report once showed a slow-down for a pair that is faster when timed carefully).
+:func:`compare_latency` alternates the two models run by run (``a b``, then ``b a``),
 so both see the same conditions, and judges the speed-up from the paired ratios.
 """
 
@@ -18,13 +18,12 @@ import torch
 import torch.nn as nn
 
 from egp_fast.errors import ConfigError
+from egp_fast.graph import eval_mode, normalize_inputs, unwrap_model
 
 __all__ = ["compare_latency"]
 
 
 def _batched(example_inputs: Any, b: int) -> tuple[tuple, dict]:
-    from egp_fast.graph import normalize_inputs
-
     args, kwargs = normalize_inputs(example_inputs)
 
     def rep(v: Any) -> Any:
@@ -97,8 +96,6 @@ def compare_latency(
         >>> sorted(r["batches"][1])[:4]
         ['a_iqr_ms', 'a_ms', 'b_iqr_ms', 'b_ms']
     """
-    from egp_fast.graph import unwrap_model, eval_mode
-
     sizes = list(batch_sizes)
     if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
         raise ConfigError(f"batch_sizes={batch_sizes!r} must be a non-empty sequence of positive ints")

@@ -12,9 +12,9 @@ import torch
 import torchvision
 from _collapse_helpers import force, remove_sites
 
-from egp_fast.folding.collapser import collapse
+from egp_fast.folding import collapse
 from egp_fast.cli.models import cifar_resnet18
-from egp_fast.measurement.measure import measure_entropy
+from egp_fast.measurement import measure_entropy
 
 # model builder, input shape, [(site, +1 ON / -1 OFF)]
 CASES = {

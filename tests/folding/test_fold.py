@@ -1,4 +1,5 @@
-"""Fold-then-finetune: the collapsed model is an ordinary trainable module.
+"""The folding passes on one layer at a time (dead branches), and fold-then-finetune: the
+collapsed model is an ordinary trainable module.
 
 After ``collapse(..., exact=False, fold="always")`` the folded architecture is what gets
 trained (issue 12 §2): its weights are its own ``nn.Parameter`` objects, ``train()``/``eval()``
@@ -13,11 +14,12 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from _collapse_helpers import ViTBlock, remove_sites
+from _collapse_helpers import ViTBlock, kinds, rel, remove_sites, stats_of
 from torch import nn
 
 import egp_fast
-from egp_fast.cli.models import cifar_resnet18
+from egp_fast.cli.models import BasicBlock, cifar_resnet18
+from egp_fast.folding import collapse
 
 
 def _conv_net():
@@ -155,3 +157,41 @@ def test_folded_transformer_mlp_trains():
         opt.step()
     with torch.no_grad():
         assert float(F.mse_loss(model(x), target)) < 0.9 * loss0
+
+
+# ---------------------------------------------------------------------------- dead branches
+
+
+def test_dead_branch_all_off():
+    block = BasicBlock(4, 4)
+    block.eval()
+    with torch.no_grad():
+        block.bn1.bias.fill_(-100.0)
+    x = torch.randn(3, 4, 4, 4)
+    out = collapse(block, stats_of(block, x), x, measure_latency=False, max_flip=1.0)
+    assert "dead_branch" in kinds(out)
+    assert out.after["weight_layers"] == 0 and out.after["longest_path"] == 0
+    assert rel(block(x), out.model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("exact", [True, False])
+def test_tiny_feature_maps_constant_branch_trap(size, exact):
+    # conv1 pruned to 100%: the site sees the BN shift, a per-channel constant, some channels ON.
+    # The next conv is zero-padded: its output depends on the position, not a per-channel bias.
+    block = BasicBlock(4, 4)
+    block.eval()
+    with torch.no_grad():
+        block.conv1.weight.zero_()
+        block.bn1.bias.copy_(torch.tensor([1.5, -1.0, 0.7, -0.3]))
+        block.bn2.running_var.fill_(1.0)
+    x = torch.randn(3, 4, size, size)
+    st = stats_of(block, x)
+    assert st.sites["relu1"].collapsible
+    out = collapse(block, st, x, exact=exact, fold="always", measure_latency=False, max_flip=1.0)
+    assert out.after["sites"] == 1
+    if exact:
+        assert rel(block(x), out.model(x)) < 1e-5
+        assert "dead_branch" not in kinds(out)
+    else:
+        assert out.max_deviation == pytest.approx(float((block(x) - out.model(x)).abs().max()), rel=1e-4, abs=1e-6)

@@ -1,19 +1,22 @@
-"""linearize(how=...): the data map, EASIER's identity and the per-channel majority.
+"""linearize in place: the data map, EASIER's identity and the per-channel majority.
 
 Each test builds the expected output by hand (the activation replaced by the map it should
 become) and compares with the rewritten model, on module sites, a module called twice
-(torchvision's BasicBlock) and functional calls.
+(torchvision's BasicBlock) and functional calls; then the stale-statistics and argument checks.
 """
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from _collapse_helpers import stats_of
 from _models import FunctionalMLP
 from torchvision.models.resnet import BasicBlock
 
 import egp_fast
-from egp_fast.folding.affine import ChannelAffine
+from egp_fast.folding import ChannelAffine, collapse, linearize, linearize_sites
 from egp_fast.errors import ConfigError
+from egp_fast.graph import discover_sites, trace
 
 
 def _mlp(bias0=None):
@@ -159,8 +162,6 @@ def test_one_call_of_a_module_called_twice(which):
 
 
 def test_both_calls_at_once_with_different_ways():
-    from egp_fast.folding.affine import linearize_sites
-
     net = _Net().eval()
     x = torch.randn(8, 3, 6, 6)
     stats = _measure(net, x)
@@ -231,3 +232,66 @@ def test_collapse_folds_an_identity_site_and_reports_it_as_approximate():
     (entry,) = [e for e in out.removed if e.get("kind") == "linearize" and e.get("site") == "3"]
     # folding the map now in the model is exact; the linearisation itself was an approximation
     assert entry["linearization_exact"] is False and entry["how"] == "identity"
+
+
+def test_linearize_module_called_twice():
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=4)
+    net.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        net.layer1[0].bn1.bias += 100.0
+    st = stats_of(net, x)
+    assert "layer1.0.relu" in st.zero_entropy_sites() and "layer1.0.relu:1" not in st.zero_entropy_sites()
+    y = net(x).detach()
+    params = {id(p) for p in net.parameters()}
+    done = linearize(net, st, sites=["layer1.0.relu"])
+    assert done == ["layer1.0.relu"]
+    assert torch.allclose(net(x), y, rtol=1e-5, atol=1e-4)
+    assert {id(p) for p in net.parameters()} == params  # the optimizer's tensors stay valid
+    names = [s.name for s in discover_sites(net, x).sites]
+    assert len(names) == 16 and "layer1.0.relu_call1" in names and "layer1.0.relu" not in names
+    # Stale statistics cannot hit the remaining call.
+    with pytest.warns(UserWarning, match="stale"):
+        assert linearize(net, st, sites=["layer1.0.relu"]) == []
+    assert len(discover_sites(net, x).sites) == 16
+
+
+def test_linearize_single_module_and_functional():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+            self.fc = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(F.relu(self.fc(self.body(x))))
+
+    net = Net()
+    with torch.no_grad():
+        net.body[0].bias += 100.0
+        net.fc.bias -= 100.0
+    x = torch.randn(16, 4)
+    st = stats_of(net, x)
+    assert set(st.zero_entropy_sites()) == {"body.1", "relu"}
+    y = net(x).detach()
+    with pytest.warns(UserWarning, match="root module"):
+        done = linearize(net, st)
+    assert done == ["body.1"] and isinstance(net.body[1], ChannelAffine)
+    gm = trace(net)
+    st2 = stats_of(gm, x)
+    assert linearize(gm, st2) == ["relu"]
+    assert torch.allclose(gm(x), y, atol=1e-5)
+    # collapse folds the earlier linearisations too.
+    out = collapse(gm, st2, x, measure_latency=False, max_flip=1.0)
+    assert out.after["sites"] == 0 and torch.allclose(out.model(x), y, atol=1e-4)
+
+
+def test_linearize_stats_validation():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    with pytest.raises(ConfigError):
+        linearize(net, {"not": "stats"})
+    with pytest.raises(ConfigError):
+        linearize(net, stats_of(net, torch.randn(4, 4)), sites=["missing"])
