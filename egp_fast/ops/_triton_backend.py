@@ -25,13 +25,8 @@ except ImportError as e:  # pragma: no cover - depends on the install
     raise ImportError(f"egp_fast Triton backend needs triton: {e}") from e
 
 from egp_fast.kernels.entropy import entropy_triton
-from egp_fast.kernels.masked_linear import (
-    kernel_config,
-    masked_linear_dw_triton,
-    masked_linear_dx_triton,
-    masked_linear_triton,
-    tile_occupancy_triton,
-)
+from egp_fast.kernels.masked_linear import kernel_config, masked_linear_triton, tile_occupancy_triton
+from egp_fast.kernels.masked_linear_backward import masked_linear_dw_triton, masked_linear_dx_triton
 from egp_fast.kernels.sign_count import SUPPORTED_DTYPES, sign_count_triton
 from egp_fast.ops._dispatch import register
 from egp_fast.ops.entropy import EntropyOut
