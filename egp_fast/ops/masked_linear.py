@@ -7,7 +7,7 @@ never builds the masked weight. Gradients: ``dx = dy @ (W * M)``, ``dW = (dy^T x
 Tile maps. Fast backends cut the weight into ``block_n x block_k`` tiles and describe it by a
 :class:`TileMap` (which tiles hold a kept nonzero, which hold a kept entry, whether pruned
 entries still hold nonzero values). Building one reads the whole weight and mask and
-synchronises with the host once, so :class:`~egp_fast.modules.MaskedLinear` keeps a
+synchronises with the host once, so :class:`~egp_fast.masks.MaskedLinear` keeps a
 :class:`TileMapCache` and makes it visible to the backend for the duration of its call
 (:func:`tile_map_cache_scope`); the map is rebuilt when the weight or the mask changes
 (their ``_version`` counters, storage or identity). Plain calls of :func:`masked_linear`

@@ -96,8 +96,8 @@ _DDP = textwrap.dedent(
     """
     import os, sys, torch, torch.distributed as dist
     import torch.nn as nn
-    sys.path.insert(0, os.environ["EGP_TEST_DIR"])
-    from test_hardening_determinism import _data, _masks, _net
+    sys.path[:0] = [os.environ["EGP_TEST_DIR"], os.path.dirname(os.environ["EGP_TEST_DIR"])]
+    from test_determinism import _data, _masks, _net
     import egp_fast
     rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
@@ -117,7 +117,7 @@ _DDP = textwrap.dedent(
 
 
 def test_one_and_two_ddp_processes_give_identical_masks(tmp_path):
-    env = dict(os.environ, EGP_TEST_DIR=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), OMP_NUM_THREADS="1")
+    env = dict(os.environ, EGP_TEST_DIR=os.path.dirname(os.path.abspath(__file__)), OMP_NUM_THREADS="1")
     script = tmp_path / "ddp.py"
     script.write_text(_DDP)
     one = str(tmp_path / "one")
