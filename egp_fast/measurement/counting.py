@@ -21,7 +21,7 @@ from egp_fast import ops
 from egp_fast.errors import DataError
 from egp_fast.graph import Site
 from egp_fast.measurement.stats import EntropyStats, SiteStats
-from egp_fast.ops._dispatch import backend_for
+from egp_fast.ops import backend_for
 
 _PAPER_EPS = 1e-5
 

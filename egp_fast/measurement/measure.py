@@ -39,7 +39,7 @@ from egp_fast.measurement.decide import Decider, PlanFn, check_confidence, check
 from egp_fast.measurement.discover import _compare_outputs, cached_graph
 from egp_fast.measurement.recorders import _cached_instrument, _HookRecorder, _instrument
 from egp_fast.measurement.stats import EntropyStats
-from egp_fast.ops._dispatch import backend_for
+from egp_fast.ops import backend_for
 
 
 # --------------------------------------------------------------------------------------------

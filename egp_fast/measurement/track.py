@@ -28,7 +28,7 @@ from egp_fast.measurement.counting import _all_reduce, _Counter, _finish
 from egp_fast.measurement.discover import cached_graph
 from egp_fast.measurement.recorders import _HookRecorder
 from egp_fast.measurement.stats import EntropyStats
-from egp_fast.ops._dispatch import backend_for
+from egp_fast.ops import backend_for
 
 
 class EntropyTracker:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from egp_fast.ops._dispatch import available_backends, pick, register
+from egp_fast.ops._dispatch import available_backends, backend_for, pick, register
 from egp_fast.ops.entropy import EntropyOut, binary_entropy, entropy, reference_entropy
 from egp_fast.ops.masked_linear import masked_linear, reference_masked_linear
 from egp_fast.ops.select import (
@@ -32,6 +32,7 @@ for _mod in ("egp_fast.ops._ext_backend", "egp_fast.ops._triton_backend"):
 __all__ = [
     "EntropyOut",
     "available_backends",
+    "backend_for",
     "binary_entropy",
     "entropy",
     "global_smallest",

@@ -129,6 +129,8 @@ def test_no_private_name_crosses_a_subpackage():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("egp_fast"):
                 if node.module.split(".")[:2] == home:
                     continue
+                if any(part.startswith("_") for part in node.module.split(".")[2:]):
+                    crossing.append(f"{mod}: from {node.module} import ... (a private module)")
                 for a in node.names:
                     if a.name.startswith("_") and not a.name.startswith("__") and a.name not in ("_ext", "_C"):
                         crossing.append(f"{mod}: from {node.module} import {a.name}")

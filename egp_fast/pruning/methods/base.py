@@ -26,7 +26,7 @@ from egp_fast.errors import ConfigError
 from egp_fast.graph import SiteGraph
 from egp_fast.masks import set_masks
 from egp_fast.measurement import EntropyStats
-from egp_fast.ops._dispatch import backend_for
+from egp_fast.ops import backend_for
 from egp_fast.pruning.records import RoundRecord
 
 __all__ = ["MethodContext", "PlanRule", "PruningMethod", "WeightMethod"]

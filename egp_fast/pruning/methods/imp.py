@@ -14,7 +14,7 @@ import torch.nn as nn
 from egp_fast import ops
 from egp_fast.graph import SiteGraph, weight_layers
 from egp_fast.measurement import EntropyStats
-from egp_fast.ops._dispatch import backend_for
+from egp_fast.ops import backend_for
 from egp_fast.pruning.methods.base import MethodContext, WeightMethod
 
 __all__ = ["IMPMethod"]
