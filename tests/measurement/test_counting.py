@@ -8,24 +8,10 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from _models import TwoSites, gaussian_batches, spawn_two_ranks
+from _models import Identityish, TwoSites, gaussian_batches, spawn_two_ranks
 
 import egp_fast
 from egp_fast.measurement import paper_batch_entropy
-
-
-class Identityish(nn.Module):
-    """conv 1x1 with identity weights, so the site sees exactly the input."""
-
-    def __init__(self, c=3):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 1, bias=False)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.conv(x))
 
 
 def test_counts_match_a_hand_computed_example():

@@ -14,24 +14,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _models import Identityish
 
 import egp_fast
 from egp_fast.errors import ConfigError, DataError, ModelError, NumericsError
 from egp_fast.measurement.measure import _finite_probe
-
-
-class Identityish(nn.Module):
-    """conv 1x1 with identity weights, so the site sees exactly the input."""
-
-    def __init__(self, c=3):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 1, bias=False)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.conv(x))
 
 
 class FailsOnSecondCall(nn.Module):
