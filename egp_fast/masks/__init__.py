@@ -6,6 +6,7 @@ CPU zeroing, ``optim`` the optimizer step hooks, ``linear`` :class:`MaskedLinear
 """
 
 from egp_fast.masks.core import (
+    PackedMask,
     attach_masks,
     enforce,
     load_pruned_state_dict,
@@ -20,6 +21,7 @@ from egp_fast.masks.linear import MaskedLinear
 __all__ = [
     "MASK",
     "MaskedLinear",
+    "PackedMask",
     "attach_masks",
     "enforce",
     "load_pruned_state_dict",

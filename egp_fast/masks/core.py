@@ -19,7 +19,10 @@ one (no graph breaks). What is not covered: writing to a masked weight by hand (
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import signal
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -69,57 +72,160 @@ def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(getattr(m, MASK, None), torch.Tensor)}
 
 
-def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+class PackedMask:
+    """A bool mask held at one bit per entry, which :func:`set_masks` takes like the mask itself.
+
+    For a caller that computes the new masks of many layers before writing any (so that a
+    failure changes nothing): packed, they cost an eighth of the bool masks.
+
+    Example:
+        >>> import torch
+        >>> m = torch.tensor([[True, False, True], [False, False, True]])
+        >>> p = PackedMask(m); p.shape, torch.equal(p.unpack(), m)
+        ((2, 3), True)
+    """
+
+    __slots__ = ("bits", "shape")
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ConfigError("PackedMask needs a bool tensor")
+        self.shape = tuple(mask.shape)
+        flat = mask.reshape(-1).view(torch.uint8)
+        pad = (-flat.numel()) % 8
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        place = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
+        self.bits = flat.view(-1, 8).mul(place).sum(1, dtype=torch.uint8)
+
+    @property
+    def device(self) -> torch.device:
+        return self.bits.device
+
+    def unpack(self) -> torch.Tensor:
+        """The bool mask (contiguous, on the device of the packed bits)."""
+        n = 1
+        for s in self.shape:
+            n *= s
+        shifts = torch.arange(8, dtype=torch.uint8, device=self.bits.device)
+        out = self.bits.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1)
+        return out.view(-1)[:n].view(torch.bool).view(self.shape)
+
+
+def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], *, take: bool = False) -> None:
     """Replace the masks of the named layers (bool tensors, ``True`` = kept) and zero the weights.
 
-    All or nothing: every mask is checked before any layer changes, and if anything fails
-    while the layers are written (an interrupt, an out-of-memory error), the layers already
-    written get their old masks, weights and hooks back before the exception propagates.
+    A mask may also be given as a :class:`PackedMask` (1 bit per entry).
+
+    All or nothing, without an undo copy of the weights: every mask is checked, and the layers
+    that have no mask yet get one, before any weight or existing mask changes; the writes that
+    follow (each mask copied in place, then the pruned weights zeroed) cannot fail on a valid
+    layer, and a ``KeyboardInterrupt`` (SIGINT) arriving while they run is held until the last
+    layer is written, then raised. A failure before the writes (an invalid mask, an interrupt
+    or an error while masks are attached) changes nothing. Should the writes fail anyway (out
+    of memory), every layer is left consistent: those written keep their new mask with their
+    pruned weights zero, the others are unchanged.
+
+    The peak extra memory is one layer's inverted mask (1 byte per weight of the largest
+    layer) on top of the caller's ``masks``; the inverted masks that mask enforcement caches
+    for the backward pass are dropped and rebuilt at the first backward.
+
+    Args:
+        model: the network.
+        masks: layer name -> bool mask of its weight's shape (``True`` = kept), or its
+            :class:`PackedMask`.
+        take: ``masks`` is a ``dict`` the caller hands over: each entry is removed from it
+            once written, so a caller that holds no other reference frees the new masks layer
+            by layer (:meth:`egp_fast.pruning.WeightMethod.apply` does).
     """
+    if take and not isinstance(masks, dict):
+        raise ConfigError(f"set_masks(take=True) needs a dict of masks, got {type(masks).__name__}")
     todo = []
     for name, mask in masks.items():
         m = _resolve(model, name)
         shape = tuple(m.weight.shape)
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
-            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        if isinstance(mask, PackedMask) and mask.shape == shape:
+            pass
+        elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape:
+            got = (
+                f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+                else f"PackedMask {mask.shape}" if isinstance(mask, PackedMask) else type(mask).__name__
+            )
             raise ConfigError(f"mask for {name!r} must be bool with shape {shape}, got {got}")
-        todo.append((name, m, mask))
-    # Per written layer: (module, mask attached here?, old mask, old weight). A plain copy of the
-    # weight is the cheapest undo record: gathering just the entries that get zeroed costs
-    # several times more.
-    undo: list[tuple[nn.Module, bool, torch.Tensor | None, torch.Tensor]] = []
+        if m.weight.layout != torch.strided:
+            raise ModelError(
+                f"masks: layer {name!r} has a {m.weight.layout} weight; only dense (strided) "
+                "weights can be masked"
+            )
+        todo.append((name, m))
+    mask = None  # no reference of ours outlives its write (take=True)
+    attached: list[nn.Module] = []
     try:
-        with torch.no_grad():
-            for name, m, mask in todo:
-                pruned = ~mask.to(m.weight.device)
-                cur = getattr(m, MASK, None)
-                undo.append((m, cur is None, None if cur is None else cur.clone(), m.weight.detach().clone()))
-                if cur is None:
-                    attach_masks(model, [name])
-                    cur = getattr(m, MASK)
-                torch.logical_not(pruned, out=cur)
-                guard = _guard_of(m)
-                if guard is None:
-                    m.weight.masked_fill_(pruned, 0)
-                elif (cached := guard.pruned(m.weight)) is not None:
-                    # The guard's cached mask, which the first backward reuses; on the CPU its
-                    # zeroing is faster than a boolean masked_fill_.
-                    guard.zero_(m.weight, cached)
+        for name, m in todo:
+            if getattr(m, MASK, None) is None:
+                attach_masks(model, [name])
+                attached.append(m)
     except BaseException:
-        _undo_set_masks(undo)
+        for m in reversed(attached):
+            m._buffers.pop(MASK, None)
+            _drop_guard(m)
+        raise
+    done = 0
+    try:
+        with _interrupts_held(), torch.no_grad():
+            for name, m in todo:
+                _write_mask(m, masks.pop(name) if take else masks[name])
+                done += 1
+    except BaseException:
+        # Out of memory or a bug mid-way: leave each layer consistent (see the docstring).
+        with torch.no_grad():
+            for _, m in todo[: done + 1]:
+                m.weight.masked_fill_(~getattr(m, MASK).to(m.weight.device), 0)
         raise
 
 
-def _undo_set_masks(undo: list) -> None:
-    with torch.no_grad():
-        for m, attached, old, weight in reversed(undo):
-            m.weight.copy_(weight)
-            if attached:
-                m._buffers.pop(MASK, None)
-                _drop_guard(m)
-            elif old is not None:
-                getattr(m, MASK).copy_(old)
+def _write_mask(m: nn.Module, mask: torch.Tensor | PackedMask) -> None:
+    """Copy ``mask`` into the layer's mask buffer in place and zero the weights it prunes."""
+    cur = getattr(m, MASK)
+    if isinstance(mask, PackedMask):
+        mask = mask.unpack()
+    cur.copy_(mask)
+    guard = _guard_of(m)
+    if guard is None:
+        m.weight.masked_fill_(~cur.to(m.weight.device), 0)
+    else:
+        # The guard's inverted mask: on the CPU its zeroing is faster than a boolean
+        # masked_fill_. Dropped after use (1 byte per weight; the first backward rebuilds it).
+        if (cached := guard.pruned(m.weight)) is not None:
+            guard.zero_(m.weight, cached)
+        del cached
+        guard.forget()
 
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) for the duration, then deliver it as the old handler would.
+
+    A no-op outside the main thread (where Python cannot install handlers).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[tuple[int, Any]] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda sig, frame: got.append((sig, frame)))
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got:
+            if callable(old):
+                old(*got[0])
+            elif old == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 def enforce(model: nn.Module) -> None:
     """Zero every pruned weight now, and the optimizer state of pruned entries at the next step.

@@ -120,6 +120,10 @@ class _Guard:
             self.token += 1
         return self._pruned if self._any else None
 
+    def forget(self) -> None:
+        """Drop the cached inverted mask (1 byte per weight); the next use rebuilds it."""
+        self._pruned, self._bits, self._mask_obj, self._mask_ver = None, {}, None, -1
+
     def zero_(self, t: torch.Tensor, pruned: torch.Tensor) -> None:
         """Set the pruned entries of ``t`` (a dense tensor of the weight's shape) to +0.0."""
         if t.layout != torch.strided:

@@ -24,7 +24,7 @@ import torch.nn as nn
 from egp_fast import ops
 from egp_fast.errors import ConfigError
 from egp_fast.graph import SiteGraph
-from egp_fast.masks import set_masks
+from egp_fast.masks import PackedMask, set_masks
 from egp_fast.measurement import EntropyStats
 from egp_fast.ops import backend_for
 from egp_fast.pruning.records import RoundRecord
@@ -138,19 +138,52 @@ class WeightMethod(PruningMethod):
                 f"are {list(view)[:5]}{'...' if len(view) > 5 else ''}"
             )
         names = [n for n in view if plan.get(n, 0)]
-        if names:
+        if not names:
+            return []
+        backend = backend_for("select_smallest", ctx.backend)
+        groups = _groups(names, [view[n][1].numel() for n in names])
+        if len(groups) == 1:
             new = ops.select_smallest(
-                [view[n][0] for n in names],
-                [view[n][1] for n in names],
-                [int(plan[n]) for n in names],
-                backend=backend_for("select_smallest", ctx.backend),
+                [view[n][0] for n in names], [view[n][1] for n in names], [int(plan[n]) for n in names],
+                backend=backend,
             )
             set_masks(ctx.model, dict(zip(names, new)))
+            return []
+        # A big model: select a group of layers at a time and hold the new masks packed (1 bit
+        # per weight) until every layer is selected; set_masks then writes them layer by layer.
+        # The round's peak stays about a group's bool masks and selection scratch (issue 21).
+        packed: dict[str, PackedMask] = {}
+        for group in groups:
+            new = ops.select_smallest(
+                [view[n][0] for n in group], [view[n][1] for n in group], [int(plan[n]) for n in group],
+                backend=backend,
+            )
+            for n in group:
+                packed[n] = PackedMask(new.pop(0))
+        set_masks(ctx.model, packed, take=True)  # frees each packed mask once written
         return []
 
     def progressed(self, record: RoundRecord) -> bool:
         """A round made progress when it pruned a weight."""
         return record.pruned > 0
+
+
+#: Layers are selected in groups of about this many weights (a layer bigger than it alone):
+#: a group's new bool masks and scratch are what a round holds at most.
+GROUP_WEIGHTS = 1 << 23
+
+
+def _groups(names: list[str], sizes: list[int]) -> list[list[str]]:
+    """``names`` cut, in order, into runs of at most :data:`GROUP_WEIGHTS` weights (or one layer)."""
+    out: list[list[str]] = []
+    total = GROUP_WEIGHTS + 1
+    for n, size in zip(names, sizes):
+        if total + size > GROUP_WEIGHTS:
+            out.append([])
+            total = 0
+        out[-1].append(n)
+        total += size
+    return out
 
 
 def check_method(method: Any) -> PruningMethod:
