@@ -4,7 +4,7 @@ Stage 5 of the package (imports ``errors``, ``masks``, ``graph`` and ``measureme
 public entry point is :func:`egp_fast.collapse`. Modules: ``affine`` (ChannelAffine and the
 per-site maps), ``linearizer`` (linearize in place), ``geometry`` (conv/linear arithmetic),
 ``fold`` and ``merges`` (the folding passes), ``evidence`` (flip bounds, held-out checks),
-``latency`` (compare_latency), ``depth`` (depth_report), ``collapser`` (collapse).
+``plan`` (chain-level fold planning), ``latency`` (compare_latency), ``depth`` (depth_report), ``collapser`` (collapse).
 """
 
 from egp_fast.folding.affine import ChannelAffine, site_affine
@@ -13,17 +13,22 @@ from egp_fast.folding.depth import depth_report
 from egp_fast.folding.geometry import compose_conv_weight, layer_flops
 from egp_fast.folding.latency import compare_latency
 from egp_fast.folding.linearizer import linearize, linearize_sites, unremovable_sites
+from egp_fast.folding.plan import LatencyCost, LayerSpec, flops_cost, plan_chain
 
 __all__ = [
     "ChannelAffine",
     "CollapseResult",
+    "LatencyCost",
+    "LayerSpec",
     "collapse",
     "compare_latency",
     "compose_conv_weight",
     "depth_report",
+    "flops_cost",
     "layer_flops",
     "linearize",
     "linearize_sites",
+    "plan_chain",
     "site_affine",
     "unremovable_sites",
 ]

@@ -31,12 +31,13 @@ from egp_fast.folding.evidence import check_max_flip, evidence, observed_flips, 
 from egp_fast.folding.fold import Folder, normalise_wrapped_affines
 from egp_fast.folding.latency import compare_latency
 from egp_fast.folding.linearizer import _selected, linearize_sites
+from egp_fast.folding.plan import LatencyCost
 from egp_fast.graph import discover_sites, eval_mode, normalize_inputs, propagate_shapes, trace, unwrap_model
 from egp_fast.masks import strip_masks
 
 __all__ = ["CollapseResult", "collapse"]
 
-FOLD_MODES = ("auto", "always", "never")
+FOLD_MODES = ("auto", "always", "never", "latency")
 
 
 @dataclass
@@ -69,6 +70,11 @@ class CollapseResult:
             ``check=``.
         settings: the arguments that decided the result (``exact``, ``fold``, ``max_flip``,
             ``confidence``), echoed so the run can be repeated.
+        plan: the chain plan of ``fold="auto"``/``"latency"``: ``metric`` (``flops``, ``ms`` or
+            ``cost``), ``chains`` (per maximal run of layers joined by removed sites: ``layers``,
+            the merged ``segments``, ``predicted`` and ``unmerged`` cost, ``segment_costs``,
+            ``border_refused``), ``predicted_total``/``unmerged_total`` over the chains and, when
+            latency was measured, ``measured`` (milliseconds before/after at each batch size).
     """
 
     model: nn.Module
@@ -82,6 +88,7 @@ class CollapseResult:
     latency: dict[str, Any] = field(default_factory=dict)
     check: dict[str, dict[str, Any]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
 
     @property
     def removed_sites(self) -> list[str]:
@@ -109,6 +116,7 @@ class CollapseResult:
             "latency": lat,
             "check": copy.deepcopy(self.check),
             "settings": dict(self.settings),
+            "plan": copy.deepcopy(self.plan),
         }
 
     def table(self) -> str:
@@ -147,6 +155,7 @@ def collapse(
     max_flip: float = 0.01,
     confidence: float = 0.95,
     check: Any = None,
+    cost: Any = None,
 ) -> CollapseResult:
     """Remove the zero-entropy sites of ``model`` and fold the layers around them.
 
@@ -178,9 +187,13 @@ def collapse(
         exact: True (default) allows only changes that keep every output (up to rounding).
             False also composes two zero-padded convs, which is exact only away from the
             border; the deviation is measured on ``example_inputs`` and reported.
-        fold: ``"auto"`` composes two layers only when the merged layer costs no more FLOPs
-            than the pair; ``"always"`` composes whenever it is possible; ``"never"`` only
-            removes the sites (folding them into neighbouring layers' scale/bias).
+        fold: ``"auto"`` plans every maximal run of layers joined by removed sites as a whole
+            (:mod:`egp_fast.folding.plan`: dynamic programming over split points) and merges the
+            segments that minimise FLOPs, never more than leaving the layers apart;
+            ``"latency"`` does the same with each candidate layer timed on the model's device
+            (:class:`egp_fast.folding.LatencyCost`); ``"always"`` composes whenever it is
+            possible; ``"never"`` only removes the sites (folding them into neighbouring layers'
+            scale/bias).
         measure_latency: time the input and the collapsed model at batch 1 and 64,
             interleaved (:func:`compare_latency`; a few seconds).
         sites: only these sites (default: every collapsible site in ``stats``).
@@ -191,6 +204,10 @@ def collapse(
             :func:`egp_fast.measure_entropy` takes): the original model is run on it and, per
             removed site, the fraction of held-out samples on which any neuron left its piece
             is reported (``removed[i]["held_out"]``, ``result.check``).
+        cost: what the chain plan minimises, a callable ``LayerSpec -> float``
+            (:class:`egp_fast.folding.LayerSpec`: the layer that would be built and its input
+            shape). Default: FLOPs for ``"auto"``, a :class:`egp_fast.folding.LatencyCost` on the
+            model's device for ``"latency"``. A planted table makes a test deterministic.
 
     Returns:
         :class:`CollapseResult`.
@@ -249,6 +266,7 @@ def collapse(
         checks = observed_flips(work, graph, chosen, check)
     left: list[dict[str, Any]] = []
     removed: list[dict[str, Any]] = []
+    plan: dict[str, Any] = {}
     if (graph is not None and not graph.traced) or (graph is None and not _traceable(work)):
         # fx cannot see into the model: only swap single-call activation modules, fold nothing.
         why = "; ".join(str(w.message)[:200] for w in caught) or "torch.fx could not trace the model"
@@ -260,7 +278,10 @@ def collapse(
     else:
         gm = graph.graph_module if graph is not None else _traced_with_shapes(work, example_inputs)
         site_nodes = {s.node: s.name for s in graph.sites} if graph is not None else {}
-        folder = Folder(gm, exact, fold, site_nodes)
+        if cost is None and fold == "latency":
+            p0 = next(work.parameters(), None)
+            cost = LatencyCost(p0.device if p0 is not None else None, p0.dtype if p0 is not None else None)
+        folder = Folder(gm, exact, fold, site_nodes, cost)
         known = {n: m for n, m in work.named_modules() if isinstance(m, ChannelAffine)}
         for aff in normalise_wrapped_affines(gm, known):
             # The function changed when the site was linearised (``linearization_exact``); folding
@@ -272,6 +293,11 @@ def collapse(
             _linearize_graph(gm, graph, stats, chosen, folder)
         folder.run()
         removed, left = folder.removed, folder.left
+        if fold in ("auto", "latency"):
+            metric = getattr(folder.cost, "metric", "cost")
+            plan = {"metric": metric, "chains": folder.plan,
+                    "predicted_total": sum(c["predicted"] for c in folder.plan),
+                    "unmerged_total": sum(c["unmerged"] for c in folder.plan)}
         result_model = gm
         # Whether the layers around each removed site became one layer (a gated MLP, a
         # zero-padded pair with exact=True or a costlier merge leaves them apart).
@@ -294,9 +320,12 @@ def collapse(
         for bs, row in latency["batches"].items():
             before[f"latency_ms_b{bs}"], after[f"latency_ms_b{bs}"] = row["a_ms"], row["b_ms"]
         before["threads"] = after["threads"] = latency["threads"]
+        if plan:
+            plan["measured"] = {str(bs): {"before_ms": row["a_ms"], "after_ms": row["b_ms"]}
+                                for bs, row in latency["batches"].items()}
     is_exact = all(e.get("exact", True) for e in removed)
     return CollapseResult(result_model, removed, left, before, after, is_exact, dev, rel, latency,
-                          checks, settings)
+                          checks, settings, plan)
 
 
 def _traceable(model: nn.Module) -> bool:

@@ -37,6 +37,7 @@ import torch.nn as nn
 from egp_fast.folding.affine import ChannelAffine, _channel_affine
 from egp_fast.folding.geometry import _CONVS, _b, _dense, _geom, _rebuild, _w
 from egp_fast.folding.merges import MergePasses, _add_operands
+from egp_fast.folding.plan import flops_cost
 
 _PASSTHROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 
@@ -44,8 +45,12 @@ _PASSTHROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDr
 class Folder(MergePasses):
     """Runs the passes on ``gm`` (a private copy) and records what it did and why not."""
 
-    def __init__(self, gm: fx.GraphModule, exact: bool, fold: str, site_nodes: dict[str, str] | None = None) -> None:
+    def __init__(self, gm: fx.GraphModule, exact: bool, fold: str, site_nodes: dict[str, str] | None = None,
+                 cost: Any = None) -> None:
         self.gm = gm
+        self.cost = cost if cost is not None else flops_cost  # prices candidate layers for the chain plan
+        self._planned: set[tuple[str, ...]] = set()  # layer runs the chain plan merges into one layer
+        self.plan: list[dict[str, Any]] = []  # one entry per planned chain, for CollapseResult.plan
         self.site_nodes = dict(site_nodes or {})  # fx node name -> site name, for dead-code reports
         self.g = gm.graph
         self.exact = exact

@@ -29,6 +29,7 @@ from egp_fast.folding.geometry import (
     compose_conv_weight,
     layer_flops,
 )
+from egp_fast.folding.plan import flops_cost, plan_chain
 
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 
@@ -140,8 +141,49 @@ class MergePasses:
         return None
 
     # ---- composition
-    def _allowed(self, merged: int, parts: int) -> bool:
-        return self.fold == "always" or (self.fold == "auto" and merged <= parts)
+    def _allowed(self, merged: int, parts: int, layers: list[str], what: str) -> str | None:
+        """None when the pair may be composed, else the reason (cost, or the chain plan)."""
+        if self.fold == "always":
+            return None
+        t = tuple(layers)
+        if any(seg[:len(t)] == t for seg in self._planned):
+            return None
+        if merged > parts and self.cost is flops_cost:
+            return (f"{what} costs {merged / 1e6:.2f} MFLOPs > {parts / 1e6:.2f} unfused (fold={self.fold!r}); "
+                    "the site is still removed")
+        return (f"the chain plan (fold={self.fold!r}, cost {getattr(self.cost, 'metric', 'cost')}) merges these "
+                f"layers otherwise or not at all ({what}: {merged / 1e6:.2f} MFLOPs, {parts / 1e6:.2f} unfused)")
+
+    def _plan_chains(self) -> None:
+        """Plan every maximal run of layers joined by removed sites (:mod:`egp_fast.folding.plan`)."""
+        nxt, prev = {}, {}
+        for n, b, x, a in self._pairs_across_sites():
+            if isinstance(a, nn.Linear) == isinstance(b, nn.Linear):
+                nxt[x], prev[n] = n, x
+        for start in [x for x in nxt if x not in prev]:
+            chain = [start]
+            while chain[-1] in nxt:
+                chain.append(nxt[chain[-1]])
+            shapes_in = [self.shape(c.args[0]) for c in chain]
+            shapes_out = [self.shape(c) for c in chain]
+            if any(s is None for s in shapes_in + shapes_out):
+                continue
+            p = plan_chain([self.mod(c) for c in chain], shapes_in, shapes_out, self.exact, self.cost)
+            if p is None:
+                continue
+            names = [self.layers(c) for c in chain]
+            segs = [[l for k in range(i, j + 1) for l in names[k]] for i, j in p["segments"]]
+            for seg in segs:
+                if len(seg) > 1:
+                    self._planned.add(tuple(seg))
+            flat = {l for ls in names for l in ls}
+            if any(flat <= set(e["layers"]) for e in self.plan):
+                continue  # re-planned after a merge: the first plan is the one reported
+            self.plan.append({"layers": [l for ls in names for l in ls], "segments": segs,
+                              "predicted": p["cost"], "unmerged": p["unmerged"],
+                              "segment_costs": p["segment_costs"], "metric": getattr(self.cost, "metric", "cost"),
+                              "border_refused": [[l for k in range(i, j + 1) for l in names[k]]
+                                                 for i, j in p["border"]]})
 
     def _pairs_across_sites(self):
         """Yield ``(n, b, x, a)``: weight layer ``b`` (node ``n``) fed only by weight layer ``a``
@@ -158,6 +200,8 @@ class MergePasses:
 
     def compose(self) -> bool:
         changed = False
+        if self.fold in ("auto", "latency"):
+            self._plan_chains()
         for n, b, x, a in self._pairs_across_sites():
             key = (x.name, n.name)
             layers = self.layers(x) + self.layers(n)
@@ -200,8 +244,9 @@ class MergePasses:
             numel *= d
         merged = 2 * numel * w1.shape[1]
         parts = layer_flops(a, self.shape(x)) + layer_flops(b, out)
-        if not self._allowed(merged, parts):
-            return f"merged layer costs {merged / 1e6:.2f} MFLOPs > {parts / 1e6:.2f} unfused (fold='auto')"
+        why = self._allowed(merged, parts, self.layers(x) + self.layers(n), "merged layer")
+        if why is not None:
+            return why
         return _new_linear(w2 @ w1, w2 @ _b(a, w1.shape[0], w1) + _b(b, w2.shape[0], w2)), True
 
     def _compose_conv(self, a: nn.Module, b: nn.Module, x: fx.Node, n: fx.Node):
@@ -236,9 +281,9 @@ class MergePasses:
             numel *= s
         merged = 2 * numel * merged_per
         parts = layer_flops(a, self.shape(x)) + layer_flops(b, out)
-        if not self._allowed(merged, parts):
-            return (f"merged {'x'.join(map(str, span))} conv costs {merged / 1e6:.2f} MFLOPs > "
-                    f"{parts / 1e6:.2f} unfused (fold='auto'); the site is still removed")
+        why = self._allowed(merged, parts, self.layers(x) + self.layers(n), f"merged {'x'.join(map(str, span))} conv")
+        if why is not None:
+            return why
         wa = w1 if groups == ga["g"] else _dense(w1, ga["g"])
         wb = w2 if groups == gb["g"] else _dense(w2, gb["g"])
         w = compose_conv_weight(wa, wb, ga["s"], ga["d"], gb["d"], groups)
