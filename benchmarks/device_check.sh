@@ -98,7 +98,7 @@ fi
 if [ -n "${DEVICE_CHECK_TESTS:-}" ]; then
     read -r -a GPU_TESTS <<< "$DEVICE_CHECK_TESTS"
 else
-    mapfile -t GPU_TESTS < <(grep -l -E "cuda|triton|requires_ext" tests/test_*.py | sort)
+    mapfile -t GPU_TESTS < <(grep -l -E "cuda|triton|requires_ext" tests/*/test_*.py | sort)
 fi
 log "GPU-relevant test files: ${GPU_TESTS[*]}"
 run_step gpu_tests 150 "$OUT/tests.log" "$PY" -m pytest -q -m "not slow" -rfEs "${GPU_TESTS[@]}" \
