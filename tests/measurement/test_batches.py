@@ -38,16 +38,19 @@ def test_model_device_reads_parameters_then_buffers():
     assert model_device(nn.Linear(2, 2, device="meta")) == torch.device("meta")
 
 
+class KW(nn.Module):
+    """A model that takes its input by keyword, as Hugging Face vision models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, pixel_values):
+        return self.act(self.fc(pixel_values))
+
+
 def test_data_formats_tuple_dict_and_max_batches():
-    class KW(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(2, 2)
-            self.act = nn.ReLU()
-
-        def forward(self, pixel_values):
-            return self.act(self.fc(pixel_values))
-
     x = torch.randn(5, 2)
     tup = egp_fast.measure_entropy(KW(), [(x, torch.zeros(5))] * 3, max_batches=2, progress=False)
     assert tup.batches == 2 and tup.sites["act"].observations == 10
@@ -57,15 +60,6 @@ def test_data_formats_tuple_dict_and_max_batches():
 
 
 def test_samples_of_dict_and_tuple_batches():
-    class KW(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(2, 2)
-            self.act = nn.ReLU()
-
-        def forward(self, pixel_values):
-            return self.act(self.fc(pixel_values))
-
     x = torch.randn(6, 2)
     d = egp_fast.measure_entropy(KW(), [{"pixel_values": x, "labels": torch.zeros(6)}], progress=False)
     t = egp_fast.measure_entropy(KW(), [(x, torch.zeros(6))] * 2, progress=False)
