@@ -37,6 +37,13 @@ to warm lazy imports, the extension and the thread pool.
 The growth exponent is the least-squares slope of log(time) against log(weights), per
 (dtype, method). Only the public API is used (``import egp_fast``).
 
+The machine this was written on is shared: each round also records its CPU time, its
+involuntary context switches and /proc/pressure/cpu, and the table marks (⚠) rounds whose threads
+did not get their cores (CPU s / (wall x threads) < 0.75); the exponents are also fitted on the
+undisturbed rounds only and on CPU time. ``--quiet-below P`` waits (at most ``--quiet-wait-s``)
+before each child until the CPU pressure is under P %. ``--merge A.json B.json ...`` runs
+nothing and pools earlier result files (the fastest child per configuration stands).
+
 A configuration whose estimated footprint (model + the issue's measured ~8 extra bytes/weight
 for fp32, ~5 for bf16) exceeds ``--mem-limit-gib`` (default 18) or the memory available now is
 skipped with the reason; so is anything started after ``--budget-s``.
