@@ -18,7 +18,7 @@ from egp_fast.folding import collapse as collapse_model
 from egp_fast.graph import unwrap_model
 from egp_fast.measurement import check_confidence, check_fraction
 from egp_fast.pruning.checks import check_accuracy, check_linearization, check_max_drop, check_step, within_tolerance
-from egp_fast.pruning.methods import get_method
+from egp_fast.pruning.methods import EasierMethod, get_method
 from egp_fast.pruning.pruner import Pruner
 from egp_fast.pruning.records import ModelSnapshot, PruneResult, RoundRecord
 
@@ -47,6 +47,10 @@ def prune(
     measure_stop: str | None = None,
     max_flip: float = 0.01,
     confidence: float = 0.95,
+    objective: str = "sites",
+    target_speedup: float | None = None,
+    fold: str = "auto",
+    exact: bool = True,
 ) -> PruneResult:
     """Prune ``model`` in rounds with EGP, IMP or EASIER, fine-tuning after each round.
 
@@ -57,7 +61,11 @@ def prune(
       weights at zero through your optimizer. Stops early when no layer is eligible.
     * ``"easier"``: replaces the live activation site with the lowest entropy (ties: the
       first in execution order), and every site already at zero entropy, by an affine map
-      (``linearization``); stops early when no site is left.
+      (``linearization``); stops early when no site is left. With ``objective="latency"`` it
+      removes instead the *group* of sites whose removal lets collapse merge layers (both
+      activations of an inverted residual, a transformer MLP's activation, the inner pair of a
+      bottleneck) with the least entropy per unit of predicted time saved (docs/algorithm.md,
+      "EASIER"), and stops once the predicted speed-up reaches ``target_speedup``.
 
     Then it calls ``finetune(model, round)`` and, if given, ``evaluate(model)``. With
     ``evaluate`` and a tolerance (``max_drop``; EASIER always has one) the dense model is
@@ -115,11 +123,29 @@ def prune(
             ``confidence``, :meth:`SiteStats.flip_bound`, at most ``max_flip``) to be removed by
             ``collapse=True``, and to count as decided with ``measure_stop="decided"``;
             ``max_flip=1.0`` trusts any amount of data.
+        objective: ``easier``: ``"sites"`` (EASIER's rule: the lowest-entropy site each round)
+            or ``"latency"`` (the removal group with the least entropy per unit of predicted
+            saving; when no group saves anything, the lowest-entropy site). Each round's record
+            then gives the ``group``, the ``predicted_speedup`` of the collapsed model and the
+            ``measured_speedup`` (collapsed vs uncollapsed, timed interleaved on
+            ``example_inputs``, about a second per round).
+        target_speedup: ``objective="latency"``: stop after the first kept round whose
+            predicted speed-up reaches this (> 1.0; ``None``: only ``iterations`` and
+            ``max_drop`` stop).
+        fold: how ``collapse=True`` folds (``"auto"``, ``"latency"``, ``"always"`` or ``"never"``,
+            see :func:`egp_fast.collapse`); with ``objective="latency"`` also what prices the
+            savings: ``"auto"`` counts FLOPs, ``"latency"`` times each candidate layer on the
+            model's device (cached per shape).
+        exact: as :func:`egp_fast.collapse`'s ``exact``, for ``collapse=True`` and the
+            predictions of ``objective="latency"``: True counts only merges that keep every
+            output; CNNs with zero-padded convs usually need ``exact=False`` for a merge to pay
+            (e.g. an inverted residual becoming one dense 3x3 conv).
 
     Returns:
         :class:`PruneResult`: the model, one :class:`RoundRecord` per round (with
-        ``removed_sites`` and ``accuracy``), the final statistics, ``dense_accuracy`` and
-        ``best_round``.
+        ``removed_sites``, ``accuracy`` and, with ``objective="latency"``, ``group``,
+        ``predicted_speedup`` and ``measured_speedup``), the final statistics,
+        ``dense_accuracy`` and ``best_round``.
 
     Raises:
         ConfigError: a bad argument (named in the message), e.g. ``easier`` without
@@ -149,8 +175,23 @@ def prune(
     if evaluate is not None and not callable(evaluate):
         raise ConfigError("evaluate must be a callable evaluate(model) -> accuracy in [0, 1], or None")
     check_step(step)
-    default_max_drop = get_method(method, linearization=linearization).default_max_drop
     check_linearization(linearization)
+    if fold not in ("auto", "latency", "always", "never"):
+        raise ConfigError(f"fold={fold!r}; use 'auto', 'latency', 'always' or 'never' (see egp_fast.collapse)")
+    if not isinstance(exact, bool):
+        raise ConfigError(f"exact={exact!r} must be True or False")
+    options: dict[str, Any] = {"linearization": linearization}
+    by_latency = objective != "sites" or target_speedup is not None
+    if by_latency:
+        options.update(objective=objective, target_speedup=target_speedup, fold=fold, exact=exact)
+    probe = get_method(method, **options)
+    if by_latency and not isinstance(probe, EasierMethod):
+        raise ConfigError(
+            f"objective={objective!r}, target_speedup={target_speedup!r}: only method='easier' chooses its "
+            f"removals by the speed they unlock; use method='easier' or drop objective/target_speedup "
+            f"(method={method!r})"
+        )
+    default_max_drop = probe.default_max_drop
     if default_max_drop is not None:
         if evaluate is None:
             raise ConfigError(
@@ -183,6 +224,10 @@ def prune(
         "measure_stop": measure_stop,
         "max_flip": max_flip,
         "confidence": confidence,
+        "objective": objective,
+        "target_speedup": target_speedup,
+        "fold": fold,
+        "exact": exact,
     }
     target = unwrap_model(model)
     # The state a failure returns to: the model as passed, then the end of each completed round.
@@ -206,12 +251,16 @@ def prune(
             masked_linear=masked_linear,
             linearization=linearization,
         )
+        if by_latency:
+            pruner._method = probe  # the Pruner builds its method with linearization= alone
         if evaluate is not None:
             result.dense_accuracy = check_accuracy(evaluate(model), "before the first round")
         for i in range(iterations):
             if pruner._graph is not None and len(pruner._graph) == 0:
                 break  # EASIER removed every site
             record = pruner.round(data, max_batches, **measure_options)
+            if isinstance(pruner._method, EasierMethod):
+                pruner._method.annotate(record, target, pruner.example_inputs)
             if not pruner._method.progressed(record):
                 rounds.append(record)  # the record says why: nothing eligible, or no site left
                 result.best_round = len(rounds) - 1
@@ -228,12 +277,16 @@ def prune(
             snapshot.take(target)
             completed = True
             result.best_round = len(rounds) - 1
+            if target_speedup is not None and (record.predicted_speedup or 1.0) >= target_speedup:
+                break  # the latency budget is met: no further removal is needed
         # The last measurement feeds collapse, not a plan: no plan rule to wait for.
         final_options = dict(measure_options, plan_tol=None) if measure_options else {}
         result.stats = pruner.measure(data, max_batches, **final_options)
         if collapse:
+            cost = probe.layer_cost(target) if by_latency and fold == "latency" else None
             result.collapse = collapse_model(
-                target, result.stats, pruner.example_inputs, max_flip=max_flip, confidence=confidence
+                target, result.stats, pruner.example_inputs, exact=exact, fold=fold, max_flip=max_flip,
+                confidence=confidence, cost=cost,
             )
             result.model = result.collapse.model
         return result

@@ -50,6 +50,15 @@ class RoundRecord:
             ``max_drop`` below the dense accuracy).
         sites_left: activation sites left in the model after the round.
         method: ``"egp"``, ``"imp"`` or ``"easier"``.
+        group: EASIER with ``objective="latency"``: the removal group this round chose (the
+            live sites whose joint removal lets collapse merge layers; a single site when no
+            group saved anything). Empty otherwise.
+        predicted_speedup: EASIER with ``objective="latency"``: the fold plan's predicted
+            speed-up of the collapsed model after this round over the uncollapsed one (cost of
+            the weight layers in FLOPs, or measured layer times with ``fold="latency"``).
+        measured_speedup: the same speed-up measured: the model after this round, collapsed,
+            timed interleaved against itself uncollapsed on the example batch (median of the
+            paired ratios; above 1 is faster). ``None`` when not measured.
     """
 
     iteration: int
@@ -63,6 +72,9 @@ class RoundRecord:
     kept: bool = True
     sites_left: int | None = None
     method: str = "egp"
+    group: list[str] = field(default_factory=list)
+    predicted_speedup: float | None = None
+    measured_speedup: float | None = None
 
     @property
     def pruned(self) -> int:
@@ -82,6 +94,9 @@ class RoundRecord:
             "sites_left": self.sites_left,
             "accuracy": self.accuracy,
             "kept": self.kept,
+            "group": list(self.group),
+            "predicted_speedup": self.predicted_speedup,
+            "measured_speedup": self.measured_speedup,
             "layers": [dict(x) for x in self.layers],
             "stats": self.stats,
         }
