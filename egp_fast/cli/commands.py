@@ -101,6 +101,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--linearization", choices=("identity", "majority"), default=S, help="easier: a removed "
                    "site becomes the identity (EASIER) or, per channel, identity/zero by its majority "
                    "state (default identity)")
+    g.add_argument("--objective", choices=("sites", "latency"), default=S, help="easier: what each step "
+                   "removes: sites (the lowest-entropy site, EASIER's rule; default) or latency (the group "
+                   "of sites whose removal lets collapse merge layers, with the least entropy per FLOP saved; "
+                   "each step reports the predicted and measured speed-up)")
+    g.add_argument("--target-speedup", type=float, default=S, help="easier with --objective latency: stop "
+                   "once the predicted speed-up of the collapsed model reaches this (> 1.0; default: no such "
+                   "stop)")
     g.add_argument("--step", type=float, default=S, help="zeta: fraction of the remaining eligible weights "
                    "pruned per round, in (0, 1) (default 0.5)")
     g.add_argument("--measure-batches", type=int, default=S, help="cap on entropy measurement batches "
@@ -255,6 +262,15 @@ def _validate(cfg: dict) -> None:
     if cfg["method"] == "easier" and cfg["val_fraction"] == 0:
         raise ConfigError("--method easier needs a validation split held out from the training data: "
                           "--val-fraction must be > 0 (e.g. 0.1); the test split is never used to decide")
+    if cfg["objective"] != "sites" and cfg["method"] != "easier":
+        raise ConfigError(f"--objective {cfg['objective']} needs --method easier (it orders EASIER's removals)")
+    if cfg["target_speedup"] is not None:
+        if cfg["objective"] != "latency":
+            raise ConfigError("--target-speedup needs --objective latency (the speed-up is predicted from the "
+                              "groups of sites it removes); add --objective latency or drop --target-speedup")
+        if not cfg["target_speedup"] > 1.0 or cfg["target_speedup"] == float("inf"):
+            raise ConfigError(f"--target-speedup must be a finite number > 1.0, got {cfg['target_speedup']}; "
+                              "1.5 stops once the collapsed model is predicted 1.5x faster")
     if not 0 <= cfg["max_drop"] < 1:
         raise ConfigError(f"--max-drop must be a fraction in [0, 1), got {cfg['max_drop']}; 0.01 is 1 point")
     if not 0 < cfg["max_flip"] <= 1:

@@ -19,7 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "model": "cifar_resnet18", "width": None, "weights": None,
     "data": "digits", "image_size": None, "limit": None, "val_fraction": 0.1,
     "method": "egp", "rounds": None, "step": 0.5, "dense_epochs": 15, "epochs": None,
-    "max_drop": 0.01, "linearization": "identity",
+    "max_drop": 0.01, "linearization": "identity", "objective": "sites", "target_speedup": None,
     "optimizer": None, "dense_lr": None, "lr": None, "momentum": 0.9, "weight_decay": 1e-4,
     "schedule": "cosine", "milestones": [0.5, 0.75], "gamma": 0.1,
     "batch_size": 64, "eval_batch_size": 256, "amp": False, "channels_last": False, "seed": 0,

@@ -42,7 +42,7 @@ from egp_fast.cli.report import epoch_line, round_line, round_table
 from egp_fast.cli.resume import ResumeMixin
 from egp_fast.errors import CheckpointError, ConfigError
 from egp_fast.masks import masked_layers
-from egp_fast.pruning import Pruner, within_tolerance
+from egp_fast.pruning import Pruner, get_method, within_tolerance
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -122,6 +122,10 @@ class Run(ResumeMixin, FinishMixin):
         kw = {"linearization": cfg["linearization"]} if self.easier else {}
         self.pruner = Pruner(model, self.example, step=cfg["step"], method=cfg["method"],
                              entropy_mode=cfg["entropy_mode"], progress=self.show, **kw)
+        if self.easier and cfg.get("objective", "sites") != "sites":
+            # Pruner builds its method with linearization= alone; the latency objective needs more.
+            self.pruner._method = get_method("easier", objective=cfg["objective"], exact=not cfg["approx_collapse"],
+                                             target_speedup=cfg["target_speedup"], **kw)
         self._wrap()
 
     def _wrap(self) -> None:
@@ -221,6 +225,11 @@ class Run(ResumeMixin, FinishMixin):
             if not removed:
                 return False
             st["removed"].append(self._removed_entries(list(removed)))
+            last = getattr(self.pruner._method, "last", None)
+            if self.cfg.get("objective", "sites") == "latency" and last is not None:
+                st.setdefault("speedups", []).append({
+                    "round": rnd, "group": list(last["group"]), "predicted": last["predicted_speedup"],
+                    "measured": self.pruner._method.measure_speedup(self.model, self.example)})
             st["applied"] = rnd
             self._wrap()  # new modules: DDP and compile see the new structure
             st.update(plan=None)
@@ -299,6 +308,10 @@ class Run(ResumeMixin, FinishMixin):
                 else:
                     st.update(phase="done", stopped=f"validation accuracy {100 * rec['val_accuracy']:.1f}% is more "
                               f"than {100 * cfg['max_drop']:g} pt below the dense {100 * dense_val:.1f}%")
+                target, done = cfg.get("target_speedup"), (st.get("speedups") or [{}])[-1]
+                if st["phase"] == "round" and target and done.get("round") == rnd and done["predicted"] >= target:
+                    st.update(phase="done", stopped=f"predicted speed-up {done['predicted']:.2f}x reached "
+                              f"--target-speedup {target:g}")
                 if st["phase"] == "round" and not self.pruner.graph.sites:
                     st.update(phase="done", stopped="no activation site left")
             self._checkpoint()
