@@ -18,7 +18,7 @@
    training: the rehearsal is about where the time goes, not accuracy.
 3. Reads the run's ``report.json``: every round's time split (setup, training, evaluation,
    measurement, selection, masks, other) and the end's (collapse, latency, saving), each the
-   slowest rank's (:mod:`egp_fast.cli.timing`), and EGP's own share of a round: (measurement +
+   rank 0's (:mod:`egp_fast.cli.timing`), and EGP's own share of a round: (measurement +
    selection + masks) / one fine-tune epoch.
 4. Extrapolates to ImageNet-1k (``--target-images``, 1.28 M) on ``--target-gpus`` GPUs: the
    measurement of ``--measure auto`` stops once every site and the plan are decided, after a
@@ -244,7 +244,7 @@ def markdown(res: dict) -> str:
         f"{an['params'] / 1e6:.1f} M parameters), no dense training, 1 round of {a['epochs']} fine-tune epoch(s). "
         f"Run wall time {res['run_seconds']:.0f} s.",
         "",
-        "Seconds per phase (slowest rank):",
+        "Seconds per phase (as report.json gives them):",
         "",
         "| | " + " | ".join(PHASE_ORDER) + " | total |",
         "|---" * (len(PHASE_ORDER) + 2) + "|",
@@ -254,6 +254,13 @@ def markdown(res: dict) -> str:
     lines.append(_row("end (collapse...)", an["final"]))
     lines.append(_row("**run**", an["total"]))
     share = an["egp_share_of_epoch"]
+    summed, wall = sum((an["total"] or {}).values()), an.get("wall_seconds") or 0.0
+    if wall and summed > 1.01 * wall:
+        lines += ["", f"The phases add up to {summed:.0f} s, more than the run's wall time ({wall:.0f} s): this run "
+                  "was recorded while the report took each phase's maximum over the ranks, so at the end rank 1's "
+                  "evaluation of the collapsed model (which includes its wait for rank 0's latency measurement) and "
+                  "rank 0's latency measurement were both counted. The rounds are not affected (every rank runs "
+                  "the same phases). The report now gives rank 0's split, which adds up to the wall time."]
     lines += [
         "",
         f"Round 1: EGP's own work (measurement {an['measure_seconds']:.1f} s + selection and masks "

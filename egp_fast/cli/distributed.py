@@ -4,8 +4,7 @@
 joins the process group torchrun describes and :func:`cleanup_distributed` leaves it;
 :func:`wrap_ddp` puts a model into DistributedDataParallel (:func:`egp_fast.graph.unwrap_model`
 takes it out); :func:`broadcast_buffers` and :func:`all_reduce_sum` keep the ranks' buffers and
-counts equal; :func:`all_reduce_max` takes the slowest rank's phase times. Everything is a
-no-op for a one-process job.
+counts equal. Everything is a no-op for a one-process job.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from egp_fast.errors import ConfigError
 
 __all__ = [
     "DistInfo",
-    "all_reduce_max",
     "all_reduce_sum",
     "broadcast_buffers",
     "cleanup_distributed",
@@ -176,27 +174,4 @@ def all_reduce_sum(values: list[float], info: DistInfo | None) -> list[float]:
 
     t = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def all_reduce_max(values: list[float], info: DistInfo | None) -> list[float]:
-    """The maximum of a few numbers over the ranks (float64), e.g. the slowest rank's seconds.
-
-    Args:
-        values: this rank's numbers.
-        info: the job's :class:`DistInfo`; ``None`` or one process returns ``values`` as they are.
-
-    Returns:
-        The maxima, one per value, the same on every rank.
-
-    Example:
-        >>> all_reduce_max([1.5, 0.25], DistInfo())
-        [1.5, 0.25]
-    """
-    if info is None or not info.distributed:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()

@@ -221,7 +221,7 @@ class FinishMixin:
                                latency_pruned_ms=train.measure_latency(self.model, xb))
         self._tick()
         summary["wall_seconds"] = st["elapsed"]
-        summary.update(time_summary(rounds, round_split(st["round_time"], st["round_seconds"], self.info),
+        summary.update(time_summary(rounds, round_split(st["round_time"], st["round_seconds"]),
                                     cfg["epochs"]))
         extra["summary"] = summary
         extra["complete"] = True

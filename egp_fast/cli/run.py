@@ -211,7 +211,7 @@ class Run(ResumeMixin, FinishMixin):
         stats = self._measure()
         self._tick()
         rec = self._round_record(rnd, stats, ev, val, plan, self.state["round_seconds"])
-        rec["time"] = round_split(self.state["round_time"], self.state["round_seconds"], self.info)
+        rec["time"] = round_split(self.state["round_time"], self.state["round_seconds"])
         self.state["history"]["rounds"].append(rec)
         if self.plain:
             self._say(round_line(rec))

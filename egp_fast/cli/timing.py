@@ -19,9 +19,11 @@ Phases:
 * ``latency``: timing the pruned and collapsed models at the end;
 * ``save``: writing the pruned and collapsed models at the end.
 
-With several processes every rank times its own phases and the report keeps, per phase, the
-maximum over the ranks (one ``all_reduce``): the ranks meet at a collective at the end of each
-phase, so the slowest rank's time is the job's.
+With several processes the report gives rank 0's split (rank 0 writes it). Every phase that
+all ranks run ends at a collective (the gradient and count ``all_reduce``), so rank 0's time for
+it includes any wait for a slower rank: it is the job's time. A per-phase maximum over the ranks
+would count twice the work only rank 0 does: while rank 0 times the models (``latency``), the
+other ranks wait in their next evaluation.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ import time
 from collections.abc import Iterator, Sequence
 
 import torch
-
-from egp_fast.cli.distributed import DistInfo, all_reduce_max
 
 __all__ = ["PHASES", "PhaseClock", "round_split", "time_lines", "time_short", "time_summary"]
 
@@ -78,25 +78,21 @@ class PhaseClock:
             into[name] = into.get(name, 0.0) + time.perf_counter() - t0
 
 
-def round_split(times: dict, seconds: float, info: DistInfo | None = None) -> dict:
-    """A round's phase seconds (max over the ranks) plus ``other``, adding up to ``seconds``.
-
-    Every rank must call it (it is a collective when distributed).
+def round_split(times: dict, seconds: float) -> dict:
+    """A round's seconds per phase plus ``other``, adding up to ``seconds``.
 
     Args:
         times: this rank's seconds per phase.
         seconds: the round's wall time on this rank.
-        info: the job's DistInfo.
 
     Returns:
-        ``{phase: seconds}`` for every phase in :data:`PHASES` and ``other`` (never negative:
-        when the ranks' maxima add up to more than this rank's wall time, ``other`` is 0).
+        ``{phase: seconds}`` for every phase in :data:`PHASES` and ``other`` (never negative).
 
     Example:
         >>> round_split({"train": 3.0, "measure": 0.5}, 4.0)["other"]
         0.5
     """
-    vals = all_reduce_max([float(times.get(p, 0.0)) for p in PHASES], info)
+    vals = [float(times.get(p, 0.0)) for p in PHASES]
     out = dict(zip(PHASES, vals))
     out["other"] = max(0.0, float(seconds) - sum(vals))
     return out
@@ -173,7 +169,7 @@ def time_lines(summary: dict) -> list[str]:
     if t.get("other"):
         parts.append(f"other {_sec(t['other'])}")
     ranks = summary.get("world_size") or 1
-    lines = [("time" + (f" (slowest of {ranks} ranks)" if ranks > 1 else "") + ": " + ", ".join(parts))]
+    lines = [("time" + (f" (rank 0 of {ranks})" if ranks > 1 else "") + ": " + ", ".join(parts))]
     if summary.get("egp_share_of_epoch") is not None:
         lines.append(f"EGP's own work per round (measurement + selection + masks): "
                      f"{_sec(summary['egp_seconds_per_round'])} = {100 * summary['egp_share_of_epoch']:.1f}% of one "

@@ -17,14 +17,7 @@ from torch import nn
 
 from egp_fast.cli.commands import main
 from egp_fast.cli.data import load_data
-from egp_fast.cli.distributed import (
-    DistInfo,
-    all_reduce_max,
-    all_reduce_sum,
-    broadcast_buffers,
-    init_distributed,
-    wrap_ddp,
-)
+from egp_fast.cli.distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, wrap_ddp
 from egp_fast.cli.loader import make_loader
 from egp_fast.cli.models import build_model
 from egp_fast.cli.timing import PHASES
@@ -70,7 +63,6 @@ def test_single_process_dist_helpers(monkeypatch):
     assert wrap_ddp(m, info) is m and unwrap_model(m) is m
     assert DistInfo().device.type == "cpu"
     assert all_reduce_sum([1.0, 2.5], info) == [1.0, 2.5] and all_reduce_sum([3.0], None) == [3.0]
-    assert all_reduce_max([1.0, 2.5], info) == [1.0, 2.5] and all_reduce_max([3.0], None) == [3.0]
     bn = nn.BatchNorm1d(3)
     broadcast_buffers(bn, info)  # one process: nothing to copy, nothing changed
     assert torch.equal(bn.running_mean, torch.zeros(3))
@@ -156,14 +148,14 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             assert sa["entropy"] == sb["entropy"]
         for key in ("allocation", "zero_entropy_sites", "sparsity", "accuracy", "val_accuracy", "layers"):
             assert ra[key] == rb[key], key
-    # every round's time split: the slowest rank's seconds per phase, other = the rest of rank 0's wall time
+    # every round's time split (rank 0's): seconds per phase, other the rest of the round's wall time
     for r in b["rounds"]:
         t = r["time"]
         assert set(t) == set(PHASES) | {"other"} and all(v >= 0 for v in t.values()), t
         assert t["measure"] > 0 and t["eval"] > 0
-        assert r["seconds"] - 1e-6 <= sum(t.values()) <= 1.1 * r["seconds"] + 0.5
+        assert sum(t.values()) == pytest.approx(r["seconds"], rel=1e-9, abs=1e-9)
     assert b["rounds"][1]["time"]["select"] > 0 and b["rounds"][1]["time"]["masks"] > 0
-    assert "time (slowest of 2 ranks)" in proc.stdout
+    assert "time (rank 0 of 2)" in proc.stdout
     ma = _masks(torch.load(one / "model.pt", weights_only=True))
     mb = _masks(torch.load(two / "model.pt", weights_only=True))
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)

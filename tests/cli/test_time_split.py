@@ -37,7 +37,7 @@ def test_round_split_fills_every_phase_and_other_is_the_rest():
     assert set(split) == KEYS
     assert split["other"] == pytest.approx(0.25) and sum(split.values()) == pytest.approx(4.0)
     assert split["collapse"] == 0.0
-    # more in the phases than the wall time (maxima over ranks): other is 0, never negative
+    # more in the phases than the wall time (clocks read at different moments): other is 0, never negative
     assert round_split({"train": 5.0}, 4.0)["other"] == 0.0
 
 
@@ -51,7 +51,7 @@ def test_summary_totals_and_egp_share():
     assert s["finetune_epoch_seconds"] == pytest.approx(50.0 / 10)
     assert s["egp_share_of_epoch"] == pytest.approx(1.1 / 5.0)
     text = "\n".join(time_lines({**s, "world_size": 2}))
-    assert "(slowest of 2 ranks)" in text and "collapse 4.0 s" in text and "22.0% of one fine-tune epoch" in text
+    assert "time (rank 0 of 2): " in text and "collapse 4.0 s" in text and "22.0% of one fine-tune epoch" in text
     # no fine-tune epochs: no share (nothing to compare with)
     assert "egp_share_of_epoch" not in time_summary(rounds, None, epochs=0)
     assert time_lines({}) == []
