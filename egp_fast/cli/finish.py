@@ -9,7 +9,8 @@ here too.
 
 The mixin uses the run's ``cfg``, ``info``, ``device``, ``model``, ``pruner``, ``example``,
 ``state``, ``src``, ``versions``, ``easier``, ``plain``, ``show`` and loaders, and its ``_say``,
-``_measure``, ``_optim`` and ``_tick``.
+``_measure``, ``_optim``, ``_phase`` and ``_tick``. The end of the run is timed like a round
+(``summary["time_final"]``: collapse, latency, saving...; :mod:`egp_fast.cli.timing`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from egp_fast.cli.defaults import PROG, options_hash
 from egp_fast.cli.distributed import broadcast_buffers, wrap_ddp
 from egp_fast.cli.report import epoch_line, render_run, summary_text, write_json
 from egp_fast.errors import ConfigError, EGPError
-from egp_fast.folding import collapse
+from egp_fast.cli.timing import round_split, time_summary
+from egp_fast.folding import collapse, compare_latency
 from egp_fast.graph import weight_layers
 from egp_fast.masks import masked_layers
 from egp_fast.masks import sparsity as masked_sparsity
@@ -100,12 +102,23 @@ class FinishMixin:
     def _collapse(self, stats) -> tuple[dict, dict, torch.nn.Module]:
         """Collapse the zero-entropy sites (and the removed ones), evaluate; returns the collapsed model."""
         cfg = self.cfg
-        res = collapse(self.model, stats, self.example, exact=not cfg["approx_collapse"],
-                       measure_latency=self.info.is_main and cfg["latency"], max_flip=cfg["max_flip"],
-                       confidence=cfg["confidence"], check=self.check_loader)
+        with self._phase("collapse"):
+            res = collapse(self.model, stats, self.example, exact=not cfg["approx_collapse"],
+                           measure_latency=False, max_flip=cfg["max_flip"],
+                           confidence=cfg["confidence"], check=self.check_loader)
+        if self.info.is_main and cfg["latency"]:
+            with self._phase("latency"):  # what collapse(measure_latency=True) records, timed on its own
+                res.latency = compare_latency(self.model, res.model, self.example)
+            for bs, row in res.latency["batches"].items():
+                res.before[f"latency_ms_b{bs}"], res.after[f"latency_ms_b{bs}"] = row["a_ms"], row["b_ms"]
+            res.before["threads"] = res.after["threads"] = res.latency["threads"]
+            if res.plan:
+                res.plan["measured"] = {str(bs): {"before_ms": row["a_ms"], "after_ms": row["b_ms"]}
+                                        for bs, row in res.latency["batches"].items()}
         cmodel = res.model.to(self.device).eval()
-        ev = train.evaluate(cmodel, self.test_loader, device=self.device, amp=cfg["amp"], progress=self.show,
-                            desc="eval collapsed", dist=self.info)
+        with self._phase("eval"):
+            ev = train.evaluate(cmodel, self.test_loader, device=self.device, amp=cfg["amp"], progress=self.show,
+                                desc="eval collapsed", dist=self.info)
         b, a = res.before, res.after
         # sites_before stays the original model's count (EASIER has already removed some sites
         # from the model collapse sees); the collapse's own before/after are in report["collapse"].
@@ -143,9 +156,10 @@ class FinishMixin:
         base = cfg["dense_epochs"] + cfg["rounds"] * cfg["epochs"]
         for e in range(cfg["fold_epochs"]):
             self.train_loader.set_epoch(base + e)
-            tr = train.train_epoch(net, self.train_loader, opt, device=self.device, amp=cfg["amp"],
-                                   scaler=self.scaler, progress=self.show, desc=f"fold-finetune epoch {e + 1}",
-                                   dist=self.info)
+            with self._phase("train"):
+                tr = train.train_epoch(net, self.train_loader, opt, device=self.device, amp=cfg["amp"],
+                                       scaler=self.scaler, progress=self.show,
+                                       desc=f"fold-finetune epoch {e + 1}", dist=self.info)
             sch.step()
             broadcast_buffers(cmodel, self.info)
             ev = train.evaluate(cmodel, self.test_loader, device=self.device, amp=cfg["amp"], dist=self.info)
@@ -181,9 +195,10 @@ class FinishMixin:
                            easier_removed=[e["site"] for step in st["removed"][:st.get("best_round", 0)]
                                            for e in step])
         if self.info.is_main:
-            buf = io.BytesIO()
-            torch.save(self.model.state_dict(), buf)
-            atomic_write_bytes(os.path.join(self.run_dir, "model.pt"), buf.getvalue())
+            with self._phase("save"):
+                buf = io.BytesIO()
+                torch.save(self.model.state_dict(), buf)
+                atomic_write_bytes(os.path.join(self.run_dir, "model.pt"), buf.getvalue())
         extra: dict[str, Any] = {}
         if cfg["collapse"]:
             try:
@@ -194,15 +209,20 @@ class FinishMixin:
                     summary.update(acc_fold_before=extra["fold_finetune"]["acc_before"],
                                    acc_fold_after=extra["fold_finetune"]["acc_after"])
                 if self.info.is_main:
-                    extra["collapse"]["saved"] = artifacts.save_collapsed(cmodel, self.example, self.run_dir)
+                    with self._phase("save"):
+                        extra["collapse"]["saved"] = artifacts.save_collapsed(cmodel, self.example, self.run_dir)
             except EGPError as e:  # the pruned run stands; say why the collapse did not
                 extra["collapse"] = {"error": str(e)}
                 self._say(f"collapse skipped: {e}")
         if self.info.is_main and cfg["latency"] and summary.get("latency_pruned_ms") is None:
             xb = next(iter(self.test_loader))[0] if len(self.test_loader) else self.example
-            summary.update(latency_batch=int(xb.shape[0]), latency_pruned_ms=train.measure_latency(self.model, xb))
+            with self._phase("latency"):
+                summary.update(latency_batch=int(xb.shape[0]),
+                               latency_pruned_ms=train.measure_latency(self.model, xb))
         self._tick()
         summary["wall_seconds"] = st["elapsed"]
+        summary.update(time_summary(rounds, round_split(st["round_time"], st["round_seconds"]),
+                                    cfg["epochs"]))
         extra["summary"] = summary
         extra["complete"] = True
         self._write_report(extra)

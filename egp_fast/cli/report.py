@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from egp_fast.cli.checkpoints import atomic_write_bytes, atomic_write_text
+from egp_fast.cli.timing import time_lines, time_short
 from egp_fast.errors import CheckpointError, ConfigError
 
 __all__ = [
@@ -204,7 +205,7 @@ def round_line(rec: dict) -> str:
 
     Returns:
         One line: round, sparsity, sites at zero entropy (and EASIER's removed sites), test
-        accuracy, validation accuracy when held out, seconds.
+        accuracy, validation accuracy when held out, seconds (and the time split, when recorded).
 
     Example:
         >>> print(round_line({"round": 1, "sparsity": 0.5, "accuracy": 0.97, "val_accuracy": 0.96,
@@ -218,7 +219,8 @@ def round_line(rec: dict) -> str:
     line += f"  accuracy {_pct(rec.get('accuracy'))}"
     if rec.get("val_accuracy") is not None:
         line += f"  val acc {_pct(rec['val_accuracy'])}"
-    return line + f"  {rec.get('seconds', 0.0):.1f}s"
+    line += f"  {rec.get('seconds', 0.0):.1f}s"
+    return line + (f" ({time_short(rec['time'])})" if rec.get("time") else "")
 
 
 def summary_text(report: dict) -> str:
@@ -279,6 +281,7 @@ def summary_text(report: dict) -> str:
             if s.get(f"latency{key}_inside_noise"):
                 lat += ": inside the noise, no measurable difference"
         lines.append(lat)
+    lines.extend(time_lines(s))
     if s.get("wall_seconds") is not None:
         lines.append(f"wall time: {s['wall_seconds']:.1f} s")
     return "\n".join(lines)

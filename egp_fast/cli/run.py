@@ -40,6 +40,7 @@ from egp_fast.cli.loader import make_loader
 from egp_fast.cli.models import build_model, load_weights, model_in_channels
 from egp_fast.cli.report import epoch_line, round_line, round_table
 from egp_fast.cli.resume import ResumeMixin
+from egp_fast.cli.timing import PhaseClock, round_split
 from egp_fast.errors import CheckpointError, ConfigError
 from egp_fast.masks import masked_layers
 from egp_fast.pruning import Pruner, get_method, within_tolerance
@@ -64,6 +65,11 @@ class Run(ResumeMixin, FinishMixin):
         self.best_path = os.path.join(run_dir, "best.pt")
         self.stats = None  # the latest entropy measurement, valid while the model is unchanged
         self.easier = cfg["method"] == "easier"
+        self.clock = PhaseClock(self.device)
+
+    def _phase(self, name: str):
+        """Time a block as phase ``name`` of the current round (:mod:`egp_fast.cli.timing`)."""
+        return self.clock.phase(self.state["round_time"], name)
 
     # -- output helpers ---------------------------------------------------------------------
     def _say(self, text: str = "") -> None:
@@ -152,13 +158,15 @@ class Run(ResumeMixin, FinishMixin):
         self.train_loader.set_epoch(g)
         lr = opt.param_groups[0]["lr"]
         label = "dense" if phase == "dense" else f"round {rnd}"
-        tr = train.train_epoch(self.train_model, self.train_loader, opt, device=self.device, amp=cfg["amp"],
-                               scaler=self.scaler, progress=self.show, desc=f"{label} epoch {e + 1}",
-                               dist=self.info)
-        sch.step()
-        broadcast_buffers(self.model, self.info)
-        ev = train.evaluate(self.model, self.test_loader, device=self.device, amp=cfg["amp"], progress=self.show,
-                            desc="eval", dist=self.info)
+        with self._phase("train"):
+            tr = train.train_epoch(self.train_model, self.train_loader, opt, device=self.device, amp=cfg["amp"],
+                                   scaler=self.scaler, progress=self.show, desc=f"{label} epoch {e + 1}",
+                                   dist=self.info)
+            sch.step()
+            broadcast_buffers(self.model, self.info)
+        with self._phase("eval"):
+            ev = train.evaluate(self.model, self.test_loader, device=self.device, amp=cfg["amp"],
+                                progress=self.show, desc="eval", dist=self.info)
         rec = {"phase": phase, "round": rnd, "epoch": e + 1, "global_epoch": g + 1, "lr": lr,
                "train_loss": tr["loss"], "train_acc": tr["acc"], "test_loss": ev["loss"], "test_acc": ev["acc"],
                "sparsity": self.pruner.sparsity(), "seconds": tr["seconds"]}
@@ -173,7 +181,8 @@ class Run(ResumeMixin, FinishMixin):
             kw: dict[str, Any] = {}
             if cfg["measure"] == "auto":
                 kw = {"stop": "decided", "max_flip": cfg["max_flip"], "confidence": cfg["confidence"]}
-            self.stats = self.pruner.measure(self.measure_loader, max_batches=cfg["measure_batches"], **kw)
+            with self._phase("measure"):
+                self.stats = self.pruner.measure(self.measure_loader, max_batches=cfg["measure_batches"], **kw)
         return self.stats
 
     def _check_masks_agree(self) -> None:
@@ -196,15 +205,17 @@ class Run(ResumeMixin, FinishMixin):
 
     # -- one round --------------------------------------------------------------------------
     def _finish_round(self, rnd: int, plan: dict | None) -> dict:
-        ev = train.evaluate(self.model, self.test_loader, device=self.device, amp=self.cfg["amp"],
-                            progress=self.show, desc="eval", dist=self.info)
-        val = None
-        if self.val_loader is not None:
-            val = train.evaluate(self.model, self.val_loader, device=self.device, amp=self.cfg["amp"],
-                                 progress=self.show, desc="eval val", dist=self.info)
+        with self._phase("eval"):
+            ev = train.evaluate(self.model, self.test_loader, device=self.device, amp=self.cfg["amp"],
+                                progress=self.show, desc="eval", dist=self.info)
+            val = None
+            if self.val_loader is not None:
+                val = train.evaluate(self.model, self.val_loader, device=self.device, amp=self.cfg["amp"],
+                                     progress=self.show, desc="eval val", dist=self.info)
         stats = self._measure()
         self._tick()
         rec = self._round_record(rnd, stats, ev, val, plan, self.state["round_seconds"])
+        rec["time"] = round_split(self.state["round_time"], self.state["round_seconds"])
         self.state["history"]["rounds"].append(rec)
         if self.plain:
             self._say(round_line(rec))
@@ -219,8 +230,14 @@ class Run(ResumeMixin, FinishMixin):
         """Measure, plan and apply round ``rnd``; False when there is nothing left to do (EASIER)."""
         st = self.state
         stats = self._measure()
-        plan = self.pruner.plan(stats)
-        removed = self.pruner.apply(plan, stats)
+        with self._phase("select"):
+            plan = self.pruner.plan(stats)
+        with self._phase("masks"):
+            removed = self.pruner.apply(plan, stats)
+            if self.easier and removed:
+                self._wrap()  # new modules: DDP and compile see the new structure
+            elif not self.easier:
+                self._check_masks_agree()
         if self.easier:
             if not removed:
                 return False
@@ -231,10 +248,8 @@ class Run(ResumeMixin, FinishMixin):
                     "round": rnd, "group": list(last["group"]), "predicted": last["predicted_speedup"],
                     "measured": self.pruner._method.measure_speedup(self.model, self.example)})
             st["applied"] = rnd
-            self._wrap()  # new modules: DDP and compile see the new structure
             st.update(plan=None)
         else:
-            self._check_masks_agree()
             st.update(plan={k: int(v) for k, v in plan.items()})
         self.stats = None
         return True
@@ -246,8 +261,9 @@ class Run(ResumeMixin, FinishMixin):
         t_setup = time.perf_counter()
         self._setup()
         self.versions = artifacts.versions(self.device)
+        setup_s = time.perf_counter() - t_setup
         self.state = {"phase": "dense", "round": 0, "epoch": 0, "plan": None, "elapsed": 0.0,
-                      "round_seconds": 0.0, "history": {"epochs": [], "rounds": []},
+                      "round_seconds": 0.0, "round_time": {}, "history": {"epochs": [], "rounds": []},
                       "removed": [], "applied": 0, "best_round": 0, "stopped": None,
                       "sites0": [s.name for s in self.pruner.graph.sites]}
         ck = None
@@ -263,6 +279,8 @@ class Run(ResumeMixin, FinishMixin):
                     os.unlink(entry.path)
         self._mark = t_setup  # setup (data, model, tracing) counts towards the wall time
         st = self.state
+        st.setdefault("round_time", {})  # a checkpoint written before the time split had none
+        st["round_time"]["setup"] = st["round_time"].get("setup", 0.0) + setup_s
         if st["history"]["rounds"]:
             self._say(round_table(st["history"]["rounds"]))
         else:
@@ -278,7 +296,7 @@ class Run(ResumeMixin, FinishMixin):
             self._finish_round(0, None)
             if self.easier:
                 self._save_best(0)
-            st.update(phase="round", round=1, epoch=-1, plan=None, round_seconds=0.0)
+            st.update(phase="round", round=1, epoch=-1, plan=None, round_seconds=0.0, round_time={})
             self._checkpoint()
             ck = None
         while st["phase"] == "round" and st["round"] <= cfg["rounds"]:
@@ -300,7 +318,7 @@ class Run(ResumeMixin, FinishMixin):
                 st["epoch"] = e + 1
                 self._checkpoint(opt, sch)
             rec = self._finish_round(rnd, st["plan"])
-            st.update(round=rnd + 1, epoch=-1, plan=None, round_seconds=0.0)
+            st.update(round=rnd + 1, epoch=-1, plan=None, round_seconds=0.0, round_time={})
             if self.easier:
                 dense_val = st["history"]["rounds"][0]["val_accuracy"]
                 if within_tolerance(rec["val_accuracy"], dense_val, cfg["max_drop"]):

@@ -20,6 +20,7 @@ from egp_fast.cli.data import load_data
 from egp_fast.cli.distributed import DistInfo, all_reduce_sum, broadcast_buffers, init_distributed, wrap_ddp
 from egp_fast.cli.loader import make_loader
 from egp_fast.cli.models import build_model
+from egp_fast.cli.timing import PHASES
 from egp_fast.cli.train import build_optimizer, train_epoch
 from egp_fast.errors import ConfigError
 from egp_fast.graph import unwrap_model
@@ -147,6 +148,14 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             assert sa["entropy"] == sb["entropy"]
         for key in ("allocation", "zero_entropy_sites", "sparsity", "accuracy", "val_accuracy", "layers"):
             assert ra[key] == rb[key], key
+    # every round's time split (rank 0's): seconds per phase, other the rest of the round's wall time
+    for r in b["rounds"]:
+        t = r["time"]
+        assert set(t) == set(PHASES) | {"other"} and all(v >= 0 for v in t.values()), t
+        assert t["measure"] > 0 and t["eval"] > 0
+        assert sum(t.values()) == pytest.approx(r["seconds"], rel=1e-9, abs=1e-9)
+    assert b["rounds"][1]["time"]["select"] > 0 and b["rounds"][1]["time"]["masks"] > 0
+    assert "time (rank 0 of 2)" in proc.stdout
     ma = _masks(torch.load(one / "model.pt", weights_only=True))
     mb = _masks(torch.load(two / "model.pt", weights_only=True))
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)

@@ -21,7 +21,8 @@ ARGS = ["prune", "--width", "4", "--image-size", "8", "--limit", "120", "--dense
 EPOCH = re.compile(rb"^(dense|finetune) round (\d+) epoch (\d+)/(\d+)  loss \d+\.\d{4}  train acc [\d.]+%  "
                    rb"test acc [\d.]+%  [\d.]+s$", re.M)
 ROUND = re.compile(rb"^round (\d+)  sparsity ([\d.]+)%  zero-entropy sites \d+/17  accuracy [\d.]+%  "
-                   rb"val acc [\d.]+%  [\d.]+s$", re.M)
+                   rb"val acc [\d.]+%  [\d.]+s "
+                   rb"\(train [\d.]+s, eval [\d.]+s, measure [\d.]+s, select\+masks [\d.]+s\)$", re.M)
 
 
 def _cli(tmp_path, progress: str | None) -> tuple[bytes, bytes]:
