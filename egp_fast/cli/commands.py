@@ -374,14 +374,8 @@ def _cmd_prune(given: dict) -> int:
 # ----------------------------------------------------------------------------------------------
 # report
 def _cmd_report(run_dirs: list[str], out: str | None) -> int:
-    from egp_fast.cli.report import (
-        compare_table,
-        load_run,
-        plot_sparsity_curves,
-        render_run,
-        round_table,
-        summary_text,
-    )
+    from egp_fast.cli.plots import plot_sparsity_curves, render_run
+    from egp_fast.cli.report import compare_table, load_run, round_table, summary_text
 
     runs = []
     for d in run_dirs:

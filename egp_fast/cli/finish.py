@@ -26,7 +26,8 @@ from egp_fast.cli import artifacts, train
 from egp_fast.cli.checkpoints import atomic_write_bytes
 from egp_fast.cli.defaults import PROG, options_hash
 from egp_fast.cli.distributed import broadcast_buffers, wrap_ddp
-from egp_fast.cli.report import epoch_line, render_run, summary_text, write_json
+from egp_fast.cli.plots import render_run
+from egp_fast.cli.report import epoch_line, summary_text, write_json
 from egp_fast.errors import ConfigError, EGPError
 from egp_fast.cli.timing import round_split, time_summary
 from egp_fast.folding import collapse, compare_latency
@@ -86,7 +87,8 @@ class FinishMixin:
         if self.easier:
             rep["easier"] = {"best_round": self.state.get("best_round"), "stopped": self.state.get("stopped"),
                              "removed": self.state.get("removed", []), "max_drop": self.cfg["max_drop"],
-                             "linearization": self.cfg["linearization"]}
+                             "linearization": self.cfg["linearization"], "objective": self.cfg["objective"],
+                             "speedups": self.state.get("speedups", [])}
         if extra:
             rep.update(extra)
         self.report = rep
@@ -194,6 +196,10 @@ class FinishMixin:
             summary.update(best_round=st.get("best_round", 0), stopped=st.get("stopped"),
                            easier_removed=[e["site"] for step in st["removed"][:st.get("best_round", 0)]
                                            for e in step])
+            kept = [e for e in st.get("speedups", []) if e["round"] <= st.get("best_round", 0)]
+            if kept:
+                summary.update(easier_predicted_speedup=kept[-1]["predicted"],
+                               easier_measured_speedup=kept[-1]["measured"])
         if self.info.is_main:
             with self._phase("save"):
                 buf = io.BytesIO()

@@ -1,8 +1,7 @@
-"""Run outputs of ``egp-fast``: metrics.csv, report.json, tables, plots and run comparison.
+"""Run outputs of ``egp-fast``: metrics.csv, report.json, tables and run comparison (plots: :mod:`egp_fast.cli.plots`).
 
 A run directory holds ``config.json`` (every option), ``metrics.csv`` (one row per epoch),
 ``report.json`` (one record per round, the collapse result and a summary) and PNG plots.
-matplotlib is imported lazily with the Agg backend, so nothing here needs a display.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from egp_fast.cli.checkpoints import atomic_write_bytes, atomic_write_text
+from egp_fast.cli.checkpoints import atomic_write_text
 from egp_fast.cli.timing import time_lines, time_short
 from egp_fast.errors import CheckpointError, ConfigError
 
@@ -24,9 +23,6 @@ __all__ = [
     "compare_table",
     "epoch_line",
     "load_run",
-    "plot_entropy_heatmap",
-    "plot_sparsity_curves",
-    "render_run",
     "round_line",
     "round_table",
     "summary_text",
@@ -132,6 +128,10 @@ def load_run(run_dir: str | os.PathLike) -> dict:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _times(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
 
 
 def round_table(rounds: Sequence[dict]) -> str:
@@ -255,7 +255,9 @@ def summary_text(report: dict) -> str:
                      f"{after} {_pct(s.get('val_acc_pruned'))}")
     if cfg.get("method") == "easier" and "best_round" in s:
         lines.append(f"easier: kept step {s['best_round']} with {len(s.get('easier_removed') or [])} sites "
-                     f"removed (max drop {100 * cfg.get('max_drop', 0):g} pt); stopped: {s.get('stopped')}")
+                     f"removed (max drop {100 * cfg.get('max_drop', 0):g} pt); stopped: {s.get('stopped')}"
+                     + ("" if s.get("easier_predicted_speedup") is None else "; speed-up predicted "
+                        f"{s['easier_predicted_speedup']:.2f}x, measured {_times(s.get('easier_measured_speedup'))}"))
     else:
         lines.append(f"sparsity: {_pct(s.get('sparsity'))} of prunable weights; zero-entropy sites "
                      f"{s.get('zero_sites', '-')}/{s.get('sites_before', '-')}")
@@ -366,133 +368,3 @@ def compare_table(runs: Sequence[dict]) -> str:
             finals.append("-")
     lines.append(f"{'final':>5}  " + "  ".join(f"{c:>{width}}" for c in finals))
     return "\n".join(lines)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as e:  # optional dependency: plots are skipped with this message
-        raise ConfigError("plots need matplotlib: pip install matplotlib (or egp_fast[demo])") from e
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_png(fig, path: str) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def plot_entropy_heatmap(report: dict, path: str | os.PathLike) -> None:
-    """Per-site entropy over rounds as a heatmap (rows: sites in execution order; columns: rounds).
-
-    Zero-entropy cells are marked with a dot so collapsible sites stand out.
-
-    Args:
-        report: a report.json dict with ``rounds[*].entropy`` (site -> entropy).
-        path: PNG destination.
-
-    Example:
-        >>> import tempfile
-        >>> rounds = [{"round": i, "entropy": {"relu": 0.9 - 0.45 * i, "layer1.0.relu1": 0.5}} for i in range(3)]
-        >>> plot_entropy_heatmap({"rounds": rounds}, os.path.join(tempfile.mkdtemp(), "h.png"))
-    """
-    import numpy as np
-
-    plt = _pyplot()
-    rounds = report.get("rounds", [])
-    sites: list[str] = []
-    for r in rounds:
-        for s in r.get("entropy", {}):
-            if s not in sites:
-                sites.append(s)
-    grid = np.full((len(sites), len(rounds)), np.nan)
-    for j, r in enumerate(rounds):
-        for i, s in enumerate(sites):
-            v = r.get("entropy", {}).get(s)
-            if v is not None:
-                grid[i, j] = v
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * max(len(rounds), 1), 1.0 + 0.28 * max(len(sites), 1)))
-    try:
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1.0, float(np.nanmax(grid))
-                                                                             if grid.size else 1.0))
-        ys, xs = np.where(grid == 0)
-        ax.scatter(xs, ys, marker="o", s=14, c="white", edgecolors="black", linewidths=0.5,
-                   label="zero entropy")
-        ax.set_xticks(range(len(rounds)), [str(r["round"]) for r in rounds])
-        ax.set_yticks(range(len(sites)), sites, fontsize=7)
-        ax.set_xlabel("round (0 = dense)")
-        cfg = report.get("config") or {}
-        ax.set_title(f"layer entropy (bits), {cfg.get('method', '')}", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.05)
-        _save_png(fig, os.fspath(path))
-    finally:
-        plt.close(fig)
-
-
-def plot_sparsity_curves(runs: Sequence[dict], path: str | os.PathLike) -> None:
-    """Accuracy and zero-entropy site count against sparsity, one line per run (EGP vs IMP).
-
-    Args:
-        runs: dicts from :func:`load_run` (or ``{"name", "config", "report"}``).
-        path: PNG destination.
-
-    Example:
-        >>> import tempfile
-        >>> rounds = [{"sparsity": 1 - 0.5 ** i, "accuracy": 0.99 - 0.01 * i, "n_zero": i} for i in range(3)]
-        >>> plot_sparsity_curves([{"name": "a", "config": {"method": "egp"}, "report": {"rounds": rounds}}],
-        ...                      os.path.join(tempfile.mkdtemp(), "c.png"))
-    """
-    plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    try:
-        for run in runs:
-            rounds = (run.get("report") or {}).get("rounds", [])
-            if not rounds:
-                continue
-            sp = [100 * r["sparsity"] for r in rounds]
-            label = _label(run)
-            ax1.plot(sp, [100 * r["accuracy"] for r in rounds], marker="o", label=label)
-            ax2.plot(sp, [r.get("n_zero", 0) for r in rounds], marker="o", label=label)
-        ax1.set_xlabel("sparsity of prunable weights (%)")
-        ax1.set_ylabel("test accuracy (%)")
-        ax2.set_xlabel("sparsity of prunable weights (%)")
-        ax2.set_ylabel("zero-entropy sites")
-        from matplotlib.ticker import MaxNLocator
-
-        ax2.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count of sites
-        for ax in (ax1, ax2):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        _save_png(fig, os.fspath(path))
-    finally:
-        plt.close(fig)
-
-
-def render_run(run: dict) -> list[str]:
-    """(Re)write a run's plots into its directory.
-
-    Args:
-        run: a dict from :func:`load_run` with a report.
-
-    Returns:
-        Paths of the PNGs written.
-
-    Example:
-        >>> import tempfile
-        >>> rounds = [{"round": i, "sparsity": 1 - 0.5 ** i, "accuracy": 0.99, "entropy": {"relu": 0.5}}
-        ...           for i in range(2)]
-        >>> paths = render_run({"dir": tempfile.mkdtemp(), "name": "a", "report": {"rounds": rounds}})
-        >>> [os.path.basename(p) for p in paths]
-        ['entropy_heatmap.png', 'sparsity_curves.png']
-    """
-    report = run.get("report")
-    if not report or not report.get("rounds"):
-        return []
-    heat = os.path.join(run["dir"], "entropy_heatmap.png")
-    curves = os.path.join(run["dir"], "sparsity_curves.png")
-    plot_entropy_heatmap(report, heat)
-    plot_sparsity_curves([run], curves)
-    return [heat, curves]

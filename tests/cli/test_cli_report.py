@@ -12,11 +12,10 @@ import torch
 
 from egp_fast.cli.commands import main
 from egp_fast.errors import CheckpointError
+from egp_fast.cli.plots import plot_entropy_heatmap, plot_sparsity_curves
 from egp_fast.cli.report import (
     compare_table,
     load_run,
-    plot_entropy_heatmap,
-    plot_sparsity_curves,
     round_table,
     summary_text,
     write_json,
@@ -191,3 +190,9 @@ def test_summary_of_an_easier_run():
     assert "-> sites removed 97.2%" in text
     assert "easier: kept step 2 with 2 sites removed (max drop 1 pt); stopped: validation accuracy" in text
     assert "folded: 2 site(s) removed earlier by the method" in text and "sparsity:" not in text
+    assert "speed-up" not in text  # objective "sites": no speed-up figures
+    rep["summary"].update(easier_predicted_speedup=1.291, easier_measured_speedup=None)
+    assert "stopped: validation accuracy" in summary_text(rep)
+    assert "; speed-up predicted 1.29x, measured -" in summary_text(rep)
+    rep["summary"]["easier_measured_speedup"] = 1.5
+    assert "; speed-up predicted 1.29x, measured 1.50x" in summary_text(rep)

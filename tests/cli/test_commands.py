@@ -393,6 +393,25 @@ def test_easier_removes_lowest_entropy_site_and_rolls_back_past_the_tolerance(tm
     assert float((pred == src.test.y).float().mean()) == pytest.approx(fold["acc_after"])
 
 
+def test_easier_latency_objective_records_groups_and_speedups(tmp_path, capsys):
+    out = tmp_path / "easier_latency"
+    assert main(["prune", *EASIER, "--rounds", "2", "--max-drop", "0.5", "--objective", "latency",
+                 "--approx-collapse", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    ez = rep["easier"]
+    assert ez["objective"] == "latency"
+    steps = ez["speedups"]
+    # one entry per applied step, naming the sites it removed (the group) and both speed-ups
+    assert [e["round"] for e in steps] == [r["round"] for r in rep["rounds"][1:]]
+    for e, r in zip(steps, rep["rounds"][1:]):
+        assert sorted(e["group"]) == sorted(r["removed_sites"])
+        assert e["predicted"] >= 1.0 and (e["measured"] is None or e["measured"] > 0)
+    kept = [e for e in steps if e["round"] <= ez["best_round"]]
+    assert kept  # --max-drop 0.5 keeps the steps
+    assert rep["summary"]["easier_predicted_speedup"] == kept[-1]["predicted"]
+    assert f"speed-up predicted {kept[-1]['predicted']:.2f}x" in capsys.readouterr().out
+
+
 def test_measure_auto_stops_early_and_reports_batches(tmp_path):
     out = tmp_path / "auto"
     argv = ["prune", "--width", "8", "--image-size", "8", "--dense-epochs", "2", "--epochs", "1", "--rounds", "1",
