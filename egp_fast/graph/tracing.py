@@ -337,18 +337,93 @@ def _trace_opaque(
 
 
 class _ShapeRecorder(fx.Interpreter):
+    """Runs ``gm`` and records every tensor node's output shape in ``node.meta["egp_shape"]``.
+
+    With ``fast`` set, a plain convolution (``nn.Conv1d/2d/3d`` with zero padding, input of the
+    weight's dtype and device) is not computed: its output shape comes from the convolution's
+    meta-device kernel (no data touched) and a zero tensor of that shape flows on. A shape pass
+    needs only shapes, and a convolution on a one-sample batch costs about as much as on a
+    whole one. ``fast`` is only set for graphs whose shapes cannot depend on values
+    (:func:`_shapes_value_free`).
+    """
+
+    def __init__(self, gm: fx.GraphModule, fast: bool = False) -> None:
+        super().__init__(gm)
+        self.fast = fast and not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+
     def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
+        out = None
+        if self.fast and n.op == "call_module":
+            out = self._conv_shape_only(n)
+        if out is None:
+            out = super().run_node(n)
         if isinstance(out, torch.Tensor):
             n.meta["egp_shape"] = tuple(out.shape)
         return out
 
+    def _conv_shape_only(self, n: fx.Node) -> torch.Tensor | None:
+        m = self.fetch_attr(n.target)
+        if type(m) not in _CONV_FNS or m.padding_mode != "zeros" or len(n.args) != 1 or n.kwargs:
+            return None
+        x = self.env.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
+        w = m.weight
+        if not isinstance(x, torch.Tensor) or x.dtype != w.dtype or x.device != w.device:
+            return None  # let the real convolution run (and raise what it raises)
+        y = _CONV_FNS[type(m)](
+            torch.empty(x.shape, dtype=x.dtype, device="meta"), torch.empty(w.shape, dtype=w.dtype, device="meta"),
+            None, m.stride, m.padding, m.dilation, m.groups,
+        )
+        return torch.zeros(y.shape, dtype=y.dtype, device=x.device)
+
+
+_CONV_FNS = {nn.Conv1d: torch.nn.functional.conv1d, nn.Conv2d: torch.nn.functional.conv2d,
+             nn.Conv3d: torch.nn.functional.conv3d}
+
+# Ops whose output shape depends on the values of their inputs (or that test values): a graph
+# holding one is run for real, so zeros standing in for convolution outputs cannot change it.
+_VALUE_SHAPED = {
+    "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount",
+    "repeat_interleave", "item", "tolist", "_assert", "_assert_async", "where", "histc",
+    "masked_scatter", "index_select", "take", "gather", "numel", "any", "all", "equal",
+}
+
+
+def _shapes_value_free(gm: fx.GraphModule) -> bool:
+    """Whether no node's output shape can depend on tensor values: every module is a torch.nn
+    module, no op of :data:`_VALUE_SHAPED` is called, and no indexing uses a tensor index."""
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            if not type(gm.get_submodule(n.target)).__module__.startswith("torch.nn."):
+                return False  # a library or user module: its code may look at values
+        elif n.op in ("call_function", "call_method"):
+            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+            if name in _VALUE_SHAPED:
+                return False
+            if name == "getitem" and any(isinstance(a, fx.Node) for a in _flatten(n.args[1:])):
+                return False
+    return True
+
+
+def _flatten(v: Any) -> list[Any]:
+    if isinstance(v, (tuple, list)):
+        return [x for e in v for x in _flatten(e)]
+    if isinstance(v, slice):
+        return [v.start, v.stop, v.step]
+    return [v]
+
 
 def propagate_shapes(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Record every tensor node's output shape on ``args``/``kwargs`` in
+    ``node.meta["egp_shape"]`` (the values computed are not kept; plain convolutions are not
+    computed when no shape in the graph can depend on values).
+
+    Raises:
+        DataError: the model rejects the inputs (its exception chained).
+    """
     values, _ = placeholder_args(model, gm, args, kwargs)
     with eval_mode(model):
         try:
-            _ShapeRecorder(gm).run(*values)
+            _ShapeRecorder(gm, fast=_shapes_value_free(gm)).run(*values)
         except Exception as e:  # the model rejected the example inputs
             raise DataError(
                 f"the model failed on example_inputs ({describe_inputs(args, kwargs)}): "
