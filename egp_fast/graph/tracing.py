@@ -339,11 +339,11 @@ def _trace_opaque(
 class _ShapeRecorder(fx.Interpreter):
     """Runs ``gm`` and records every tensor node's output shape in ``node.meta["egp_shape"]``.
 
-    With ``fast`` set, a plain convolution (``nn.Conv1d/2d/3d`` with zero padding, input of the
-    weight's dtype and device) is not computed: its output shape comes from the convolution's
-    meta-device kernel (no data touched) and a zero tensor of that shape flows on. A shape pass
-    needs only shapes, and a convolution on a one-sample batch costs about as much as on a
-    whole one. ``fast`` is only set for graphs whose shapes cannot depend on values
+    With ``fast`` set, a plain convolution (``nn.Conv1d/2d/3d`` with zero padding, a batched
+    input of the weight's dtype and device) is not computed: its output shape comes from the
+    convolution's size formula and a zero tensor of that shape flows on; an eval-mode batch
+    norm passes its input on. A shape pass needs only shapes, and a convolution on a one-sample
+    batch costs about as much as on a whole one. ``fast`` is only set for graphs whose shapes cannot depend on values
     (:func:`_shapes_value_free`).
     """
 
@@ -363,21 +363,48 @@ class _ShapeRecorder(fx.Interpreter):
 
     def _conv_shape_only(self, n: fx.Node) -> torch.Tensor | None:
         m = self.fetch_attr(n.target)
-        if type(m) not in _CONV_FNS or m.padding_mode != "zeros" or len(n.args) != 1 or n.kwargs:
+        kind = type(m)
+        if kind not in _CONV_DIMS and kind not in _NORM_DIMS or len(n.args) != 1 or n.kwargs:
             return None
         x = self.env.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
-        w = m.weight
-        if not isinstance(x, torch.Tensor) or x.dtype != w.dtype or x.device != w.device:
+        if not isinstance(x, torch.Tensor):
+            return None
+        if kind in _NORM_DIMS:
+            # Eval-mode batch norm keeps the shape; values do not matter here.
+            ok = x.dim() in _NORM_DIMS[kind] and x.shape[1] == m.num_features and not m.training
+            return x if ok and (m.weight is None or m.weight.dtype == x.dtype) else None
+        shape = _conv_out_shape(m, x)
+        if shape is None:
             return None  # let the real convolution run (and raise what it raises)
-        y = _CONV_FNS[type(m)](
-            torch.empty(x.shape, dtype=x.dtype, device="meta"), torch.empty(w.shape, dtype=w.dtype, device="meta"),
-            None, m.stride, m.padding, m.dilation, m.groups,
-        )
-        return torch.zeros(y.shape, dtype=y.dtype, device=x.device)
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
 
 
-_CONV_FNS = {nn.Conv1d: torch.nn.functional.conv1d, nn.Conv2d: torch.nn.functional.conv2d,
-             nn.Conv3d: torch.nn.functional.conv3d}
+def _conv_out_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...] | None:
+    """The output shape of convolution ``m`` on ``x`` (batched, zero padding, ``x`` of the
+    weight's dtype and device); ``None`` when the real convolution must decide (anything else,
+    or an output that would be empty, which the real one rejects)."""
+    d = _CONV_DIMS[type(m)]
+    w = m.weight
+    if m.padding_mode != "zeros" or x.dim() != d + 2 or x.shape[1] != m.in_channels:
+        return None
+    if x.dtype != w.dtype or x.device != w.device:
+        return None
+    out = [x.shape[0], m.out_channels]
+    for i in range(d):
+        size, k, s, dil = x.shape[2 + i], m.kernel_size[i], m.stride[i], m.dilation[i]
+        if m.padding == "same":
+            o = size
+        else:
+            p = 0 if m.padding == "valid" else m.padding[i]
+            o = (size + 2 * p - dil * (k - 1) - 1) // s + 1
+        if o <= 0:
+            return None
+        out.append(o)
+    return tuple(out)
+
+
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_NORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
 
 # Ops whose output shape depends on the values of their inputs (or that test values): a graph
 # holding one is run for real, so zeros standing in for convolution outputs cannot change it.

@@ -1,5 +1,6 @@
 """torch.fx tracing (egp_fast/graph/tracer.py, tracing.py): leaves, modules called but not installed."""
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -76,11 +77,12 @@ class _Convs(nn.Module):
         self.d1 = nn.Conv1d(6, 4, 3, stride=2)
         self.t1 = nn.Conv3d(1, 2, (1, 3, 3), padding=(0, 1, 1))
         self.act = nn.ReLU()
+        self.bn, self.bn1 = nn.BatchNorm2d(8), nn.BatchNorm1d(4)
         self.head = nn.LazyLinear(3)
 
     def forward(self, x):
-        y = self.act(self.c4(self.c3(self.c2(self.act(self.c1(x))))))
-        z = self.d1(y.flatten(2))
+        y = self.act(self.c4(self.c3(self.c2(self.act(self.bn(self.c1(x)))))))
+        z = self.bn1(self.d1(y.flatten(2)))
         w = self.t1(y[:, :1].unsqueeze(1))
         return self.head(torch.cat([z.flatten(1), w.flatten(1)], 1))
 
@@ -104,23 +106,32 @@ def test_shape_pass_without_convolutions_records_the_shapes_of_the_real_one():
     gm = egp_fast.trace(net)
     assert _shapes_value_free(gm)
     real = _recorded(gm, False, x)
-    calls = {"c1": 0, "c4": 0}
+    calls = {"c1": 0, "c4": 0, "bn": 0, "bn1": 0}
     for name in calls:
         getattr(net, name).register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
     assert _recorded(gm, True, x) == real
-    assert calls == {"c1": 0, "c4": 1}  # the plain convolution was skipped, the reflect-padded one ran
+    # the plain convolutions and batch norms were skipped, the reflect-padded convolution ran
+    assert calls == {"c1": 0, "c4": 1, "bn": 0, "bn1": 0}
     assert real["c3"] == (2, 6, 7, 4) and real["d1"] == (2, 4, 26) and real["t1"] == (2, 2, 1, 9, 6)
 
 
-def test_shape_pass_with_wrong_channels_still_fails_like_the_model():
-    net = _Convs().eval()
-    gm = egp_fast.trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+@pytest.mark.parametrize("shape", [(1, 5, 8, 8), (1, 3, 2, 2), (3, 8, 8)])
+def test_shape_pass_rejects_what_the_convolution_rejects(shape):
+    # 5 channels instead of 3; an input smaller than the kernel; an unbatched input (which the
+    # real convolution accepts, so the shape pass must not reject it either)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    gm = egp_fast.trace(net)
+    x = torch.randn(*shape)
     try:
-        egp_fast.graph.propagate_shapes(net, gm, (torch.randn(1, 5, 8, 8),), {})
-    except egp_fast.errors.DataError as e:
-        assert "example_inputs" in str(e)
+        with torch.no_grad():
+            expected = tuple(net(x).shape)
+    except (RuntimeError, ValueError):
+        with pytest.raises(egp_fast.errors.DataError, match="example_inputs"):
+            egp_fast.graph.propagate_shapes(net, gm, (x,), {})
     else:
-        raise AssertionError("a convolution given 5 channels instead of 3 must be rejected")
+        egp_fast.graph.propagate_shapes(net, gm, (x,), {})
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        assert out.meta["egp_shape"] == expected
 
 
 class _ValueShaped(nn.Module):
