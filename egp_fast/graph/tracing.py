@@ -342,8 +342,9 @@ class _ShapeRecorder(fx.Interpreter):
     With ``fast`` set, a plain convolution (``nn.Conv1d/2d/3d`` with zero padding, a batched
     input of the weight's dtype and device) is not computed: its output shape comes from the
     convolution's size formula and a zero tensor of that shape flows on; an eval-mode batch
-    norm passes its input on. A shape pass needs only shapes, and a convolution on a one-sample
-    batch costs about as much as on a whole one. ``fast`` is only set for graphs whose shapes cannot depend on values
+    norm passes zeros of its input's shape on. A shape pass needs only shapes, and a
+    convolution on a one-sample batch costs about as much as on a whole one. ``fast`` is only
+    set for graphs whose shapes cannot depend on values
     (:func:`_shapes_value_free`).
     """
 
@@ -370,9 +371,11 @@ class _ShapeRecorder(fx.Interpreter):
         if not isinstance(x, torch.Tensor):
             return None
         if kind in _NORM_DIMS:
-            # Eval-mode batch norm keeps the shape; values do not matter here.
+            # Eval-mode batch norm keeps the shape; values do not matter here. A new tensor, as
+            # the real one returns: an in-place op after it must not write into its input
+            # (which may be the caller's example batch).
             ok = x.dim() in _NORM_DIMS[kind] and x.shape[1] == m.num_features and not m.training
-            return x if ok and (m.weight is None or m.weight.dtype == x.dtype) else None
+            return torch.zeros_like(x) if ok and (m.weight is None or m.weight.dtype == x.dtype) else None
         shape = _conv_out_shape(m, x)
         if shape is None:
             return None  # let the real convolution run (and raise what it raises)

@@ -108,7 +108,9 @@ def test_shape_pass_without_convolutions_records_the_shapes_of_the_real_one():
     real = _recorded(gm, False, x)
     calls = {"c1": 0, "c4": 0, "bn": 0, "bn1": 0}
     for name in calls:
-        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
+        getattr(net, name).register_forward_hook(
+            lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
     assert _recorded(gm, True, x) == real
     # the plain convolutions and batch norms were skipped, the reflect-padded convolution ran
     assert calls == {"c1": 0, "c4": 1, "bn": 0, "bn1": 0}
@@ -165,3 +167,14 @@ def test_graphs_whose_shapes_depend_on_values_run_every_convolution():
     # never skipped, and is not a torch.nn module for the value check either
     gm = egp_fast.trace(nn.Sequential(_Custom(3, 4, 3), nn.ReLU()))
     assert not _shapes_value_free(gm)
+
+
+def test_shape_pass_leaves_the_example_inputs_unchanged():
+    # batch norm then an in-place ReLU: the stand-in for the batch norm's output must be a new
+    # tensor, or the ReLU would write into the caller's batch
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(inplace=True), nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    gm = egp_fast.trace(net)
+    x = torch.randn(2, 3, 6, 6)
+    before = x.clone()
+    egp_fast.graph.propagate_shapes(net, gm, (x[:1],), {})
+    assert torch.equal(x, before)
