@@ -14,7 +14,10 @@ Groups (provider ``reference`` is the baseline of every group, measured in the s
 * ``e2e_measure_calls``: issue 11's bars, side by side (interleaved): a *first*
   ``measure_entropy`` call on a model (site discovery included; a fresh copy each time) and a
   *repeated* call (discovery cached) versus four plain ``no_grad`` forwards of the same
-  4 batches of 64 (resnet18, 32x32). Targets: <= 1.15x and <= 1.05x.
+  4 batches of 64 (resnet18, 32x32). Targets: <= 1.15x and <= 1.05x. ``python bench_e2e.py
+  --what fixed`` splits the calls' overhead into a fixed per-call cost in ms and a per-batch
+  cost (1 vs 4 batches, interleaved), and times the fixed work phase by phase (discovery, the
+  cache check, hooks, count buffers, the entropy epilogue) and the per-batch counting.
 * ``e2e_track_step``: a CPU resnet18 training step (forward, backward, SGD step; batch 32,
   32x32) inside ``egp_fast.measurement.track_entropy`` versus the same step without it,
   interleaved. Target: <= 1.03x.
@@ -335,6 +338,131 @@ def measure_call_ratios(
     }
 
 
+def measure_fixed_costs(
+    device: str = "cpu", pairs: int = 7, batch: int = 64, count: int = 4, clock=time.perf_counter
+) -> dict:
+    """The fixed per-call cost of ``measure_entropy`` in ms, apart from the per-batch cost.
+
+    Each pair times, in alternating order, plain forwards, a first call (fresh copy of the
+    model, discovery included) and a repeated call (discovery cached), each on 1 batch and on
+    ``count`` batches. A call's overhead over its plain forwards is ``fixed + n * per_batch``;
+    the medians over pairs at ``n = 1`` and ``n = count`` give both terms. Site discovery alone
+    (on a fresh copy) is timed in the same pairs. Returns ms figures and the ratios at ``count``
+    batches, with ``projected(plain_ms)`` left to the reader: ``1 + (fixed + count * per_batch) /
+    plain_ms``.
+    """
+    from egp_fast.measurement import cached_graph
+
+    model = _base("resnet18", device)
+    batches = _batches(batch, count, device)
+    warm = copy.deepcopy(model)
+    egp_fast.measure_entropy(warm, batches, progress=False)  # discovery cached for `warm`
+    ns = (1, count)
+
+    def plain(n):
+        with torch.no_grad():
+            for x in batches[:n]:
+                model(x)
+
+    t: dict[tuple[str, int], list[float]] = {}
+    for i in range(pairs):
+        fresh = {n: copy.deepcopy(model) for n in ns}
+        spare = copy.deepcopy(model)
+        order = [("discover", 0, lambda: cached_graph(spare, batches[0]))]
+        for n in ns:
+            order += [
+                ("plain", n, lambda n=n: plain(n)),
+                ("first", n, lambda n=n: egp_fast.measure_entropy(fresh[n], batches[:n], progress=False)),
+                ("again", n, lambda n=n: egp_fast.measure_entropy(warm, batches[:n], progress=False)),
+            ]
+        if i % 2:
+            order.reverse()
+        for name, n, fn in order:
+            t.setdefault((name, n), []).append(_timed(fn, device, clock))
+
+    def med(v):
+        return sorted(v)[len(v) // 2]
+
+    out: dict = {"pairs": pairs, "batch": batch, "batches": count}
+    plain_ms = 1e3 * med(t[("plain", count)])
+    out["plain_ms"] = plain_ms
+    out["discover_ms"] = 1e3 * med(t[("discover", 0)])
+    for call in ("first", "again"):
+        # Overheads per pair (paired with that pair's plain time), then medians.
+        over = {n: med([a - b for a, b in zip(t[(call, n)], t[("plain", n)])]) * 1e3 for n in ns}
+        per_batch = (over[count] - over[1]) / (count - 1)
+        fixed = over[1] - per_batch
+        ratios = [a / b for a, b in zip(t[(call, count)], t[("plain", count)])]
+        out[call] = {
+            "fixed_ms": fixed, "per_batch_ms": per_batch, "overhead_ms": over[count],
+            "ratio": med(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            # A host whose `count` plain forwards take 98 ms: the fixed cost in ms does not
+            # shrink with the forwards (Python work), the per-batch share does (counting).
+            "projected_ratio_at_98ms": 1 + fixed / 98.0 + count * per_batch / plain_ms,
+        }
+    return out
+
+
+def measure_phases(device: str = "cpu", reps: int = 41, batch: int = 64, clock=time.perf_counter) -> dict:
+    """The fixed work of one ``measure_entropy`` call, phase by phase, in ms (medians of
+    ``reps``, first quartile for the per-batch terms, which ride on a whole forward).
+
+    Phases: site discovery on a fresh copy (a first call only); the cache check of a repeated
+    call; hook install and removal; the count buffers; the entropy epilogue (``_finish``). Per
+    batch: the forward with empty hooks and with counting hooks, over the plain forward.
+    """
+    from egp_fast.graph import eval_mode
+    from egp_fast.measurement import cached_graph
+    from egp_fast.measurement.counting import _Counter, _finish
+    from egp_fast.measurement.recorders import _HookRecorder
+
+    model = _base("resnet18", device)
+    x = _batches(batch, 1, device)[0]
+    graph = cached_graph(model, x)
+    dev = torch.device(device)
+
+    class _Null:
+        def record(self, i, z):
+            pass
+
+    def timed(fn, q=0.5):
+        v = sorted(_timed(fn, device, clock) for _ in range(reps))
+        return 1e3 * v[int(q * (len(v) - 1))]
+
+    def hooks():
+        _HookRecorder(model, list(enumerate(graph.sites)), counter).remove()
+
+    def entered():
+        with eval_mode(model):
+            pass
+
+    counter = _Counter(graph.sites, dev, False)
+    counter.observations = [1] * len(graph.sites)
+    copies = [copy.deepcopy(model) for _ in range(min(reps, 15))]
+    it = iter(copies)
+    discover = sorted(_timed(lambda: cached_graph(next(it), x), device, clock) for _ in copies)
+    out = {
+        "discover_ms": 1e3 * discover[len(discover) // 2],
+        "cache_check_ms": timed(lambda: cached_graph(model, x)),
+        "eval_mode_ms": timed(entered),
+        "hooks_ms": timed(hooks),
+        "counter_ms": timed(lambda: _Counter(graph.sites, dev, False)),
+        "finish_ms": timed(lambda: _finish(graph.sites, counter, "exact", None, 0.0)),
+    }
+    out["fixed_repeat_ms"] = sum(v for k, v in out.items() if k != "discover_ms")
+    with torch.no_grad():
+        per = {}
+        for name, target in (("plain", None), ("empty_hooks", _Null()), ("counting", counter)):
+            rec = _HookRecorder(model, list(enumerate(graph.sites)), target) if target is not None else None
+            per[name] = timed(lambda: (rec.reset() if rec else None, model(x)), q=0.25)
+            if rec is not None:
+                rec.remove()
+    out["forward_ms"] = per["plain"]
+    out["per_batch_hooks_ms"] = per["empty_hooks"] - per["plain"]
+    out["per_batch_counting_ms"] = per["counting"] - per["plain"]
+    return out
+
+
 def track_step_ratio(
     device: str = "cpu", pairs: int = 9, steps: int = 3, batch: int = 32, clock=time.perf_counter
 ) -> dict:
@@ -454,7 +582,10 @@ if __name__ == "__main__":  # quick side-by-side figures without pytest-benchmar
     import json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--what", choices=["measure", "track", "both"], default="both")
+    ap.add_argument("--what", choices=["measure", "fixed", "track", "both"], default="both",
+                    help="measure: first/repeated call ratios, then what 'fixed' prints; fixed: the fixed "
+                    "per-call cost in ms (1 vs 4 batches fitted) and its phases; track: a training step; "
+                    "both: measure+track")
     ap.add_argument("--pairs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cpu-time", action="store_true",
@@ -467,6 +598,9 @@ if __name__ == "__main__":  # quick side-by-side figures without pytest-benchmar
     out = {"device": _device_name(dev), "clock": clk.__name__}
     if a.what in ("measure", "both"):
         out["measure"] = measure_call_ratios(dev, pairs=a.pairs, clock=clk)
+    if a.what in ("measure", "fixed", "both"):
+        out["fixed"] = measure_fixed_costs(dev, pairs=a.pairs, clock=clk)
+        out["phases"] = measure_phases(dev, clock=clk)
     if a.what in ("track", "both"):
         out["track"] = track_step_ratio(dev, pairs=a.pairs, clock=clk)
     print(json.dumps(out, indent=1))

@@ -102,6 +102,7 @@ class _Walker:
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self._anc: dict[fx.Node, frozenset[fx.Node]] = {}
+        self._pos: dict[fx.Node, int] | None = None
 
     def _is_weight(self, n: fx.Node) -> bool:
         return n.op == "call_module" and isinstance(self.modules.get(n.target), WEIGHT_TYPES)
@@ -136,7 +137,11 @@ class _Walker:
     def _weight_depth(self, n: fx.Node, stop: frozenset[fx.Node]) -> int:
         """Most weight layers on a path from the nodes in ``stop`` to ``n`` (exclusive)."""
         memo: dict[fx.Node, int] = {}
-        order = [x for x in self.gm.graph.nodes if x in self.ancestors(n) and x not in stop]
+        # Graph order of the nodes between `stop` and `n` (few: a residual branch), not a scan of
+        # the whole graph per call.
+        if self._pos is None:
+            self._pos = {x: i for i, x in enumerate(self.gm.graph.nodes)}
+        order = sorted(self.ancestors(n) - stop, key=self._pos.__getitem__)
         for x in order:
             best = 0
             for p in x.all_input_nodes:
