@@ -553,8 +553,12 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         keep: dict = {}
         r = row(method, iteration, model, wall, variant="always_inexact", extra=extra, keep=keep)
         if cfg.get("fold_epochs", 0) > 0:
-            r.update(fold_finetune(keep["model"], splits, cfg["fold_epochs"], recipe["ft_lr"], recipe["optimizer"]))
-            r["fold_finetune_drop_pt"] = 100.0 * (dense_acc - r["fold_finetune_accuracy"])
+            try:
+                r.update(fold_finetune(keep["model"], splits, cfg["fold_epochs"], recipe["ft_lr"],
+                                       recipe["optimizer"]))
+                r["fold_finetune_drop_pt"] = 100.0 * (dense_acc - r["fold_finetune_accuracy"])
+            except Exception as e:  # recorded in the row (its column shows "-"); the method's rows stand
+                r["fold_finetune_error"] = f"{type(e).__name__}: {e}"[:300]
         finals(r, keep)
         return r
 
