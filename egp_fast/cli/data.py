@@ -5,6 +5,10 @@ A data *spec* is one string:
 * ``digits`` — scikit-learn's ``load_digits`` (1797 real 8x8 handwritten digits that ship
   with scikit-learn), upsampled bilinearly to ``image_size`` (default 16), standardised with
   the training mean/std, with a fixed 1437/360 train/test split (independent of ``--seed``).
+* ``digits-hard`` — the same digits rotated, scaled and moved on a 32x32 canvas with a fragment
+  of another digit and pixel noise, 4 images per original; the 360 test originals are held out
+  before anything is generated (:mod:`egp_fast.cli.digits_hard`). A logistic regression on the
+  pixels is far behind a small CNN there, unlike on ``digits``.
 * ``cifar10:PATH`` — torchvision's CIFAR-10 python files already on disk
   (``PATH/cifar-10-batches-py/``), loaded with ``download=False``.
 * ``imagefolder:PATH`` — ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` images.
@@ -38,7 +42,8 @@ __all__ = [
     "parse_data_spec",
 ]
 
-DATA_KINDS = ("digits", "cifar10", "imagefolder", "imagenet")
+DATA_KINDS = ("digits", "digits-hard", "cifar10", "imagefolder", "imagenet")
+EMBEDDED_KINDS = ("digits", "digits-hard")
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2470, 0.2435, 0.2616)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,13 +56,13 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
     """Split a data spec into its kind and path.
 
     Args:
-        spec: ``digits``, ``cifar10:PATH``, ``imagefolder:PATH`` or ``imagenet:PATH``.
+        spec: ``digits``, ``digits-hard``, ``cifar10:PATH``, ``imagefolder:PATH`` or ``imagenet:PATH``.
 
     Returns:
-        ``(kind, path)``; path is ``None`` for ``digits``.
+        ``(kind, path)``; path is ``None`` for ``digits`` and ``digits-hard``.
 
     Raises:
-        ConfigError: unknown kind, a path given to ``digits`` or a missing path.
+        ConfigError: unknown kind, a path given to an embedded kind or a missing path.
 
     Example:
         >>> parse_data_spec("cifar10:/data/cifar")
@@ -69,12 +74,12 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
     kind = kind.lower()
     if kind not in DATA_KINDS:
         raise ConfigError(
-            f"--data {spec}: unknown data kind {kind!r}; use digits, cifar10:PATH, imagefolder:PATH "
-            "or imagenet:PATH"
+            f"--data {spec}: unknown data kind {kind!r}; use digits, digits-hard, cifar10:PATH, "
+            "imagefolder:PATH or imagenet:PATH"
         )
-    if kind == "digits":
+    if kind in EMBEDDED_KINDS:
         if sep:
-            raise ConfigError(f"--data {spec}: digits is embedded and takes no path; use --data digits")
+            raise ConfigError(f"--data {spec}: {kind} is embedded and takes no path; use --data {kind}")
         return kind, None
     if not path:
         raise ConfigError(f"--data {spec}: {kind} needs a path, e.g. --data {kind}:/data/{kind}")
@@ -87,6 +92,8 @@ class TensorDataset:
     Args:
         x: float images ``[N, C, H, W]``.
         y: int64 labels ``[N]``.
+        groups: optional int64 ``[N]``: samples that share a group (images generated from one
+            original) are kept on the same side of :func:`hold_out`'s split.
 
     Example:
         >>> ds = TensorDataset(torch.zeros(4, 1, 8, 8), torch.arange(4))
@@ -94,11 +101,24 @@ class TensorDataset:
         (4, 1)
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if x.shape[0] != y.shape[0]:
-            raise DataError(f"images and labels differ in length: {x.shape[0]} vs {y.shape[0]}")
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        if x.shape[0] != y.shape[0] or (groups is not None and groups.shape[0] != y.shape[0]):
+            raise DataError(f"images, labels and groups differ in length: {x.shape[0]} vs {y.shape[0]}"
+                            + ("" if groups is None else f" vs {groups.shape[0]}"))
         self.x = x
         self.y = y
+        self.groups = groups
+
+    def subset(self, idx: torch.Tensor) -> TensorDataset:
+        """The samples at ``idx`` (images, labels and groups).
+
+        Args:
+            idx: int64 indices.
+
+        Returns:
+            A new :class:`TensorDataset`.
+        """
+        return TensorDataset(self.x[idx], self.y[idx], None if self.groups is None else self.groups[idx])
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -113,7 +133,7 @@ class DataSource:
 
     Attributes:
         spec: the spec string it was loaded from.
-        kind: ``digits``, ``cifar10``, ``imagefolder`` or ``imagenet``.
+        kind: ``digits``, ``digits-hard``, ``cifar10``, ``imagefolder`` or ``imagenet``.
         train: training split with training transforms (augmentation for image data).
         train_eval: the training split with evaluation transforms (used for entropy measurement).
         test: the held-out split with evaluation transforms.
@@ -154,20 +174,22 @@ def _limit(ds, n: int | None):
     if n is None or n >= len(ds):
         return ds
     if isinstance(ds, TensorDataset):
-        return TensorDataset(ds.x[:n], ds.y[:n])
+        return ds.subset(torch.arange(n))
     return torch.utils.data.Subset(ds, range(n))
 
 
 def load_data(spec: str, *, image_size: int | None = None, channels: int | None = None,
-              limit: int | None = None) -> DataSource:
+              limit: int | None = None, seed: int = 0) -> DataSource:
     """Load the datasets a spec names; fail fast with the expected layout when the path is wrong.
 
     Args:
         spec: see :func:`parse_data_spec`.
-        image_size: square image side; default 16 (digits), 32 (cifar10), 224 (folders).
+        image_size: square image side; default 16 (digits), 32 (digits-hard, cifar10), 224 (folders).
         channels: 1 or 3 to force grey/colour images (grey images are repeated to 3);
             default: the data's own channels (1 for digits, 3 otherwise).
         limit: keep at most this many samples of each split (quick runs and tests).
+        seed: seed of digits-hard's transforms (the other kinds ignore it); its train/test split
+            of the originals is fixed.
 
     Returns:
         A :class:`DataSource`.
@@ -190,6 +212,8 @@ def load_data(spec: str, *, image_size: int | None = None, channels: int | None 
         raise ConfigError(f"--limit must be a positive integer, got {limit!r}")
     if kind == "digits":
         src = _load_digits(spec, image_size or 16, channels or 1)
+    elif kind == "digits-hard":
+        src = _load_digits_hard(spec, image_size or 32, channels or 1, seed)
     elif kind == "cifar10":
         src = _load_cifar10(spec, path, image_size or 32, channels or 3)
     else:
@@ -215,7 +239,7 @@ def _labels(ds) -> torch.Tensor:
 
 def _subset(ds, idx: torch.Tensor):
     if isinstance(ds, TensorDataset):
-        return TensorDataset(ds.x[idx], ds.y[idx])
+        return ds.subset(idx)
     return torch.utils.data.Subset(ds, idx.tolist())
 
 
@@ -224,7 +248,9 @@ def hold_out(src: DataSource, fraction: float, seed: int = 0) -> DataSource:
 
     Per class, ``round(fraction * n_class)`` samples (at least one when the class has two or
     more and ``fraction > 0``) are drawn with a generator seeded by ``seed``, so the split is a
-    function of the data and the seed alone. ``train`` and ``train_eval`` keep the rest (the
+    function of the data and the seed alone. When the split has groups (``digits-hard``: the
+    images generated from one original), whole groups are drawn instead, so no original has
+    images on both sides. ``train`` and ``train_eval`` keep the rest (the
     same samples, training and evaluation transforms); ``val`` gets the held-out samples with
     the evaluation transforms. The test split is untouched.
 
@@ -252,20 +278,27 @@ def hold_out(src: DataSource, fraction: float, seed: int = 0) -> DataSource:
     if fraction == 0:
         return src
     labels = _labels(src.train)
+    groups = getattr(src.train, "groups", None)
+    # Draw groups (or, without groups, single samples: each its own group), stratified by label.
+    unit = torch.arange(labels.numel()) if groups is None else groups
+    ids, first = torch.unique(unit, return_inverse=True)
+    unit_label = torch.empty(ids.numel(), dtype=torch.int64)
+    unit_label[first] = labels
     g = torch.Generator().manual_seed(int(seed))
-    val_idx = []
-    for c in torch.unique(labels).tolist():
-        idx = torch.nonzero(labels == c).flatten()
+    val_units = []
+    for c in torch.unique(unit_label).tolist():
+        idx = torch.nonzero(unit_label == c).flatten()
         n = idx.numel()
         k = int(round(fraction * n))
         if n >= 2:
             k = min(max(k, 1), n - 1)
         else:
             k = 0
-        val_idx.append(idx[torch.randperm(n, generator=g)[:k]])
-    val = torch.sort(torch.cat(val_idx)).values
-    keep = torch.ones(labels.numel(), dtype=torch.bool)
-    keep[val] = False
+        val_units.append(idx[torch.randperm(n, generator=g)[:k]])
+    in_val = torch.zeros(ids.numel(), dtype=torch.bool)
+    in_val[torch.cat(val_units)] = True
+    val = torch.nonzero(in_val[first]).flatten()
+    keep = ~in_val[first]
     train_idx = torch.nonzero(keep).flatten()
     if val.numel() == 0 or train_idx.numel() == 0:
         raise DataError(f"--val-fraction {fraction} of {labels.numel()} training samples leaves an empty "
@@ -296,6 +329,23 @@ def _load_digits(spec: str, size: int, channels: int) -> DataSource:
     train = TensorDataset(xtr.contiguous(), y[train_idx].contiguous())
     test = TensorDataset(xte.contiguous(), y[test_idx].contiguous())
     return DataSource(spec, "digits", train, train, test, 10, channels, size)
+
+
+def _load_digits_hard(spec: str, size: int, channels: int, seed: int) -> DataSource:
+    from egp_fast.cli.digits_hard import digits_hard_splits
+
+    splits = digits_hard_splits(seed=seed)
+    xtr, xte = splits["train"]["x"], splits["test"]["x"]
+    if size != xtr.shape[-1]:
+        xtr = F.interpolate(xtr, size=(size, size), mode="bilinear", align_corners=False)
+        xte = F.interpolate(xte, size=(size, size), mode="bilinear", align_corners=False)
+    mean, std = xtr.mean(), xtr.std()
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    if channels == 3:
+        xtr, xte = xtr.repeat(1, 3, 1, 1), xte.repeat(1, 3, 1, 1)
+    train = TensorDataset(xtr.contiguous(), splits["train"]["y"], splits["train"]["origin"])
+    test = TensorDataset(xte.contiguous(), splits["test"]["y"], splits["test"]["origin"])
+    return DataSource(spec, "digits-hard", train, train, test, 10, channels, size)
 
 
 def _grey_to(channels: int):

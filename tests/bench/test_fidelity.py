@@ -28,10 +28,15 @@ def test_options_and_errors():
     args = fid.parse_args(["--quick", "--out", "/tmp/x/fidelity"])
     assert args.seeds == [0] and args.jobs == 1 and args.rounds == 1 and args.easier_steps == 1
     assert args.cache == "/tmp/x/fidelity_cache"
+    assert args.fold_epochs == 1 and args.task == "digits"
     full = fid.parse_args([])
     assert (full.seeds, full.dense_epochs, full.ft_epochs, full.rounds, full.jobs) == ([0, 1, 2], 15, 8, 4, 2)
     assert full.methods == ["egp", "imp", "easier"] and full.models == ["resnet", "vit"]
-    for bad in (["--val-fraction", "1.5"], ["--rounds", "0"], ["--max-drop", "-0.1"], ["--models", "lenet"]):
+    assert full.fold_epochs == 4 and full.out.endswith("fidelity")
+    hard = fid.parse_args(["--task", "digits-hard", "--models", "mobilenet", "--methods", "easier-latency"])
+    assert hard.out.endswith("fidelity_hard") and hard.cache.endswith("fidelity_hard_cache")
+    for bad in (["--val-fraction", "1.5"], ["--rounds", "0"], ["--max-drop", "-0.1"], ["--models", "lenet"],
+                ["--fold-epochs", "-1"], ["--target-speedup", "0.9"], ["--task", "mnist"]):
         with pytest.raises(SystemExit):
             fid.parse_args(bad)
 
@@ -126,6 +131,87 @@ def test_selection_and_best_within():
     assert [r["sites_removed"] for r in fid.selected_rows(rows, "resnet", "easier")] == [6, 4]
 
 
+def test_mobilenet_takes_one_grey_channel_and_runs_at_224():
+    fid = _fidelity()
+    net = fid.build(fid.model_recipes(quick=True)["mobilenet"], 32).eval()
+    assert net.features[0][0].in_channels == 1
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+        assert net(torch.randn(1, 1, 224, 224)).shape == (1, 10)
+
+
+def test_linear_baseline_is_chosen_on_validation():
+    fid = _fidelity()
+    splits = fid.Splits(0, 0.2, 300, 64, "digits")
+    lin = fid.linear_baseline(splits, cs=(1e-4, 1.0))
+    # a nearly unregularised logistic regression fits digits; C=1e-4 barely moves off uniform
+    assert lin["C"] == 1.0 and lin["per_C"][1.0] > lin["per_C"][1e-4]
+    assert lin["val_accuracy"] == lin["per_C"][1.0] and 0.8 < lin["test_accuracy"] <= 1.0
+
+
+def test_digits_hard_splits_keep_originals_apart():
+    fid = _fidelity()
+    splits = fid.Splits(1, 0.1, None, 64, "digits-hard")
+    assert splits.sizes() == {"train": len(splits.train), "val": len(splits.val), "test": 1440}
+    assert len(splits.val) >= 400 and splits.example.shape == (2, 1, 32, 32)
+    assert not set(splits.train.groups.tolist()) & set(splits.val.groups.tolist())
+
+
+def test_easier_latency_without_the_objective_fails_clearly(monkeypatch):
+    import egp_fast
+    fid = _fidelity()
+
+    def old_prune(model, data, *, method="egp", evaluate=None, max_drop=None, finetune=None, iterations=9,
+                  progress=True):
+        return "ran"
+
+    monkeypatch.setattr(egp_fast, "prune", old_prune)
+    cfg = {"target_speedup": 1.5}
+    splits = type("S", (), {"measure_loader": []})()
+    assert fid._prune_easier("easier", None, splits, cfg, iterations=2) == "ran"
+    with pytest.raises(RuntimeError, match="objective='latency'.*--methods egp imp easier"):
+        fid._prune_easier("easier-latency", None, splits, cfg, iterations=2)
+    seen = {}
+
+    def new_prune(model, data, **kw):
+        seen.update(kw)
+        return "latency"
+
+    monkeypatch.setattr(egp_fast, "prune", new_prune)
+    assert fid._prune_easier("easier-latency", None, splits, cfg, iterations=2) == "latency"
+    assert seen["objective"] == "latency" and seen["target_speedup"] == 1.5 and seen["method"] == "easier"
+
+
+def test_fold_finetune_columns_in_the_table():
+    fid = _fidelity()
+    rows = []
+    for r in _rows():
+        r.update(dense_val_accuracy=0.98, val_accuracy=r["accuracy"], longest_path=10, longest_path_uncollapsed=18,
+                 params=1e5, flops=1e6, latency_ratio_b1=0.9, latency_ratio_b64=0.8, exact=True,
+                 relative_deviation_test=0.0, reload={"ok": True})
+        rows.append(r)
+        if r["method"] == "easier" and r.get("selected"):
+            rows.append(dict(r, variant="always_inexact", accuracy=0.5, drop_pt=48.0, longest_path=3,
+                             fold_finetune_accuracy=0.9, fold_finetune_drop_pt=8.0, latency_ratio_224_b1=0.5,
+                             latency_ratio_224_b8=0.25, exact=False))
+    report = {"rows": rows, "errors": [], "argv": [], "date": "2026-12-05 00:00 UTC", "wall_s": 60.0,
+              "config": {"task": "digits-hard", "models": ["resnet"], "methods": ["egp", "easier"],
+                         "max_drop": 0.01, "jobs": 1, "threads": 1, "dense_epochs": 1, "ft_epochs": 1,
+                         "rounds": 1, "seeds": [0, 1], "fold_epochs": 3},
+              "machine": {"cpu": "cpu", "cores": 2, "torch": "2"}, "load_start": [1, 1, 1], "load_end": [1, 1, 1],
+              "splits": {"train": 1, "val": 1, "test": 1},
+              "linear": {"C": 0.1, "val_accuracy": 0.12, "test_accuracy": 0.125}}
+    md = fid.markdown(report)
+    assert "(digits-hard 32x32)" in md and "fine-tuned for 3 epochs" in md
+    assert "scores 12.5% on test" in md and "85.5 points above it" in md
+    inexact = next(line for line in md.splitlines() if line.startswith("| resnet | easier | always_inexact |"))
+    cells = [c.strip() for c in inexact.split("|")[1:-1]]
+    assert cells[4:7] == ["50.0", "+48.0", "90.0 (+8.0)"]  # right after the fold, then after fold-ft
+    assert cells[14:16] == ["0.50x", "0.25x"]
+    exact = next(line for line in md.splitlines() if line.startswith("| resnet | egp | exact |"))
+    assert [c.strip() for c in exact.split("|")[1:-1]][6] == "-"
+
+
 @pytest.mark.slow
 def test_quick_run_writes_every_output(tmp_path):
     fid = _fidelity()
@@ -138,8 +224,13 @@ def test_quick_run_writes_every_output(tmp_path):
     for model in ("resnet", "vit"):
         methods = {r["method"] for r in rows if r["model"] == model}
         assert methods == {"dense", "egp", "imp", "easier"}, (model, methods)
-        variants = {r["variant"] for r in rows if r["model"] == model and r["method"] == "easier"}
-        assert variants == {"exact", "always_inexact"}
+        for method in ("egp", "imp", "easier"):
+            variants = {r["variant"] for r in rows if r["model"] == model and r["method"] == method}
+            assert variants == {"exact", "always_inexact"}, (model, method)
+        inexact = [r for r in rows if r["model"] == model and r["variant"] == "always_inexact"]
+        assert all(0 <= r["fold_finetune_accuracy"] <= 1 and r["fold_epochs"] == 1 for r in inexact)
+        finals = [r for r in rows if r["model"] == model and (r.get("selected") or r["method"] == "dense")]
+        assert all(("latency_ratio_224_b8" in r) == (model == "resnet") for r in finals)
     for r in rows:
         assert r["reload"]["ok"], r
         for key in ("accuracy", "sites_removed", "longest_path", "params", "flops", "latency_ratio_b1",
@@ -152,6 +243,7 @@ def test_quick_run_writes_every_output(tmp_path):
     assert sum(bool(r.get("selected")) for r in rows if r["method"] == "easier") <= 2 * 2
     md = (tmp_path / "fidelity.md").read_text()
     assert "| resnet | easier | always_inexact |" in md and "| vit | egp | exact |" in md
+    assert "Linear baseline: a multinomial logistic regression" in md
     assert (tmp_path / "fidelity.png").stat().st_size > 10_000
     # --report-only rebuilds the same table from the cache alone
     (tmp_path / "fidelity.md").unlink()

@@ -243,3 +243,100 @@ def _one_per_class():
 
     ds = TensorDataset(torch.zeros(3, 1, 8, 8), torch.arange(3))
     return DataSource("digits", "digits", ds, ds, ds, 3, 1, 8)
+
+
+# -- digits-hard ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hard():
+    from egp_fast.cli.digits_hard import digits_hard_splits
+
+    return digits_hard_splits(seed=0, copies=1)
+
+
+def test_digits_hard_spec_and_shapes():
+    assert parse_data_spec("digits-hard") == ("digits-hard", None)
+    with pytest.raises(ConfigError, match="takes no path"):
+        parse_data_spec("digits-hard:/x")
+    src = load_data("digits-hard")
+    assert (len(src.train), len(src.test)) == (4 * 1437, 4 * 360)
+    assert src.train.x.shape == (4 * 1437, 1, 32, 32) and src.test.x.dtype == torch.float32
+    assert src.train.y.dtype == torch.int64 and (src.channels, src.image_size) == (1, 32)
+    assert abs(src.train.x.mean().item()) < 1e-4 and abs(src.train.x.std().item() - 1) < 1e-3
+    # four images per original, in a row, all with the original's label
+    assert torch.equal(src.train.groups[:8], src.train.groups[::4][:2].repeat_interleave(4))
+    small = load_data("digits-hard", image_size=16, channels=3, limit=10)
+    assert small.train.x.shape == (10, 3, 16, 16) and small.train.groups.shape == (10,)
+
+
+def test_digits_hard_is_deterministic_by_seed(hard):
+    from egp_fast.cli.digits_hard import digits_hard_splits
+
+    torch.manual_seed(123)  # the global generator plays no part
+    again = digits_hard_splits(seed=0, copies=1)
+    other = digits_hard_splits(seed=1, copies=1)
+    for split in ("train", "test"):
+        for key in ("x", "y", "origin", "fragment"):
+            assert torch.equal(hard[split][key], again[split][key]), (split, key)
+        # another seed: other transforms of the same originals
+        assert torch.equal(hard[split]["origin"], other[split]["origin"])
+        assert (hard[split]["x"] - other[split]["x"]).abs().amax(dim=(1, 2, 3)).min() > 0.1
+
+
+def test_digits_hard_test_originals_never_reach_training(hard):
+    from sklearn.datasets import load_digits
+
+    train, test = hard["train"], hard["test"]
+    test_ids = set(test["origin"].tolist())
+    assert len(test_ids) == 360 and len(set(train["origin"].tolist())) == 1437
+    assert not test_ids & set(train["origin"].tolist())
+    # the distractor fragments come from the same split's originals only
+    frag_tr = set(train["fragment"][train["fragment"] >= 0].tolist())
+    frag_te = set(test["fragment"][test["fragment"] >= 0].tolist())
+    assert frag_tr and frag_te and not frag_tr & test_ids and frag_te <= test_ids
+    assert (train["fragment"] != train["origin"]).all()
+    # labels are the originals' labels
+    target = torch.tensor(load_digits().target)
+    assert torch.equal(train["y"], target[train["origin"]]) and torch.equal(test["y"], target[test["origin"]])
+
+
+def test_digits_hard_label_balance(hard):
+    for split, n in (("train", 1437), ("test", 360)):
+        counts = torch.bincount(hard[split]["y"], minlength=10)
+        assert counts.sum() == n and counts.min() >= 0.09 * n and counts.max() <= 0.11 * n, (split, counts)
+    assert torch.equal(torch.bincount(hard["test"]["y"]), torch.full((10,), 36))
+
+
+def test_digits_hard_transforms_move_the_digit():
+    from egp_fast.cli.digits_hard import generate
+
+    img = torch.zeros(1, 1, 8, 8)
+    img[..., 3:5, 3:5] = 1.0  # a centred blob
+    plain = generate(img, torch.zeros(1, dtype=torch.int64), copies=64, seed=0, strength=0.0)["x"]
+    assert torch.equal(plain, plain[:1].expand_as(plain))  # strength 0: no randomness at all
+    cy, cx = _centroid(plain[0, 0])
+    assert abs(cy - 15.5) < 0.5 and abs(cx - 15.5) < 0.5
+    moved = generate(img, torch.zeros(1, dtype=torch.int64), copies=64, seed=0)["x"]
+    spread = torch.tensor([_centroid(m[0]) for m in (moved > 0.5).float()])
+    assert spread.std(dim=0).min() > 3.0  # placed all over the canvas, not just around the centre
+
+
+def _centroid(img: torch.Tensor) -> tuple[float, float]:
+    ys, xs = torch.meshgrid(torch.arange(img.shape[0]), torch.arange(img.shape[1]), indexing="ij")
+    w = img.clamp_min(0)
+    return float((w * ys).sum() / w.sum()), float((w * xs).sum() / w.sum())
+
+
+def test_hold_out_keeps_generated_images_of_one_original_together():
+    src = hold_out(load_data("digits-hard"), 0.1, seed=3)
+    tr, va = set(src.train.groups.tolist()), set(src.val.groups.tolist())
+    assert not tr & va and len(va) == pytest.approx(144, abs=5)
+    assert len(src.val) == 4 * len(va) >= 400  # one image is at most 0.25 points
+    assert set(src.val.y.tolist()) == set(range(10))
+    assert torch.equal(src.train_eval.x, src.train.x)
+    again = hold_out(load_data("digits-hard"), 0.1, seed=3)
+    assert torch.equal(again.val.groups, src.val.groups)
+    # plain digits (no groups) split as before: per sample
+    plain = hold_out(load_data("digits"), 0.1, seed=0)
+    assert (len(plain.train), len(plain.val)) == (1294, 143)
