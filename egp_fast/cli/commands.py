@@ -81,10 +81,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "digits, 64 otherwise)")
     g.add_argument("--weights", default=S, metavar="PATH", help="load this local state_dict before training "
                    "(weights_only=True)")
-    g.add_argument("--data", default=S, help="digits (embedded), cifar10:PATH, imagefolder:PATH or "
-                   "imagenet:PATH (default: digits)")
-    g.add_argument("--image-size", type=int, default=S, help="image side (default: 16 digits, 32 cifar10, "
-                   "224 folders)")
+    g.add_argument("--data", default=S, help="digits (embedded), digits-hard (embedded: digits rotated, "
+                   "scaled and moved on a 32x32 canvas with clutter and noise, where a linear classifier "
+                   "is at chance), cifar10:PATH, imagefolder:PATH or imagenet:PATH (default: digits)")
+    g.add_argument("--image-size", type=int, default=S, help="image side (default: 16 digits, 32 digits-hard and "
+                   "cifar10, 224 folders)")
     g.add_argument("--limit", type=int, default=S, help="use at most N samples of each split (quick runs)")
     g.add_argument("--val-fraction", type=float, default=S, help="fraction of the TRAINING data held out "
                    "(stratified, by --seed) as the validation split: EASIER's accuracy tolerance and "
@@ -328,9 +329,9 @@ def _resolve_derived(cfg: dict) -> dict:
     if cfg["width"] is None:
         # cifar_resnet18: first-stage width; digits_vit: embedding width (64, its default).
         vit = cfg["model"] in ("digits_vit", "vit_digits")
-        cfg["width"] = 16 if kind == "digits" and not vit else 64
+        cfg["width"] = 16 if kind in ("digits", "digits-hard") and not vit else 64
     if cfg["image_size"] is None:
-        cfg["image_size"] = {"digits": 16, "cifar10": 32}.get(kind, 224)
+        cfg["image_size"] = {"digits": 16, "digits-hard": 32, "cifar10": 32}.get(kind, 224)
     return cfg
 
 
@@ -342,7 +343,7 @@ def _cmd_prune(given: dict) -> int:
     cfg = _resolve_derived(cfg)
     threads_before = torch.get_num_threads()
     threads = cfg["threads"]
-    if threads is None and cfg["data"].lower() == "digits" and not cfg["compile"]:
+    if threads is None and cfg["data"].lower() in ("digits", "digits-hard") and not cfg["compile"]:
         threads = 1
     info = init_distributed(cfg["device"])
     try:

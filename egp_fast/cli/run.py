@@ -91,7 +91,7 @@ class Run(ResumeMixin, FinishMixin):
 
     def _setup(self) -> None:
         cfg, info = self.cfg, self.info
-        natural = 1 if cfg["data"].lower() == "digits" else 3
+        natural = 1 if cfg["data"].lower() in ("digits", "digits-hard") else 3
         src = load_data(cfg["data"], image_size=cfg["image_size"],
                         channels=model_in_channels(cfg["model"], natural), limit=cfg["limit"])
         # Decisions (EASIER's tolerance, collapse's held-out check) use data held out from the

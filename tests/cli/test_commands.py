@@ -64,6 +64,8 @@ def test_parser_defaults_are_the_demo():
     assert easier["epochs"] < cfg["epochs"] and easier["rounds"] >= 17 and easier["max_drop"] == 0.01
     vit = _resolve_derived({**DEFAULTS, "model": "digits_vit"})
     assert (vit["optimizer"], vit["width"]) == ("adamw", 64)
+    hard = _resolve_derived({**DEFAULTS, "data": "digits-hard"})
+    assert (hard["width"], hard["image_size"]) == (16, 32)  # the small digits network, on its 32x32 canvas
 
 
 def _imported_modules(path) -> set[str]:
