@@ -87,14 +87,29 @@ class PackedMask:
 
     __slots__ = ("bits", "shape")
 
-    def __init__(self, mask: torch.Tensor) -> None:
+    def __init__(self, mask: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """Pack ``mask``.
+
+        Args:
+            mask: the bool mask (any shape and strides; read in row-major order).
+            out: optional uint8 tensor of ``(mask.numel() + 7) // 8`` entries on the mask's
+                device to hold the bits (a slice of one buffer for many masks keeps them out of
+                the way of the allocator's short-lived blocks); a new one when ``None``.
+        """
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise ConfigError("PackedMask needs a bool tensor")
         self.shape = tuple(mask.shape)
         flat = mask.reshape(-1).view(torch.uint8)
         n = flat.numel()
         place = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flat.device)
-        self.bits = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
+        if out is None:
+            out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
+        elif out.dtype != torch.uint8 or out.shape != ((n + 7) // 8,) or out.device != flat.device:
+            raise ConfigError(
+                f"PackedMask(out=...) must be a uint8 tensor of shape ({(n + 7) // 8},) on {flat.device}, got "
+                f"{out.dtype} {tuple(out.shape)} on {out.device}"
+            )
+        self.bits = out
         # A slice at a time: the scratch is a slice's bytes, not the whole mask again.
         full = n - n % 8
         for lo in range(0, full, _SLICE):
