@@ -137,7 +137,7 @@ def global_smallest_counts(
         >>> import torch, egp_fast
         >>> ws = [torch.tensor([0.5, 0.2]), torch.tensor([0.1, 0.9])]
         >>> egp_fast.ops.global_smallest_counts(ws, [torch.ones(2, dtype=torch.bool)] * 2, 3)
-        [1, 2]
+        [2, 1]
     """
     weights, masks = _check_lists(weights, masks, "global_smallest_counts")
     count = int(count)
