@@ -44,8 +44,9 @@ undisturbed rounds only and on CPU time. ``--quiet-below P`` waits (at most ``--
 before each child until the CPU pressure is under P %. ``--merge A.json B.json ...`` runs
 nothing and pools earlier result files (the fastest child per configuration stands).
 
-A configuration whose estimated footprint (model + 2.5 extra bytes/weight) exceeds ``--mem-limit-gib`` (default 18) or the memory available now is
-skipped with the reason; so is anything started after ``--budget-s``.
+A configuration whose estimated footprint (model + 2.5 extra bytes/weight) exceeds
+``--mem-limit-gib`` (default 18) or the memory available now is skipped with the reason; so is
+anything started after ``--budget-s``.
 """
 
 from __future__ import annotations
