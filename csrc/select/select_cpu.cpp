@@ -1,4 +1,6 @@
-// CPU radix select for select_smallest / global_smallest (exact k, ties by index, NaN last).
+// CPU select for select_smallest / global_smallest / global_smallest_counts (exact k, ties by
+// index, NaN last). global_smallest_counts runs the same paths in counting mode: no outputs, only
+// how many entries each layer loses (Seg::out is null, the counts go to `pruned`).
 //
 // Keys: the bits of |w| as an unsigned integer are monotone in |w| for IEEE floats, with +0.0 and
 // -0.0 both mapping to 0 and every NaN above +inf. Clamping with min(bits, inf_bits + 1) gives all
@@ -7,8 +9,11 @@
 // fp64 64-bit keys; a global call over mixed dtypes converts every value to the widest float
 // present (exact for fp16/bf16 -> fp32 -> fp64), so layers rank as the reference's float64 keys.
 //
-// fp32 problems of 2^15 entries or more take the sampled one-pass path (solve_sampled below), and
-// if its sample misleads, those of 2^18 or more the two-pass path (solve_two_pass); the rest:
+// fp32, fp16 and bf16 problems of 2^15 entries or more (a global problem counts all its layers;
+// with 32-bit keys only problems whose layers are all fp32) take the sampled one-pass path
+// (solve_sampled below), and if its sample misleads, those of 2^18 or more the two-pass path
+// (solve_two_pass for fp32; resolve16, one full histogram of the 16-bit keys, then the marking
+// pass, for fp16/bf16); the rest, and fp64:
 //
 // Select: most-significant-digit radix select (digits of 11/11/10 bits for 32-bit keys), one
 // histogram pass per digit over the unpruned entries whose higher digits match the prefix found
@@ -606,11 +611,11 @@ void resolve16(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, c
   }
 }
 
-// ---- Sampled one-pass select for fp32 problems ------------------------------------------------
+// ---- Sampled one-pass select for fp32, fp16 and bf16 problems ----------------------------------
 //
 // The k-th smallest key of a problem is first bracketed from a sample: runs of kRun consecutive
 // entries (one cache line each) at a pseudo-random offset inside each of R equal strides
-// (R = n / 512, within [256, 2048]), their unpruned keys, and the sample keys of ranks r -/+ margin
+// (R = n / 512, within [256, 2048]; above 2^23 entries n / 4096, at most 65536), their unpruned keys, and the sample keys of ranks r -/+ margin
 // around the expected rank r = k S / n (S = R kRun draws; margin = 3.5 binomial standard
 // deviations, doubled in variance for the correlation inside a run, + 2) give a window
 // [lo, hi]. One pass over the problem then writes out = mask & (key >= lo), counts the
@@ -623,7 +628,10 @@ void resolve16(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, c
 // Correctness never depends on the sample; only the speed does.
 //
 // The pass reads the weights and masks once and writes the output once (SSE2 on x86-64, a
-// portable loop elsewhere).
+// portable loop elsewhere; 16-bit keys compare 8 to a register). With 16-bit keys many entries
+// share a key: the window then spans whole keys, and a tie group too big for the candidate cap
+// sends the problem to the two-pass path. Counting mode writes nothing: a problem's count per
+// layer is its entries below lo plus the candidates picked there.
 constexpr int64_t kSampleMin = int64_t{1} << 15;
 constexpr int64_t kRun = 8;
 constexpr int64_t kRunsDiv = 512;
