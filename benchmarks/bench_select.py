@@ -345,6 +345,44 @@ def _report_cpu(repeats: int, select_only: bool = False) -> None:
     )
 
 
+def _report_paths(n: int, repeats: int) -> None:
+    """The C++ select paths side by side on ``n`` weights (layers of 4096 x 4096, k = half):
+    sampled one-pass, two-pass and radix, forced with the extension's test hook, interleaved
+    (A, B, C, A, B, C, ...) so load from other processes hits them alike; best of ``repeats``."""
+    from egp_fast import _ext
+    from egp_fast.ops import global_smallest_counts
+
+    C = _ext.C
+    d = 4096
+    depth = max(1, n // (d * d))
+    print(f"# C++ select paths, {depth} x {d} x {d} weights, k = half, {torch.get_num_threads()} threads")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ws = [(torch.rand(d, d) * 2 - 1).div_(64).to(dtype) for _ in range(depth)]
+        ms = [torch.ones(d, d, dtype=torch.bool) for _ in range(depth)]
+        total = depth * d * d
+        ops_ = {
+            "global_smallest": lambda: global_smallest(ws, ms, total // 2, backend="cpp"),
+            "global_smallest_counts": lambda: global_smallest_counts(ws, ms, total // 2, backend="cpp"),
+            "select_smallest": lambda: select_smallest(ws, ms, [d * d // 2] * depth, backend="cpp"),
+        }
+        paths = {"sampled": 3, "two-pass": 2, "radix": 0}
+        best = {(o, p): float("inf") for o in ops_ for p in paths}
+        try:
+            for _ in range(repeats):
+                for o, fn in ops_.items():
+                    for p, bits in paths.items():
+                        C._set_select_paths(bits)
+                        t0 = time.perf_counter()
+                        fn()
+                        best[o, p] = min(best[o, p], time.perf_counter() - t0)
+        finally:
+            C._set_select_paths(3)
+        for o in ops_:
+            row = ", ".join(f"{p} {total / best[o, p] / 1e9:.2f} G/s" for p in paths)
+            print(f"{o:23s} {str(dtype):15s}: {row}; sampled/radix {best[o, 'radix'] / best[o, 'sampled']:.2f}x")
+        del ws, ms
+
+
 def _report_gpu(repeats: int) -> None:
     print(f"# GPU: {machine()}, torch {torch.__version__}")
     z = torch.randn(64, 256, 56, 56, device="cuda", dtype=torch.bfloat16)
@@ -393,10 +431,14 @@ if __name__ == "__main__":
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for every provider")
     ap.add_argument("--select-only", action="store_true", help="CPU: only the select_smallest table")
+    ap.add_argument("--paths", type=float, default=0, metavar="N",
+                    help="CPU: only the C++ select paths side by side on N weights (bf16, fp16, fp32)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.gpu:
+    if a.paths:
+        _report_paths(int(a.paths), a.repeats)
+    elif a.gpu:
         if not torch.cuda.is_available():
             sys.exit("--gpu needs a CUDA device")
         _report_gpu(a.repeats)

@@ -14,6 +14,8 @@ TORCH_LIBRARY(egp_fast, m) {
   m.def("select_smallest(Tensor[] weights, Tensor[] masks, int[] counts) -> Tensor[]");
   // The same with one budget over all layers, ranked as if concatenated in list order.
   m.def("global_smallest(Tensor[] weights, Tensor[] masks, int count) -> Tensor[]");
+  // How many entries global_smallest would set False in each layer, without the masks.
+  m.def("global_smallest_counts(Tensor[] weights, Tensor[] masks, int count) -> int[]");
   // counts[c] += #(z > threshold) along channel_dim; counts is int64 [C], updated in place.
   m.def("sign_count_(Tensor z, Tensor(a!) counts, int channel_dim, float threshold) -> ()");
   // t[i] = 0 (all bits clear) where pruned[i]; other entries unchanged. CPU only: the masks'
@@ -26,6 +28,7 @@ TORCH_LIBRARY(egp_fast, m) {
 TORCH_LIBRARY_IMPL(egp_fast, Autograd, m) {
   m.impl("select_smallest", torch::CppFunction::makeFallthrough());
   m.impl("global_smallest", torch::CppFunction::makeFallthrough());
+  m.impl("global_smallest_counts", torch::CppFunction::makeFallthrough());
   m.impl("sign_count_", torch::CppFunction::makeFallthrough());
   m.impl("zero_pruned_", torch::CppFunction::makeFallthrough());
 }

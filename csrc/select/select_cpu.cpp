@@ -1,4 +1,6 @@
-// CPU radix select for select_smallest / global_smallest (exact k, ties by index, NaN last).
+// CPU select for select_smallest / global_smallest / global_smallest_counts (exact k, ties by
+// index, NaN last). global_smallest_counts runs the same paths in counting mode: no outputs, only
+// how many entries each layer loses (Seg::out is null, the counts go to `pruned`).
 //
 // Keys: the bits of |w| as an unsigned integer are monotone in |w| for IEEE floats, with +0.0 and
 // -0.0 both mapping to 0 and every NaN above +inf. Clamping with min(bits, inf_bits + 1) gives all
@@ -7,8 +9,11 @@
 // fp64 64-bit keys; a global call over mixed dtypes converts every value to the widest float
 // present (exact for fp16/bf16 -> fp32 -> fp64), so layers rank as the reference's float64 keys.
 //
-// fp32 problems of 2^15 entries or more take the sampled one-pass path (solve_sampled below), and
-// if its sample misleads, those of 2^18 or more the two-pass path (solve_two_pass); the rest:
+// fp32, fp16 and bf16 problems of 2^15 entries or more (a global problem counts all its layers;
+// with 32-bit keys only problems whose layers are all fp32) take the sampled one-pass path
+// (solve_sampled below), and if its sample misleads, those of 2^18 or more the two-pass path
+// (solve_two_pass for fp32; resolve16, one full histogram of the 16-bit keys, then the marking
+// pass, for fp16/bf16); the rest, and fp64:
 //
 // Select: most-significant-digit radix select (digits of 11/11/10 bits for 32-bit keys), one
 // histogram pass per digit over the unpruned entries whose higher digits match the prefix found
@@ -163,7 +168,8 @@ struct Problem {
   int64_t total = 0;  // unpruned entries (known after the first pass)
   KeyT prefix = 0;
   bool active = false;
-  bool skip = false;  // solved by the two-pass path (fp32 layers of kBig entries or more)
+  bool skip = false;  // solved by the sampled or the 32-bit two-pass path: mark leaves it alone
+  bool resolved = false;  // 16-bit keys: T and the ties known from one full histogram (two-pass)
 };
 
 // One histogram pass over the digit below the `done` most significant bits, counting unpruned
@@ -201,7 +207,7 @@ void histogram(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks,
       const Chunk& ch = chunks[c];
       const int64_t p = problem_of[ch.seg];
       const Problem<KeyT>& pr = probs[p];
-      if (!pr.active) continue;
+      if (!pr.active || pr.resolved) continue;
       // A new problem, or 32-bit local counters close to overflowing: hand them over.
       if (p != cur || pending > (int64_t{1} << 30)) {
         flush();
@@ -279,7 +285,7 @@ void choose_buckets(std::vector<Problem<KeyT>>& probs, const std::vector<int64_t
   const int nb = 1 << db;
   for (size_t p = 0; p < probs.size(); ++p) {
     Problem<KeyT>& pr = probs[p];
-    if (!pr.active) continue;
+    if (!pr.active || pr.resolved) continue;
     const int64_t* h = hist.data() + p * nb;
     if (first) {
       pr.total = 0;
@@ -297,12 +303,15 @@ void choose_buckets(std::vector<Problem<KeyT>>& probs, const std::vector<int64_t
 
 // out = mask & (key > T) where every tie at T goes; else out = mask & (key >= T), ties counted
 // per chunk, then the first k_rem ties of each such problem (in index order) dropped.
-// Inactive problems (k == 0) copy their masks.
+// Inactive problems (k == 0) copy their masks. Counting mode (pruned != nullptr, no outputs):
+// nothing is written; pruned[segment] += the entries the marking would have set False.
 template <typename KeyT>
 void mark(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, const std::vector<int64_t>& problem_of,
-          const std::vector<Problem<KeyT>>& probs) {
+          const std::vector<Problem<KeyT>>& probs, int64_t* pruned) {
+  const bool counting = pruned != nullptr;
   const int64_t nc = static_cast<int64_t>(chunks.size());
   std::vector<int64_t> eq(nc, 0);
+  std::vector<int64_t> lt(counting ? nc : 0, 0);
   bool any_split = false;
   for (const auto& pr : probs) any_split = any_split || (pr.active && pr.k < pr.n_eq);
   at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
@@ -314,7 +323,18 @@ void mark(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, const 
       if (pr.skip) {
         continue;
       } else if (!pr.active) {
-        std::memcpy(s.out + ch.lo, s.m + ch.lo, static_cast<size_t>(ch.hi - ch.lo));
+        if (!counting) std::memcpy(s.out + ch.lo, s.m + ch.lo, static_cast<size_t>(ch.hi - ch.lo));
+      } else if (counting) {
+        int64_t a = 0, e = 0;
+        visit<KeyT>(s, [&](auto* w) {
+          for (int64_t i = ch.lo; i < ch.hi; ++i) {
+            const KeyT k = key_of<KeyT>(w[i]);
+            a += s.m[i] && k < t;
+            e += s.m[i] && k == t;
+          }
+        });
+        lt[c] = a;
+        eq[c] = e;
       } else if (pr.k == pr.n_eq) {
         visit<KeyT>(s, [&](auto* w) {
           for (int64_t i = ch.lo; i < ch.hi; ++i) s.out[i] = s.m[i] && key_of<KeyT>(w[i]) > t;
@@ -332,6 +352,19 @@ void mark(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, const 
       }
     }
   });
+  if (counting) {
+    // Everything below T goes, and the first k ties of each problem in index order.
+    std::vector<int64_t> run(probs.size(), 0);
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t p = problem_of[chunks[c].seg];
+      const Problem<KeyT>& pr = probs[p];
+      if (pr.skip || !pr.active) continue;
+      const int64_t take = std::min(eq[c], std::max<int64_t>(0, pr.k - run[p]));
+      run[p] += eq[c];
+      pruned[chunks[c].seg] += lt[c] + take;
+    }
+    return;
+  }
   if (!any_split) return;
   // Ties before each chunk within its problem (chunks of a problem are in index order, though
   // not necessarily adjacent to each other's problems: keep one running sum per problem).
@@ -341,7 +374,7 @@ void mark(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, const 
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t p = problem_of[chunks[c].seg];
     const Problem<KeyT>& pr = probs[p];
-    if (!pr.active || pr.k == pr.n_eq) continue;
+    if (pr.skip || !pr.active || pr.k == pr.n_eq) continue;
     before[c] = run[p];
     if (eq[c] > 0 && run[p] < pr.k) todo.push_back(c);
     run[p] += eq[c];
@@ -399,7 +432,9 @@ static_assert(kChunk <= (int64_t{1} << 16), "candidate packing needs chunk offse
 
 void solve_two_pass(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks,
                     const std::vector<int64_t>& problem_of, std::vector<Problem<uint32_t>>& probs,
-                    const std::vector<int64_t>& big, const char* op, const std::vector<int64_t>& ks) {
+                    const std::vector<int64_t>& big, const char* op, const std::vector<int64_t>& ks,
+                    int64_t* pruned) {
+  const bool counting = pruned != nullptr;
   const int64_t nbig = static_cast<int64_t>(big.size());
   const ChunkSel cs = select_chunks(chunks, problem_of, probs.size(), big);
   const std::vector<int64_t>& slot = cs.slot;
@@ -447,8 +482,10 @@ void solve_two_pass(const std::vector<Seg>& segs, const std::vector<Chunk>& chun
     pr.prefix = static_cast<uint32_t>(b);
   }
   hist = std::vector<int64_t>();
-  // Pass 2: mark below / above the bucket, collect the bucket's unpruned entries per chunk.
+  // Pass 2: mark below / above the bucket, collect the bucket's unpruned entries per chunk
+  // (counting mode: count the unpruned entries below the bucket instead of marking).
   std::vector<std::vector<uint32_t>> cand(static_cast<size_t>(nm));
+  std::vector<int64_t> gone(counting ? nm : 0, 0);  // per chunk: entries pruned (counting mode)
   at::parallel_for(0, nm, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t j = cb; j < ce; ++j) {
       const Chunk& ch = chunks[mine[j]];
@@ -458,14 +495,20 @@ void solve_two_pass(const std::vector<Seg>& segs, const std::vector<Chunk>& chun
       const bool* m = s.m;
       bool* out = s.out;
       std::vector<uint32_t>& cj = cand[j];
+      int64_t below = 0;
       for (int64_t i = ch.lo; i < ch.hi; ++i) {
         const uint32_t k = key32(w[i]);
         const uint32_t hi = k >> kHi;
-        out[i] = m[i] && hi >= bucket;
+        if (counting) {
+          below += m[i] && hi < bucket;
+        } else {
+          out[i] = m[i] && hi >= bucket;
+        }
         if (hi == bucket && m[i]) {
           cj.push_back(static_cast<uint32_t>(i - ch.lo) << kHi | (k & 0xFFFFu));
         }
       }
+      if (counting) gone[j] = below;
     }
   });
   // Step 3, per problem, over its candidates only: the exact key and the ties, in index order.
@@ -482,26 +525,97 @@ void solve_two_pass(const std::vector<Seg>& segs, const std::vector<Chunk>& chun
       int64_t ties = pr.k - cum;  // entries equal to the k-th key to drop, lowest index first
       for (int64_t c = first[j]; c < first[j + 1]; ++c) {
         const Chunk& ch = chunks[mine[c]];
-        bool* out = segs[ch.seg].out + ch.lo;
+        bool* out = counting ? nullptr : segs[ch.seg].out + ch.lo;
         for (uint32_t v : cand[c]) {
           const uint32_t low = v & 0xFFFFu;
-          if (low < t) {
+          const bool go = low < t || (low == t && ties > 0);
+          ties -= low == t && ties > 0;
+          if (!go) continue;
+          if (counting) {
+            ++gone[c];
+          } else {
             out[v >> kHi] = false;
-          } else if (low == t && ties > 0) {
-            out[v >> kHi] = false;
-            --ties;
           }
         }
       }
     }
   });
+  if (counting) {
+    for (int64_t c = 0; c < nm; ++c) pruned[chunks[mine[c]].seg] += gone[c];
+  }
 }
 
-// ---- Sampled one-pass select for fp32 problems ------------------------------------------------
+// ---- Two-pass select for big 16-bit problems ---------------------------------------------------
+//
+// A 16-bit key has only 2^15 values once the sign is cleared, so one histogram pass over all of
+// them fixes the k-th key T and how many of its ties go; the radix path's marking pass (mark)
+// then finishes the problem. Two passes instead of the radix path's three.
+constexpr int64_t kBins16 = int64_t{1} << 15;
+
+void resolve16(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks, const std::vector<int64_t>& problem_of,
+               std::vector<Problem<uint16_t>>& probs, const std::vector<int64_t>& big, const char* op,
+               const std::vector<int64_t>& ks) {
+  const int64_t nbig = static_cast<int64_t>(big.size());
+  const ChunkSel cs = select_chunks(chunks, problem_of, probs.size(), big);
+  const int64_t nm = static_cast<int64_t>(cs.mine.size());
+  std::vector<int64_t> hist(static_cast<size_t>(nbig * kBins16), 0);
+  std::mutex mu;
+  at::parallel_for(0, nm, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<uint32_t> h(2 * kBins16, 0);  // two interleaved sub-histograms
+    uint32_t* h0 = h.data();
+    uint32_t* h1 = h0 + kBins16;
+    int64_t cur = -1;
+    auto flush = [&]() {
+      if (cur < 0) return;
+      std::lock_guard<std::mutex> lock(mu);
+      int64_t* g = hist.data() + cur * kBins16;
+      for (int64_t b = 0; b < kBins16; ++b) g[b] += static_cast<int64_t>(h0[b]) + h1[b];
+      std::fill(h.begin(), h.end(), 0u);
+    };
+    for (int64_t j = cb; j < ce; ++j) {
+      const Chunk& ch = chunks[cs.mine[j]];
+      const int64_t sl = cs.slot[problem_of[ch.seg]];
+      if (sl != cur) {
+        flush();
+        cur = sl;
+      }
+      const Seg& s = segs[ch.seg];
+      const bool* m = s.m;
+      visit<uint16_t>(s, [&](auto* w) {
+        int64_t i = ch.lo;
+        for (; i + 2 <= ch.hi; i += 2) {
+          h0[key_of<uint16_t>(w[i])] += m[i];
+          h1[key_of<uint16_t>(w[i + 1])] += m[i + 1];
+        }
+        for (; i < ch.hi; ++i) h0[key_of<uint16_t>(w[i])] += m[i];
+      });
+      // 32-bit local counters: hand them over every 2^14 chunks (2^30 entries) at the latest
+      if (((j - cb + 1) & ((int64_t{1} << 14) - 1)) == 0) flush();
+    }
+    flush();
+  });
+  for (int64_t j = 0; j < nbig; ++j) {
+    Problem<uint16_t>& pr = probs[big[j]];
+    const int64_t* h = hist.data() + j * kBins16;
+    int64_t total = 0;
+    for (int64_t b = 0; b < kBins16; ++b) total += h[b];
+    TORCH_CHECK(total >= pr.k, op, ": asked to prune ", ks[big[j]], " entries but only ", total,
+                " are unpruned (True in the masks); ask for at most that many");
+    int64_t cum = 0;
+    const int64_t b = kth_bucket(h, kBins16, pr.k, cum);
+    pr.k -= cum;  // ties of T to take
+    pr.prefix = static_cast<uint16_t>(b);
+    pr.n_eq = h[b];
+    pr.total = total;
+    pr.resolved = true;
+  }
+}
+
+// ---- Sampled one-pass select for fp32, fp16 and bf16 problems ----------------------------------
 //
 // The k-th smallest key of a problem is first bracketed from a sample: runs of kRun consecutive
 // entries (one cache line each) at a pseudo-random offset inside each of R equal strides
-// (R = n / 512, within [256, 2048]), their unpruned keys, and the sample keys of ranks r -/+ margin
+// (R = n / 512, within [256, 2048]; above 2^23 entries n / 4096, at most 65536), their unpruned keys, and the sample keys of ranks r -/+ margin
 // around the expected rank r = k S / n (S = R kRun draws; margin = 3.5 binomial standard
 // deviations, doubled in variance for the correlation inside a run, + 2) give a window
 // [lo, hi]. One pass over the problem then writes out = mask & (key >= lo), counts the
@@ -514,11 +628,19 @@ void solve_two_pass(const std::vector<Seg>& segs, const std::vector<Chunk>& chun
 // Correctness never depends on the sample; only the speed does.
 //
 // The pass reads the weights and masks once and writes the output once (SSE2 on x86-64, a
-// portable loop elsewhere).
+// portable loop elsewhere; 16-bit keys compare 8 to a register). With 16-bit keys many entries
+// share a key: the window then spans whole keys, and a tie group too big for the candidate cap
+// sends the problem to the two-pass path. Counting mode writes nothing: a problem's count per
+// layer is its entries below lo plus the candidates picked there.
 constexpr int64_t kSampleMin = int64_t{1} << 15;
 constexpr int64_t kRun = 8;
 constexpr int64_t kRunsDiv = 512;
 constexpr int64_t kRunsMax = 2048;
+// Problems beyond kRunsMax * kRunsBigDiv entries (a global selection over a big model) sample
+// n / kRunsBigDiv runs, up to kRunsBigMax: the window, and so the candidates held (8 bytes
+// each), shrink as 1 / sqrt(runs); from 2^28 entries on about 0.7% of the entries instead of 4%.
+constexpr int64_t kRunsBigDiv = 4096;
+constexpr int64_t kRunsBigMax = 65536;
 constexpr int64_t kRunsMin = 256;  // small layers: a denser sample (they are in cache anyway)
 
 inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser: a fixed, well-spread offset per run
@@ -532,10 +654,19 @@ struct Window {
   uint32_t lo = 0, hi = 0x7FFFFFFFu;  // candidate keys lie in [lo, hi]
 };
 
+template <typename KeyT>
+inline uint32_t key_at(const Seg& s, int64_t i) {
+  uint32_t k = 0;
+  visit<KeyT>(s, [&](auto* w) { k = key_of<KeyT>(w[i]); });
+  return k;
+}
+
 // The window of one problem from its sample (segs_of: its segments in order, n entries).
+template <typename KeyT>
 Window sample_window(const std::vector<Seg>& segs, const std::vector<int64_t>& segs_of, int64_t n, int64_t k,
                      std::vector<uint32_t>& keys) {
-  const int64_t runs = std::min(kRunsMax, std::max(kRunsMin, n / kRunsDiv));
+  const int64_t runs = std::min(std::max(kRunsMax, std::min(kRunsBigMax, n / kRunsBigDiv)),
+                                std::max(kRunsMin, n / kRunsDiv));
   const int64_t stride = n / runs;  // >= kSampleMin / kRunsMin = 128 > kRun
   const int64_t span = stride - kRun + 1;
   keys.clear();
@@ -546,7 +677,7 @@ Window sample_window(const std::vector<Seg>& segs, const std::vector<int64_t>& s
     for (int64_t e = pos; e < pos + kRun; ++e) {
       while (e >= base + segs[segs_of[si]].n) base += segs[segs_of[si++]].n;
       const Seg& s = segs[segs_of[si]];
-      if (s.m[e - base]) keys.push_back(key32(static_cast<const float*>(s.w)[e - base]));
+      if (s.m[e - base]) keys.push_back(key_at<KeyT>(s, e - base));
     }
   }
   const double draws = static_cast<double>(runs * kRun);
@@ -568,12 +699,15 @@ Window sample_window(const std::vector<Seg>& segs, const std::vector<int64_t>& s
     std::nth_element(from, keys.begin() + rh, keys.end());
     w.hi = keys[rh];
   }
+  if constexpr (std::is_same_v<KeyT, uint16_t>) w.hi = std::min<uint32_t>(w.hi, 0x7FFFu);
   return w;
 }
 
 // One chunk of the pass: out = mask & (key >= lo); returns the unpruned entries below lo and
 // appends the unpruned entries inside [lo, hi] to buf as (offset in chunk << 32) | key, in index
 // order. Returns -1 when more than `cap` candidates turned up (the caller gives up the problem).
+// kWrite false: counting mode, out is not touched.
+template <bool kWrite>
 int64_t mark_chunk(const float* w, const uint8_t* m, uint8_t* out, int64_t n, Window win, int64_t cap,
                    uint64_t* buf, int64_t& cnt) {
   const uint32_t lo = win.lo, hi = win.hi;
@@ -611,8 +745,11 @@ int64_t mark_chunk(const float* w, const uint8_t* m, uint8_t* out, int64_t n, Wi
         const __m128i inw = _mm_andnot_si128(_mm_or_si128(lt, gt), _mm_sub_epi32(zero, mw[q]));
         bits |= _mm_movemask_ps(_mm_castsi128_ps(inw)) << (4 * q);
       }
-      const __m128i packed = _mm_packus_epi16(_mm_packs_epi32(keep[0], keep[1]), _mm_packs_epi32(keep[2], keep[3]));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), packed);
+      if constexpr (kWrite) {
+        const __m128i packed =
+            _mm_packus_epi16(_mm_packs_epi32(keep[0], keep[1]), _mm_packs_epi32(keep[2], keep[3]));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), packed);
+      }
       while (bits) {
         const int t = __builtin_ctz(static_cast<unsigned>(bits));
         bits &= bits - 1;
@@ -629,7 +766,74 @@ int64_t mark_chunk(const float* w, const uint8_t* m, uint8_t* out, int64_t n, Wi
   for (; i < n; ++i) {
     const uint32_t k = key32(w[i]);
     const bool mm = m[i] != 0;
-    out[i] = mm && k >= lo;
+    if constexpr (kWrite) out[i] = mm && k >= lo;
+    below += mm && k < lo;
+    if (mm && k >= lo && k <= hi) {
+      buf[cnt++] = static_cast<uint64_t>(i) << 32 | k;
+      if (cnt > cap) return -1;
+    }
+  }
+  return below;
+}
+
+// The same for 16-bit floats (fp16 or bf16 bit patterns; nan_key: the canonical NaN key).
+template <bool kWrite>
+int64_t mark_chunk16(const uint16_t* w, uint32_t nan_key, const uint8_t* m, uint8_t* out, int64_t n, Window win,
+                     int64_t cap, uint64_t* buf, int64_t& cnt) {
+  const uint32_t lo = win.lo, hi = win.hi;
+  // Keys are below 2^15 (sign cleared), so signed 16-bit compares work; raw NaN keys compare
+  // like the canonical one, as in mark_chunk.
+  const int16_t lo_s = static_cast<int16_t>(lo);
+  const int16_t hi_s = static_cast<int16_t>(hi >= nan_key ? 0x7FFFu : hi);
+  int64_t below = 0;
+  int64_t i = 0;
+  cnt = 0;
+#if defined(__SSE2__)
+  {
+    const __m128i absm = _mm_set1_epi16(0x7FFF);
+    const __m128i lov = _mm_set1_epi16(lo_s);
+    const __m128i hiv = _mm_set1_epi16(hi_s);
+    const __m128i zero = _mm_setzero_si128();
+    __m128i bacc = zero;  // 16-bit lanes: a chunk adds at most 2^16 / 8 = 8192 to each
+    alignas(16) int16_t kk[16];
+    for (; i + 16 <= n; i += 16) {
+      const __m128i mb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + i));
+      const __m128i ma = _mm_unpacklo_epi8(mb, zero);
+      const __m128i mc = _mm_unpackhi_epi8(mb, zero);
+      const __m128i ka = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)), absm);
+      const __m128i kc = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 8)), absm);
+      const __m128i lta = _mm_cmplt_epi16(ka, lov);
+      const __m128i ltc = _mm_cmplt_epi16(kc, lov);
+      bacc = _mm_add_epi16(bacc, _mm_add_epi16(_mm_and_si128(lta, ma), _mm_and_si128(ltc, mc)));
+      if constexpr (kWrite) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                         _mm_packus_epi16(_mm_andnot_si128(lta, ma), _mm_andnot_si128(ltc, mc)));
+      }
+      const __m128i ina = _mm_andnot_si128(_mm_or_si128(lta, _mm_cmpgt_epi16(ka, hiv)), _mm_sub_epi16(zero, ma));
+      const __m128i inc = _mm_andnot_si128(_mm_or_si128(ltc, _mm_cmpgt_epi16(kc, hiv)), _mm_sub_epi16(zero, mc));
+      int bits = _mm_movemask_epi8(_mm_packs_epi16(ina, inc));
+      if (bits) {
+        _mm_store_si128(reinterpret_cast<__m128i*>(kk), ka);
+        _mm_store_si128(reinterpret_cast<__m128i*>(kk + 8), kc);
+        while (bits) {
+          const int t = __builtin_ctz(static_cast<unsigned>(bits));
+          bits &= bits - 1;
+          const uint32_t kv = static_cast<uint16_t>(kk[t]);
+          buf[cnt++] = static_cast<uint64_t>(i + t) << 32 | (kv < nan_key ? kv : nan_key);
+        }
+        if (cnt > cap) return -1;
+      }
+    }
+    alignas(16) uint16_t lanes[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(lanes), bacc);
+    for (int q = 0; q < 8; ++q) below += lanes[q];
+  }
+#endif
+  for (; i < n; ++i) {
+    uint32_t k = w[i] & 0x7FFFu;
+    k = k < nan_key ? k : nan_key;
+    const bool mm = m[i] != 0;
+    if constexpr (kWrite) out[i] = mm && k >= lo;
     below += mm && k < lo;
     if (mm && k >= lo && k <= hi) {
       buf[cnt++] = static_cast<uint64_t>(i) << 32 | k;
@@ -642,9 +846,10 @@ int64_t mark_chunk(const float* w, const uint8_t* m, uint8_t* out, int64_t n, Wi
 // Picks, among one problem's candidates (all inside [lo, hi]), the kk smallest keys, ties to
 // the lower index, and clears their outputs. A histogram of the window's key range finds the
 // bucket of the kk-th key; only that bucket's keys are ordered.
+// Counting mode (taken != nullptr): taken[c] counts chunk c's picks, nothing is written.
 void pick_candidates(const std::vector<std::vector<uint64_t>>& cand, int64_t c0, int64_t c1,
                      const std::vector<bool*>& outs, Window win, int64_t kk, std::vector<int64_t>& hist,
-                     std::vector<uint32_t>& keys) {
+                     std::vector<uint32_t>& keys, int64_t* taken) {
   if (kk <= 0) return;
   const uint32_t lo = win.lo;
   const uint64_t range = static_cast<uint64_t>(win.hi) - lo;
@@ -675,7 +880,11 @@ void pick_candidates(const std::vector<std::vector<uint64_t>>& cand, int64_t c0,
     for (uint64_t v : cand[c]) {
       const uint32_t key = static_cast<uint32_t>(v);
       if (key < t || (key == t && ties > 0)) {
-        out[v >> 32] = false;
+        if (taken) {
+          ++taken[c];
+        } else {
+          out[v >> 32] = false;
+        }
         ties -= key == t;
       }
     }
@@ -685,9 +894,13 @@ void pick_candidates(const std::vector<std::vector<uint64_t>>& cand, int64_t c0,
 // Solves the problems in `elig` (fp32, kSampleMin entries or more) that the sample brackets;
 // returns, per entry of `elig`, whether it was solved. Unsolved problems' outputs are partly
 // written and must be rewritten by another path.
+// Counting mode (pruned != nullptr): nothing is written; pruned[segment] += the entries the
+// solved problems prune.
+template <typename KeyT>
 std::vector<char> solve_sampled(const std::vector<Seg>& segs, const std::vector<Chunk>& chunks,
-                                const std::vector<int64_t>& problem_of, const std::vector<Problem<uint32_t>>& probs,
-                                const std::vector<int64_t>& elig) {
+                                const std::vector<int64_t>& problem_of, const std::vector<Problem<KeyT>>& probs,
+                                const std::vector<int64_t>& elig, int64_t* pruned) {
+  const bool counting = pruned != nullptr;
   const int64_t ne = static_cast<int64_t>(elig.size());
   const ChunkSel cs = select_chunks(chunks, problem_of, probs.size(), elig);
   const std::vector<int64_t>& slot = cs.slot;
@@ -704,7 +917,7 @@ std::vector<char> solve_sampled(const std::vector<Seg>& segs, const std::vector<
   std::vector<Window> win(ne);
   at::parallel_for(0, ne, 1, [&](int64_t pb, int64_t pe) {
     std::vector<uint32_t> keys;
-    for (int64_t j = pb; j < pe; ++j) win[j] = sample_window(segs, segs_of[j], size[j], probs[elig[j]].k, keys);
+    for (int64_t j = pb; j < pe; ++j) win[j] = sample_window<KeyT>(segs, segs_of[j], size[j], probs[elig[j]].k, keys);
   });
   // The pass, chunk by chunk.
   const int64_t nm = static_cast<int64_t>(mine.size());
@@ -719,14 +932,25 @@ std::vector<char> solve_sampled(const std::vector<Seg>& segs, const std::vector<
     for (int64_t c = cb; c < ce; ++c) {
       const Chunk& ch = chunks[mine[c]];
       const Seg& s = segs[ch.seg];
-      outs[c] = s.out + ch.lo;
+      outs[c] = counting ? nullptr : s.out + ch.lo;
       const int64_t j = slot[problem_of[ch.seg]];
       if (failed[j].load(std::memory_order_relaxed)) continue;
       int64_t cnt = 0;
-      const int64_t nb = mark_chunk(static_cast<const float*>(s.w) + ch.lo, reinterpret_cast<const uint8_t*>(s.m) + ch.lo,
-                                    reinterpret_cast<uint8_t*>(s.out) + ch.lo, ch.hi - ch.lo, win[j],
-                                    std::min<int64_t>(kChunk / 4, std::max<int64_t>((ch.hi - ch.lo) / 4, 1024)),
-                                    buf.data(), cnt);
+      const int64_t n = ch.hi - ch.lo;
+      const int64_t cap = std::min<int64_t>(kChunk / 4, std::max<int64_t>(n / 4, 1024));
+      const uint8_t* m = reinterpret_cast<const uint8_t*>(s.m) + ch.lo;
+      uint8_t* out = counting ? nullptr : reinterpret_cast<uint8_t*>(s.out) + ch.lo;
+      int64_t nb = 0;
+      if constexpr (std::is_same_v<KeyT, uint16_t>) {
+        const uint16_t* w = static_cast<const uint16_t*>(s.w) + ch.lo;
+        const uint32_t nan_key = s.dt == at::kHalf ? 0x7C01u : 0x7F81u;
+        nb = counting ? mark_chunk16<false>(w, nan_key, m, out, n, win[j], cap, buf.data(), cnt)
+                      : mark_chunk16<true>(w, nan_key, m, out, n, win[j], cap, buf.data(), cnt);
+      } else {
+        const float* w = static_cast<const float*>(s.w) + ch.lo;
+        nb = counting ? mark_chunk<false>(w, m, out, n, win[j], cap, buf.data(), cnt)
+                      : mark_chunk<true>(w, m, out, n, win[j], cap, buf.data(), cnt);
+      }
       if (nb < 0) {
         failed[j].store(true, std::memory_order_relaxed);
         continue;
@@ -737,6 +961,7 @@ std::vector<char> solve_sampled(const std::vector<Seg>& segs, const std::vector<
   });
   // Per problem: check the bracket, then pick among the candidates.
   std::vector<char> ok(ne, 0);
+  std::vector<int64_t> taken(counting ? nm : 0, 0);
   at::parallel_for(0, ne, 1, [&](int64_t pb, int64_t pe) {
     std::vector<int64_t> hist;
     std::vector<uint32_t> keys;
@@ -749,17 +974,26 @@ std::vector<char> solve_sampled(const std::vector<Seg>& segs, const std::vector<
       }
       const int64_t k = probs[elig[j]].k;
       if (nb > k || nb + nc < k) continue;  // the window missed the k-th key
-      pick_candidates(cand, first[j], first[j + 1], outs, win[j], k - nb, hist, keys);
+      pick_candidates(cand, first[j], first[j + 1], outs, win[j], k - nb, hist, keys,
+                      counting ? taken.data() : nullptr);
       ok[j] = 1;
     }
   });
+  if (counting) {
+    for (int64_t c = 0; c < nm; ++c) {
+      const int64_t sg = chunks[mine[c]].seg;
+      if (ok[slot[problem_of[sg]]]) pruned[sg] += below[c] + taken[c];
+    }
+  }
   return ok;
 }
 
 // Prunes exactly ks[p] more entries in each problem p (its segments ranked as concatenated).
+// Counting mode (pruned != nullptr, the segments have no outputs): pruned[segment] = how many
+// entries the selection takes from it, nothing written.
 template <typename KeyT>
 void solve(const std::vector<Seg>& segs, const std::vector<int64_t>& problem_of, const std::vector<int64_t>& ks,
-           const char* op) {
+           const char* op, int64_t* pruned) {
   using Tr = KeyTraits<KeyT>;
   std::vector<Problem<KeyT>> probs(ks.size());
   for (size_t p = 0; p < ks.size(); ++p) {
@@ -768,25 +1002,28 @@ void solve(const std::vector<Seg>& segs, const std::vector<int64_t>& problem_of,
     probs[p].active = ks[p] > 0;
   }
   const std::vector<Chunk> chunks = make_chunks(segs);
-  if constexpr (std::is_same_v<KeyT, uint32_t>) {
-    // Problems whose segments are all fp32 try the sampled one-pass path (kSampleMin entries or
-    // more); the big ones it could not bracket take the two-pass path; the radix path below
-    // then leaves the solved ones alone (skip) and solves the rest.
+  if constexpr (!std::is_same_v<KeyT, uint64_t>) {
+    // Problems of kSampleMin entries or more try the sampled one-pass path (32-bit keys: only
+    // problems whose segments are all fp32; 16-bit keys: every segment has the same 16-bit
+    // dtype); the big ones it could not bracket take the two-pass path; the radix path below
+    // then leaves the solved ones alone (skip, or resolved: only marked) and solves the rest.
     std::vector<int64_t> size(probs.size(), 0);
-    std::vector<bool> all32(probs.size(), true);
+    std::vector<bool> fits(probs.size(), true);
     for (size_t i = 0; i < segs.size(); ++i) {
       size[problem_of[i]] += segs[i].n;
-      all32[problem_of[i]] = all32[problem_of[i]] && segs[i].dt == at::kFloat;
+      if constexpr (std::is_same_v<KeyT, uint32_t>) {
+        fits[problem_of[i]] = fits[problem_of[i]] && segs[i].dt == at::kFloat;
+      }
     }
     const int paths = g_select_paths.load();
     std::vector<int64_t> elig;
     for (size_t p = 0; p < probs.size(); ++p) {
-      if ((paths & 1) && probs[p].active && all32[p] && size[p] >= kSampleMin) {
+      if ((paths & 1) && probs[p].active && fits[p] && size[p] >= kSampleMin) {
         elig.push_back(static_cast<int64_t>(p));
       }
     }
     if (!elig.empty()) {
-      const std::vector<char> ok = solve_sampled(segs, chunks, problem_of, probs, elig);
+      const std::vector<char> ok = solve_sampled<KeyT>(segs, chunks, problem_of, probs, elig, pruned);
       for (size_t j = 0; j < elig.size(); ++j) {
         if (!ok[j]) continue;
         probs[elig[j]].active = false;
@@ -796,29 +1033,35 @@ void solve(const std::vector<Seg>& segs, const std::vector<int64_t>& problem_of,
     }
     std::vector<int64_t> big;
     for (size_t p = 0; p < probs.size(); ++p) {
-      if ((paths & 2) && probs[p].active && all32[p] && size[p] >= kBig) big.push_back(static_cast<int64_t>(p));
+      if ((paths & 2) && probs[p].active && fits[p] && size[p] >= kBig) big.push_back(static_cast<int64_t>(p));
     }
     if (!big.empty()) {
       g_solved_by[1].fetch_add(static_cast<int64_t>(big.size()));
-      solve_two_pass(segs, chunks, problem_of, probs, big, op, ks);
-      for (int64_t p : big) {
-        probs[p].active = false;
-        probs[p].skip = true;
+      if constexpr (std::is_same_v<KeyT, uint32_t>) {
+        solve_two_pass(segs, chunks, problem_of, probs, big, op, ks, pruned);
+        for (int64_t p : big) {
+          probs[p].active = false;
+          probs[p].skip = true;
+        }
+      } else {
+        resolve16(segs, chunks, problem_of, probs, big, op, ks);  // mark() below finishes them
       }
     }
   }
   int64_t radix = 0;
-  for (const auto& pr : probs) radix += pr.active;
+  for (const auto& pr : probs) radix += pr.active && !pr.resolved;
   g_solved_by[2].fetch_add(radix);
-  std::vector<int64_t> hist;
-  int done = 0;
-  for (int d = 0; d < Tr::kDigits; ++d) {
-    const int db = Tr::kDigit[d];
-    histogram<KeyT>(segs, chunks, problem_of, probs, done, db, hist);
-    choose_buckets<KeyT>(probs, hist, db, d == 0, op, ks);
-    done += db;
+  if (radix > 0) {
+    std::vector<int64_t> hist;
+    int done = 0;
+    for (int d = 0; d < Tr::kDigits; ++d) {
+      const int db = Tr::kDigit[d];
+      histogram<KeyT>(segs, chunks, problem_of, probs, done, db, hist);
+      choose_buckets<KeyT>(probs, hist, db, d == 0, op, ks);
+      done += db;
+    }
   }
-  mark<KeyT>(segs, chunks, problem_of, probs);
+  mark<KeyT>(segs, chunks, problem_of, probs, pruned);
 }
 
 // 16-bit keys when every segment has the same 16-bit dtype, 64-bit when any is fp64, else 32.
@@ -832,23 +1075,24 @@ int key_width(const std::vector<Seg>& segs) {
 }
 
 void solve_any(const std::vector<Seg>& segs, const std::vector<int64_t>& problem_of,
-               const std::vector<int64_t>& ks, const char* op) {
+               const std::vector<int64_t>& ks, const char* op, int64_t* pruned = nullptr) {
   switch (key_width(segs)) {
     case 16:
-      solve<uint16_t>(segs, problem_of, ks, op);
+      solve<uint16_t>(segs, problem_of, ks, op, pruned);
       break;
     case 64:
-      solve<uint64_t>(segs, problem_of, ks, op);
+      solve<uint64_t>(segs, problem_of, ks, op, pruned);
       break;
     default:
-      solve<uint32_t>(segs, problem_of, ks, op);
+      solve<uint32_t>(segs, problem_of, ks, op, pruned);
       break;
   }
 }
 // Validates the lists, makes contiguous inputs and allocates the outputs. `keep` holds the
 // contiguous copies alive while raw pointers into them are used.
+// With counting true no outputs are allocated (the segments' out pointers are null).
 std::vector<Seg> prepare(at::TensorList weights, at::TensorList masks, const char* op,
-                         std::vector<at::Tensor>& keep, std::vector<at::Tensor>& outs) {
+                         std::vector<at::Tensor>& keep, std::vector<at::Tensor>& outs, bool counting = false) {
   TORCH_CHECK(weights.size() == masks.size(), op, ": got ", weights.size(), " weights but ",
               masks.size(), " masks; pass one mask per weight");
   std::vector<Seg> segs;
@@ -866,10 +1110,14 @@ std::vector<Seg> prepare(at::TensorList weights, at::TensorList masks, const cha
                 " but weights[", i, "] has ", w.sizes());
     at::Tensor wc = w.contiguous();
     at::Tensor mc = m.contiguous();
-    at::Tensor out = at::empty(m.sizes(), m.options().memory_format(at::MemoryFormat::Contiguous));
-    segs.push_back({wc.data_ptr(), dt, mc.data_ptr<bool>(), out.data_ptr<bool>(), w.numel()});
     keep.push_back(wc);
     keep.push_back(mc);
+    if (counting) {
+      segs.push_back({wc.data_ptr(), dt, mc.data_ptr<bool>(), nullptr, w.numel()});
+      continue;
+    }
+    at::Tensor out = at::empty(m.sizes(), m.options().memory_format(at::MemoryFormat::Contiguous));
+    segs.push_back({wc.data_ptr(), dt, mc.data_ptr<bool>(), out.data_ptr<bool>(), w.numel()});
     outs.push_back(out);
   }
   return segs;
@@ -897,11 +1145,24 @@ std::vector<at::Tensor> global_smallest_cpu(at::TensorList weights, at::TensorLi
   return outs;
 }
 
+// global_smallest without the masks: how many entries the selection takes from each layer.
+// Reads the weights and masks once (sampled path) and allocates no per-weight output.
+std::vector<int64_t> global_smallest_counts_cpu(at::TensorList weights, at::TensorList masks, int64_t count) {
+  const char* op = "global_smallest_counts";
+  TORCH_CHECK(count >= 0, op, ": count=", count, " is negative; count must be >= 0");
+  std::vector<at::Tensor> keep, outs;
+  const std::vector<Seg> segs = prepare(weights, masks, op, keep, outs, /*counting=*/true);
+  std::vector<int64_t> pruned(segs.size(), 0);
+  if (!segs.empty()) solve_any(segs, std::vector<int64_t>(segs.size(), 0), {count}, op, pruned.data());
+  return pruned;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(egp_fast, CPU, m) {
   m.impl("select_smallest", &select_smallest_cpu);
   m.impl("global_smallest", &global_smallest_cpu);
+  m.impl("global_smallest_counts", &global_smallest_counts_cpu);
 }
 
 }  // namespace egp_fast

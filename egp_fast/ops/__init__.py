@@ -19,6 +19,7 @@ from egp_fast.ops.select import (
     reference_select_smallest,
     select_smallest,
 )
+from egp_fast.ops.select_counts import global_smallest_counts, reference_global_smallest_counts
 from egp_fast.ops.sign_count import reference_sign_count_, sign_count_
 
 _log = logging.getLogger("egp_fast.ops")
@@ -36,10 +37,12 @@ __all__ = [
     "binary_entropy",
     "entropy",
     "global_smallest",
+    "global_smallest_counts",
     "masked_linear",
     "pick",
     "reference_entropy",
     "reference_global_smallest",
+    "reference_global_smallest_counts",
     "reference_masked_linear",
     "reference_select_smallest",
     "reference_sign_count_",

@@ -19,6 +19,7 @@ import torch
 from egp_fast import _ext
 from egp_fast.ops._dispatch import register
 from egp_fast.ops.select import reference_global_smallest, reference_select_smallest
+from egp_fast.ops.select_counts import reference_global_smallest_counts
 from egp_fast.ops.sign_count import reference_sign_count_
 
 if not _ext.HAS_CPP:
@@ -39,6 +40,14 @@ def _select_smallest_fake(weights, masks, counts):
 @torch.library.register_fake("egp_fast::global_smallest")
 def _global_smallest_fake(weights, masks, count):
     return [torch.empty_like(m, memory_format=torch.contiguous_format) for m in masks]
+
+
+if hasattr(_OPS, "global_smallest_counts"):  # an extension built before this op has no schema for it
+
+    @torch.library.register_fake("egp_fast::global_smallest_counts")
+    def _global_smallest_counts_fake(weights, masks, count):
+        ctx = torch.library.get_ctx()
+        return [ctx.new_dynamic_size() for _ in masks]
 
 
 @torch.library.register_fake("egp_fast::sign_count_")
@@ -63,8 +72,8 @@ def _detached(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 @register("select_smallest", "cpp")
 def select_smallest_cpp(weights, masks, counts):
-    """C++ select, one call for all layers: a sampled one-pass path for fp32 layers of 2**15+
-    entries, radix select for the rest (see csrc/select/select_cpu.cpp)."""
+    """C++ select, one call for all layers: a sampled one-pass path for fp32, fp16 and bf16
+    layers of 2**15+ entries, radix select for the rest (see csrc/select/select_cpu.cpp)."""
     if not _all_in(weights, _CPU_DTYPES):
         return reference_select_smallest(weights, masks, counts)
     return list(_OPS.select_smallest(_detached(weights), list(masks), [int(c) for c in counts]))
@@ -76,6 +85,16 @@ def global_smallest_cpp(weights, masks, count):
     if not _all_in(weights, _CPU_DTYPES):
         return reference_global_smallest(weights, masks, count)
     return list(_OPS.global_smallest(_detached(weights), list(masks), int(count)))
+
+
+if hasattr(_OPS, "global_smallest_counts"):
+
+    @register("global_smallest_counts", "cpp")
+    def global_smallest_counts_cpp(weights, masks, count):
+        """C++ global select that only counts: per layer, the entries it would prune (no masks)."""
+        if not _all_in(weights, _CPU_DTYPES):
+            return reference_global_smallest_counts(weights, masks, count)
+        return list(_OPS.global_smallest_counts(_detached(weights), list(masks), int(count)))
 
 
 @register("sign_count", "cpp")

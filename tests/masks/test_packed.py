@@ -53,3 +53,23 @@ def test_take_needs_a_dict():
     net = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="dict"):
         masks.set_masks(net, MappingProxyType({"0": torch.ones(2, 2, dtype=torch.bool)}), take=True)
+
+
+@pytest.mark.parametrize("extra", [0, 1, 7, 8, 9])
+def test_packed_mask_across_slices(monkeypatch, extra):
+    """Packing and unpacking work a slice at a time: masks spanning several slices, with a tail."""
+    from egp_fast.masks import core
+
+    monkeypatch.setattr(core, "_SLICE", 64)  # the module holding PackedMask
+    n = 3 * 64 + 16 + extra
+    g = torch.Generator().manual_seed(n)
+    m = torch.rand(n, generator=g) < 0.5
+    p = masks.PackedMask(m)
+    want = sum(int(b) << j for j, b in enumerate(m[:8].tolist()))
+    assert int(p.bits[0]) == want
+    assert torch.equal(p.unpack(), m)
+    out = torch.ones(n, dtype=torch.bool)
+    p.unpack_into(out)
+    assert torch.equal(out, m)
+    with pytest.raises(Exception, match="contiguous bool"):
+        p.unpack_into(torch.ones(n + 1, dtype=torch.bool))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn as nn
 
 from egp_fast import ops
@@ -42,12 +41,17 @@ class IMPMethod(WeightMethod):
         return weight_layers(model)
 
     def plan(self, ctx: MethodContext, stats: EntropyStats, remaining: dict[str, int]) -> dict[str, int]:
-        """Layer -> weights below the global threshold that prunes ``step`` of the remaining ones."""
+        """Layer -> weights below the global threshold that prunes ``step`` of the remaining ones.
+
+        Only the per-layer counts of the global selection are computed
+        (:func:`egp_fast.ops.global_smallest_counts`): no mask of the whole model is held;
+        :meth:`apply` then makes the masks a group of layers at a time.
+        """
         view = ctx.layers
         count = int(math.floor(ctx.step * sum(remaining.values())))
         names = list(view)
-        new = ops.global_smallest(
+        counts = ops.global_smallest_counts(
             [view[n][0] for n in names], [view[n][1] for n in names], count,
-            backend=backend_for("global_smallest", ctx.backend),
+            backend=backend_for("global_smallest_counts", ctx.backend),
         )
-        return {n: remaining[n] - int(torch.count_nonzero(m)) for n, m in zip(names, new)}
+        return dict(zip(names, counts))
