@@ -73,8 +73,14 @@ class CollapseResult:
         plan: the chain plan of ``fold="auto"``/``"latency"``: ``metric`` (``flops``, ``ms`` or
             ``cost``), ``chains`` (per maximal run of layers joined by removed sites: ``layers``,
             the merged ``segments``, ``predicted`` and ``unmerged`` cost, ``segment_costs``,
-            ``border_refused``), ``predicted_total``/``unmerged_total`` over the chains and, when
-            latency was measured, ``measured`` (milliseconds before/after at each batch size).
+            ``border_refused``, ``residual``: the plan absorbs the chain's residual addition),
+            ``predicted_total``/``unmerged_total`` over the chains and, when latency was
+            measured, ``measured`` (milliseconds before/after at each batch size). Under
+            ``"latency"`` each chain also gives the FLOPs plan (``reference_segments``, its
+            predicted ``reference`` time, ``saving``, ``noise``, ``departed``); when a chain
+            departed, ``confirm`` holds the interleaved timing of the two collapsed models and
+            ``used`` says which was kept (``"auto"`` with ``fallback``, the reason, and
+            ``auto_chains`` when the latency plan was not faster).
     """
 
     model: nn.Module
@@ -191,7 +197,10 @@ def collapse(
             (:mod:`egp_fast.folding.plan`: dynamic programming over split points) and merges the
             segments that minimise FLOPs, never more than leaving the layers apart;
             ``"latency"`` does the same with each candidate layer timed on the model's device
-            (:class:`egp_fast.folding.LatencyCost`); ``"always"`` composes whenever it is
+            (:class:`egp_fast.folding.LatencyCost`), departs from the FLOPs plan only for a
+            saving above the timing noise, and keeps the result only when it is measurably
+            faster than the ``"auto"`` collapse (both timed interleaved; otherwise the
+            ``"auto"`` model is returned, see ``plan["fallback"]``); ``"always"`` composes whenever it is
             possible; ``"never"`` only removes the sites (folding them into neighbouring layers'
             scale/bias).
         measure_latency: time the input and the collapsed model at batch 1 and 64,
@@ -207,7 +216,11 @@ def collapse(
         cost: what the chain plan minimises, a callable ``LayerSpec -> float``
             (:class:`egp_fast.folding.LayerSpec`: the layer that would be built and its input
             shape). Default: FLOPs for ``"auto"``, a :class:`egp_fast.folding.LatencyCost` on the
-            model's device for ``"latency"``. A planted table makes a test deterministic.
+            model's device for ``"latency"``. A planted table makes a test deterministic; under
+            ``"latency"`` it may define ``noise(spec)``, ``margin``, ``add(shape)`` and
+            ``confirm(auto_model, latency_model, example_inputs) -> {"faster": bool, ...}`` as
+            :class:`~egp_fast.folding.LatencyCost` does (without ``confirm`` the two models are
+            timed).
 
     Returns:
         :class:`CollapseResult`.
@@ -279,8 +292,7 @@ def collapse(
         gm = graph.graph_module if graph is not None else _traced_with_shapes(work, example_inputs)
         site_nodes = {s.node: s.name for s in graph.sites} if graph is not None else {}
         if cost is None and fold == "latency":
-            p0 = next(work.parameters(), None)
-            cost = LatencyCost(p0.device if p0 is not None else None, p0.dtype if p0 is not None else None)
+            cost = LatencyCost(*_device_dtype(work))
         folder = Folder(gm, exact, fold, site_nodes, cost)
         known = {n: m for n, m in work.named_modules() if isinstance(m, ChannelAffine)}
         for aff in normalise_wrapped_affines(gm, known):
@@ -305,6 +317,20 @@ def collapse(
         for e in removed:
             if e["kind"] == "linearize":
                 e["composed"] = e["site"] in composed
+    if fold == "latency" and any(c.get("departed") for c in plan.get("chains", ())):
+        # Never slower than the FLOPs plan: build it too, time both interleaved, keep the faster.
+        ref = collapse(model, stats, example_inputs, exact, "auto", False, sites, max_flip=max_flip,
+                       confidence=confidence)
+        judge = getattr(cost, "confirm", None) or LatencyCost(*_device_dtype(work)).confirm
+        plan["confirm"] = judge(ref.model, result_model, example_inputs)
+        if not plan["confirm"]["faster"]:
+            result_model, removed = ref.model, ref.removed
+            left = [e for e in ref.left if e.get("kind") != "evidence"]
+            plan.update(used="auto", auto_chains=ref.plan.get("chains", []),
+                        fallback="the latency plan was not faster than the FLOPs plan (fold='auto') beyond "
+                                 "the noise when the two collapsed models were timed interleaved: kept the latter")
+    if fold == "latency":
+        plan.setdefault("used", "latency")
     for e in removed:
         if e["kind"] == "linearize" and e["site"] in evid:
             e["samples"], e["flip_bound"] = evid[e["site"]]
@@ -326,6 +352,11 @@ def collapse(
     is_exact = all(e.get("exact", True) for e in removed)
     return CollapseResult(result_model, removed, left, before, after, is_exact, dev, rel, latency,
                           checks, settings, plan)
+
+
+def _device_dtype(model: nn.Module) -> tuple[Any, Any]:
+    p0 = next(model.parameters(), None)
+    return (p0.device, p0.dtype) if p0 is not None else (None, None)
 
 
 def _traceable(model: nn.Module) -> bool:

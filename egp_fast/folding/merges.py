@@ -168,22 +168,45 @@ class MergePasses:
             shapes_out = [self.shape(c) for c in chain]
             if any(s is None for s in shapes_in + shapes_out):
                 continue
-            p = plan_chain([self.mod(c) for c in chain], shapes_in, shapes_out, self.exact, self.cost)
+            ref = flops_cost if self.fold == "latency" and self.cost is not flops_cost else None
+            p = plan_chain([self.mod(c) for c in chain], shapes_in, shapes_out, self.exact, self.cost,
+                           residual=self._residual_of(chain), reference=ref,
+                           margin=float(getattr(self.cost, "margin", 0.0)))
             if p is None:
                 continue
             names = [self.layers(c) for c in chain]
-            segs = [[l for k in range(i, j + 1) for l in names[k]] for i, j in p["segments"]]
+
+            def named(segments, names=names):
+                return [[l for k in range(i, j + 1) for l in names[k]] for i, j in segments]
+
+            segs = named(p["segments"])
             for seg in segs:
                 if len(seg) > 1:
                     self._planned.add(tuple(seg))
             flat = {l for ls in names for l in ls}
             if any(flat <= set(e["layers"]) for e in self.plan):
                 continue  # re-planned after a merge: the first plan is the one reported
-            self.plan.append({"layers": [l for ls in names for l in ls], "segments": segs,
-                              "predicted": p["cost"], "unmerged": p["unmerged"],
-                              "segment_costs": p["segment_costs"], "metric": getattr(self.cost, "metric", "cost"),
-                              "border_refused": [[l for k in range(i, j + 1) for l in names[k]]
-                                                 for i, j in p["border"]]})
+            entry = {"layers": [l for ls in names for l in ls], "segments": segs,
+                     "predicted": p["cost"], "unmerged": p["unmerged"],
+                     "segment_costs": p["segment_costs"], "metric": getattr(self.cost, "metric", "cost"),
+                     "residual": p["residual"], "border_refused": named(p["border"])}
+            if ref is not None:
+                entry.update(reference_segments=named(p["reference_segments"]), reference=p["reference_cost"],
+                             saving=p["saving"], noise=p["noise"], departed=p["departed"])
+            self.plan.append(entry)
+
+    def _residual_of(self, chain: list[fx.Node]) -> tuple[int, ...] | None:
+        """The shape of ``u + chain(u)`` when the chain's output feeds only an addition with the
+        chain's own input (a residual block whose inner sites are all removed), else None."""
+        last, u = chain[-1], chain[0].args[0]
+        if len(last.users) != 1:
+            return None
+        add = next(iter(last.users))
+        ops = _add_operands(add)
+        if ops is None or set(ops) != {last, u} or last is u:
+            return None
+        shp = self.shape(add)
+        return shp if shp is not None and shp == self.shape(u) == self.shape(last) else None
 
     def _pairs_across_sites(self):
         """Yield ``(n, b, x, a)``: weight layer ``b`` (node ``n``) fed only by weight layer ``a``

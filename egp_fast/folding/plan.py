@@ -18,6 +18,13 @@ Costs price a :class:`LayerSpec` (the layer that would be built, with its input 
 with random weights and timed alone on the model's device, interleaved with the other
 candidates of the chain, cached per configuration and input shape), or any callable
 ``spec -> float`` passed as ``collapse(..., cost=...)``.
+
+Timings are noisy, so ``fold="latency"`` plans each chain under FLOPs as well and departs from
+that plan only when the timed saving exceeds the noise of the segments that differ plus a
+margin; :func:`egp_fast.collapse` then times the two collapsed models against each other and
+keeps the FLOPs plan's model unless the latency plan's is faster. A chain whose output is added
+to its own input (a residual block with its inner sites removed) prices that addition: merged
+into one layer, the chain absorbs it (the identity joins the kernel centre).
 """
 
 from __future__ import annotations
@@ -31,9 +38,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from egp_fast.folding.geometry import _CONVS, _b, _conv_out, _geom, _w
+from torch.utils._pytree import tree_leaves
 
-__all__ = ["LatencyCost", "LayerSpec", "flops_cost", "plan_chain"]
+from egp_fast.folding.geometry import _CONVS, _b, _conv_out, _geom, _w
+from egp_fast.folding.latency import compare_latency
+from egp_fast.graph import normalize_inputs
+
+__all__ = ["LatencyCost", "LayerSpec", "absorbs_identity", "flops_cost", "plan_chain"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,7 @@ def flops_cost(spec: LayerSpec) -> float:
 
 
 flops_cost.metric = "flops"  # type: ignore[attr-defined]
+flops_cost.add = lambda shape: float(math.prod(shape))  # type: ignore[attr-defined]  # one FLOP per element
 
 
 def layer_spec(m: nn.Module, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> LayerSpec | None:
@@ -120,8 +132,40 @@ def _merge(a: LayerSpec, b: LayerSpec, a_bias_zero: bool, exact: bool) -> LayerS
     return LayerSpec("conv", a.cin, b.cout, span, stride, pad, (1,) * nd, groups, a.in_shape, b.out_shape, True)
 
 
+def _partition(price: dict[tuple[int, int], float], n: int) -> tuple[list[tuple[int, int]], float]:
+    """Cheapest split of ``0..n-1`` into consecutive segments (dynamic programming)."""
+    best = [0.0] + [math.inf] * n
+    back = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            c = best[i] + price[(i, j - 1)]
+            if c < best[j]:
+                best[j], back[j] = c, i
+    out: list[tuple[int, int]] = []
+    j = n
+    while j > 0:
+        out.append((back[j], j - 1))
+        j = back[j]
+    out.reverse()
+    unmerged = sum(price[(i, i)] for i in range(n))
+    if not best[n] <= unmerged:  # ties and rounding: never worse than leaving the chain alone
+        return [(i, i) for i in range(n)], unmerged
+    return out, best[n]
+
+
+def absorbs_identity(spec: LayerSpec) -> bool:
+    """Whether ``x + layer(x)`` is one layer of this configuration (the identity added to the
+    kernel centre): same input and output shape, stride 1, the centre tap reaches the input."""
+    if spec.in_shape != spec.out_shape or spec.cin != spec.cout:
+        return False
+    if spec.kind == "linear":
+        return True
+    return all(s == 1 and p % d == 0 and p // d <= k - 1 for s, p, d, k in zip(spec.s, spec.p, spec.d, spec.k))
+
+
 def plan_chain(modules: list[nn.Module], in_shapes: list, out_shapes: list, exact: bool,
-               cost: Callable[[LayerSpec], float]) -> dict[str, Any] | None:
+               cost: Callable[[LayerSpec], float], *, residual: tuple[int, ...] | None = None,
+               reference: Callable[[LayerSpec], float] | None = None, margin: float = 0.0) -> dict[str, Any] | None:
     """Best partition of a chain of layers into merged segments.
 
     Args:
@@ -129,12 +173,28 @@ def plan_chain(modules: list[nn.Module], in_shapes: list, out_shapes: list, exac
         in_shapes, out_shapes: each layer's input and output shape.
         exact: refuse border-inexact compositions (two zero-padded convs).
         cost: prices a :class:`LayerSpec` (``flops_cost``, a :class:`LatencyCost`, or your own).
+            It may also price the residual addition (``cost.add(shape)``; ``flops_cost``
+            counts one FLOP per element; default 0) and say how uncertain a price is
+            (``cost.noise(spec)``, in the cost's unit; default 0).
+        residual: the shape of ``x + chain(x)`` when the chain's output is added to its own
+            input (a residual block whose inner sites are all removed). The whole chain merged
+            into one layer then absorbs the addition (the identity joins the kernel centre,
+            DepthShrinker's merge), so every other partition also pays for the addition.
+        reference: a second cost (``fold="latency"`` passes ``flops_cost``). The chain is planned
+            under it too, and the plan under ``cost`` is used only when, priced by ``cost``, it
+            saves more than ``margin`` times the reference plan's cost plus the noise of the
+            segments where the two plans differ; otherwise the reference plan is used.
+        margin: relative saving a departure from the reference plan must exceed.
 
     Returns:
         ``{"segments": [(i, j), ...]`` (inclusive index ranges, merged when ``i < j``),
-        ``"cost"`` (the plan's total), ``"unmerged"`` (the chain left alone),
-        ``"segment_costs"``, ``"border"`` (ranges refused only because ``exact=True``)}; None
-        when a layer cannot be priced.
+        ``"cost"`` (the plan's total under ``cost``), ``"unmerged"`` (the chain left alone),
+        ``"segment_costs"``, ``"border"`` (ranges refused only because ``exact=True``),
+        ``"residual"`` (whether the plan absorbs the residual addition; ``"add_cost"`` its
+        price)}; with ``reference`` also ``"reference_segments"``, ``"reference_cost"`` (the
+        reference plan priced by ``cost``), ``"saving"``, ``"noise"`` and ``"departed"``
+        (whether ``segments`` differ from the reference plan). None when a layer cannot be
+        priced.
     """
     n = len(modules)
     parts = [layer_spec(m, i, o) for m, i, o in zip(modules, in_shapes, out_shapes)]
@@ -160,25 +220,45 @@ def plan_chain(modules: list[nn.Module], in_shapes: list, out_shapes: list, exac
     specs = [s for s in seg.values() if s is not None]
     if hasattr(cost, "measure"):
         cost.measure(specs)
-    price = {k: (float(cost(s)) if s is not None else math.inf) for k, s in seg.items()}
-    best = [0.0] + [math.inf] * n
-    back = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j):
-            c = best[i] + price[(i, j - 1)]
-            if c < best[j]:
-                best[j], back[j] = c, i
-    out: list[tuple[int, int]] = []
-    j = n
-    while j > 0:
-        out.append((back[j], j - 1))
-        j = back[j]
-    out.reverse()
-    unmerged = sum(price[(i, i)] for i in range(n))
-    if best[n] > unmerged:  # ties and rounding: never worse than leaving the chain alone
-        out, best[n] = [(i, i) for i in range(n)], unmerged
-    return {"segments": out, "cost": best[n], "unmerged": unmerged,
-            "segment_costs": [price[s] for s in out], "border": border}
+    whole = seg[(0, n - 1)]
+    absorb = residual is not None and whole is not None and absorbs_identity(whole)
+    add_price = float(cost.add(tuple(residual))) if absorb and hasattr(cost, "add") else 0.0
+
+    def plan_under(c: Callable[[LayerSpec], float]) -> tuple[list[tuple[int, int]], dict]:
+        price = {k: (float(c(s)) if s is not None else math.inf) for k, s in seg.items()}
+        extra = float(c.add(tuple(residual))) if absorb and hasattr(c, "add") else 0.0
+        segs, best = _partition(price, n)
+        if absorb and price[(0, n - 1)] <= best + extra:
+            segs = [(0, n - 1)]
+        return segs, price
+
+    out, price = plan_under(cost)
+
+    def total(segs: list[tuple[int, int]]) -> float:
+        return sum(price[s] for s in segs) + (0.0 if segs == [(0, n - 1)] and absorb else add_price)
+
+    res: dict[str, Any] = {"border": border, "add_cost": add_price}
+    if reference is not None:
+        ref, _ = plan_under(reference)
+        noise_of = getattr(cost, "noise", None)
+        differ = [s for s in set(out) ^ set(ref) if seg[s] is not None]
+        noise = sum(float(noise_of(seg[s])) for s in differ) if noise_of is not None else 0.0
+        saving = total(ref) - total(out)
+        departed = out != ref and saving > noise + margin * total(ref)
+        res.update(reference_segments=ref, reference_cost=total(ref), saving=saving, noise=noise,
+                   departed=departed)
+        if not departed:
+            out = ref
+    res.update(segments=out, cost=total(out), unmerged=total([(i, i) for i in range(n)]),
+               segment_costs=[price[s] for s in out], residual=absorb and out == [(0, n - 1)])
+    return res
+
+
+class _Add(nn.Module):
+    """``x + x``: the residual addition a merged layer absorbs, as :class:`LatencyCost` times it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + x
 
 
 class LatencyCost:
@@ -187,37 +267,47 @@ class LatencyCost:
     Each configuration and input shape is timed once and cached. :meth:`measure` times all
     uncached candidates of a chain together, in interleaved rounds (each round runs every
     candidate once, in alternating order), so load drifts on the machine hit them alike; the
-    cost is the median milliseconds per forward.
+    cost is the median milliseconds per forward and :meth:`noise` the interquartile range of
+    the rounds. The planner departs from the FLOPs plan only for a saving above that noise plus
+    ``margin``, and :func:`egp_fast.collapse` then checks the whole model (:meth:`confirm`).
 
     Args:
         device: where to time (the model's device).
         dtype: the model's dtype.
         rounds: interleaved rounds (few: planning should stay cheap).
         min_run_s: a run repeats the forward until it lasts this long.
+        margin: relative saving (of the chain's FLOPs-plan time) a latency plan must predict
+            before it is preferred to the FLOPs plan.
+        check_batches: batch sizes at which :meth:`confirm` times the two collapsed models
+            (default: batch 1 and the example batch).
+        check_budget_s: seconds per batch size for :meth:`confirm`.
     """
 
     metric = "ms"
 
-    def __init__(self, device: Any = None, dtype: Any = None, rounds: int = 5, min_run_s: float = 0.002) -> None:
+    def __init__(self, device: Any = None, dtype: Any = None, rounds: int = 7, min_run_s: float = 0.002,
+                 margin: float = 0.05, check_batches: tuple[int, ...] | None = None,
+                 check_budget_s: float = 3.0) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype or torch.float32
         self.rounds = rounds
         self.min_run_s = min_run_s
+        self.margin = margin
+        self.check_batches = check_batches
+        self.check_budget_s = check_budget_s
         self.cache: dict[tuple, float] = {}
+        self.spread: dict[tuple, float] = {}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def measure(self, specs: list[LayerSpec]) -> None:
-        todo = {s.key: s for s in specs if s.key not in self.cache}
-        if not todo:
-            return
+    def _time(self, todo: dict[tuple, tuple[nn.Module, tuple[int, ...]]]) -> None:
         runs = []
         with torch.no_grad():
-            for key, s in todo.items():
-                layer = s.build(self.device, self.dtype).eval()
-                x = torch.randn(s.in_shape, device=self.device, dtype=self.dtype)
+            for key, (layer, shape) in todo.items():
+                layer = layer.eval()
+                x = torch.randn(shape, device=self.device, dtype=self.dtype)
                 layer(x)
                 self._sync()
                 t0 = time.perf_counter()
@@ -232,11 +322,47 @@ class LatencyCost:
                     for _ in range(k):
                         layer(x)
                     self._sync()
-                    times.append((time.perf_counter() - t0) / k)
+                    times.append(1e3 * (time.perf_counter() - t0) / k)
         for key, _, _, _, times in runs:
-            self.cache[key] = 1e3 * statistics.median(times)
+            q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+            self.cache[key] = statistics.median(times)
+            self.spread[key] = q[2] - q[0]
+
+    def measure(self, specs: list[LayerSpec]) -> None:
+        """Time every candidate not yet cached, interleaved."""
+        self._time({s.key: (s.build(self.device, self.dtype), s.in_shape) for s in specs if s.key not in self.cache})
 
     def __call__(self, spec: LayerSpec) -> float:
         if spec.key not in self.cache:
             self.measure([spec])
         return self.cache[spec.key]
+
+    def noise(self, spec: LayerSpec) -> float:
+        """Interquartile range of the rounds (ms): how far the price of ``spec`` can be trusted."""
+        self(spec)
+        return self.spread[spec.key]
+
+    def add(self, shape: tuple[int, ...]) -> float:
+        """Milliseconds of one elementwise addition of this shape (a residual merge saves it)."""
+        key = ("add", tuple(shape))
+        if key not in self.cache:
+            self._time({key: (_Add(), tuple(shape))})
+        return self.cache[key]
+
+    def confirm(self, reference: nn.Module, candidate: nn.Module, example_inputs: Any) -> dict[str, Any]:
+        """Time the FLOPs-plan model (``reference``) and the latency-plan one interleaved.
+
+        Returns:
+            ``{"faster": bool, "batches": {batch: {"reference_ms", "latency_ms", "speedup",
+            "speedup_iqr", "inside_noise"}}}``: ``faster`` only when the latency plan is faster
+            beyond the noise at every checked batch size.
+        """
+        args, kwargs = normalize_inputs(example_inputs)
+        lead = next((t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1), None)
+        batches = self.check_batches or tuple(dict.fromkeys((1, int(lead.shape[0]) if lead is not None else 1)))
+        lat = compare_latency(reference, candidate, example_inputs, batch_sizes=batches,
+                              budget_s=self.check_budget_s, max_rounds=15)
+        rows = {int(b): {"reference_ms": r["a_ms"], "latency_ms": r["b_ms"], "speedup": r["speedup"],
+                         "speedup_iqr": r["speedup_iqr"], "inside_noise": r["inside_noise"]}
+                for b, r in lat["batches"].items()}
+        return {"faster": all(r["speedup"] > 1.0 and not r["inside_noise"] for r in rows.values()), "batches": rows}
