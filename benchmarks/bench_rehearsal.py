@@ -416,7 +416,8 @@ def _track_text(res: dict) -> list[str]:
                  f"of the same ResNet-50, batch {ov['batch']}, 1 thread, interleaved; load {ov['load']}): "
                  f"{ov['ratio']:.3f}x a plain step (median of the pairs' ratios; pairs "
                  f"{min(ov['ratios']):.3f}-{max(ov['ratios']):.3f}x), so **EGP's share with the counting: "
-                 f"{100 * an['egp_share_with_counting']:.1f}% of an epoch**.")
+                 f"{100 * an['egp_share_with_counting']:.1f}% of an epoch** (each tracked step enters and leaves the "
+                 "tracker, so this is an upper bound).")
     out += ["", text]
     ex = an.get("extrapolation")
     if ex:
