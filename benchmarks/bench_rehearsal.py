@@ -28,6 +28,12 @@
    / (images x training time per image)``, with the per-sample times in the ratio measured here
    (the GPU throughputs assumed are options and are written next to the figure).
 
+With ``--measure track`` the round's entropies are counted during its fine-tune epoch (no
+measurement pass; round 0, with no dense epoch to track, still measures with a pass): EGP's
+phases are then only the summing of the counts, the selection and the masks, and the counting
+inside the epoch is timed apart (``--overhead-steps``: plain and tracked ResNet-50 training steps,
+interleaved). ``--append`` adds the results to ``OUT.md`` as a new section.
+
 Writes ``OUT.json`` and ``OUT.md`` (machine, load average before and after, date) and keeps the
 run's log (``OUT.log``) and run directory (under ``ROOT``).
 """
@@ -61,7 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-batch-size", type=int, default=16, help="evaluation/measurement batch per rank "
                     "(default 16)")
     ap.add_argument("--epochs", type=int, default=1, help="fine-tune epochs of the round (default 1)")
-    ap.add_argument("--measure", choices=("auto", "full"), default="auto", help="default auto")
+    ap.add_argument("--measure", choices=("auto", "full", "track"), default="auto", help="egp-fast's --measure "
+                    "(default auto); track counts the entropies during the fine-tune epoch (no measurement pass)")
+    ap.add_argument("--overhead-steps", type=int, default=6, help="with --measure track: after the run, time this "
+                    "many ResNet-50 training steps with and without the tracker, interleaved, for the counting's "
+                    "share of a training step (default 6; 0 skips)")
+    ap.add_argument("--append", action="store_true", help="append the markdown to OUT.md as a new section "
+                    "and write OUT.<measure>.json / .log instead of replacing OUT.json / OUT.md")
     ap.add_argument("--extra", default="", help="more egp-fast prune options, one string")
     ap.add_argument("--timeout-s", type=float, default=3600, help="give up on the run after this (default 3600)")
     ap.add_argument("--target-images", type=int, default=1_281_167, help="ImageNet-1k training images")
@@ -130,6 +142,11 @@ def prune_command(args: argparse.Namespace, data: str, run_dir: str) -> list[str
     return cmd + args.extra.split()
 
 
+def _out_base(args: argparse.Namespace) -> str:
+    """OUT, or OUT.<measure> with --append (the section's own JSON and log beside OUT.md)."""
+    return f"{args.out}.{args.measure}" if args.append else args.out
+
+
 def _loadavg() -> list[float]:
     try:
         with open("/proc/loadavg") as f:
@@ -147,6 +164,63 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def tracking_overhead(steps: int, batch: int, size: int, classes: int) -> dict:
+    """The counting's share of a ResNet-50 training step: plain and tracked steps, interleaved.
+
+    One thread, random init, masks attached (as in the run), SGD; the tracked step opens
+    ``Pruner.track()`` around its own forward and backward (entering and leaving the tracker is
+    included: an upper bound on what one tracked epoch pays per step).
+
+    Args:
+        steps: timed steps of each kind (after one untimed step of each).
+        batch: images per step (the run's per-rank batch).
+        size: image side.
+        classes: output classes.
+
+    Returns:
+        ``plain_s`` and ``tracked_s`` (median seconds per step), ``ratio`` (the median of the
+        per-pair tracked / plain ratios), ``pairs`` and the per-pair ratios.
+    """
+    import statistics
+
+    import torch
+    import torchvision
+
+    from egp_fast import Pruner
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=classes)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
+    pruner = Pruner(model, x[:2], progress=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def timed(tracked: bool) -> float:
+        t0 = time.perf_counter()
+        if tracked:
+            with pruner.track():
+                step()
+        else:
+            step()
+        return time.perf_counter() - t0
+
+    timed(False), timed(True)
+    plain, tracked = [], []
+    for _ in range(steps):
+        plain.append(timed(False))
+        tracked.append(timed(True))
+    ratios = [b / a for a, b in zip(plain, tracked)]
+    return {"plain_s": statistics.median(plain), "tracked_s": statistics.median(tracked),
+            "ratio": statistics.median(ratios), "pairs": steps, "ratios": ratios, "batch": batch,
+            "load": _loadavg()}
 
 
 def analyse(report: dict, args: argparse.Namespace) -> dict:
@@ -174,11 +248,13 @@ def analyse(report: dict, args: argparse.Namespace) -> dict:
     if meas_samples is None and meas_batches is not None:
         meas_samples = min(meas_batches * cfg["eval_batch_size"], data["train_size"])
     stopped = bool(r1.get("measure_stopped_early"))
-    out = {
+    tracked = r1.get("measure_source") == "track"
+    out = {"measure_mode": cfg.get("measure"), "measure_source": r1.get("measure_source", "pass"),
         "world_size": ranks, "train_images": data["train_size"], "val_images": data["val_size"],
         "test_images": data["test_size"], "train_batches_per_epoch": -(-data["train_size"] // cfg["batch_size"]),
         "rounds": [{"round": r["round"], "seconds": r["seconds"], "time": r["time"],
-                    "measure_batches": r.get("measure_batches"), "measure_stopped_early": r.get("measure_stopped_early")}
+                    "measure_batches": r.get("measure_batches"), "measure_stopped_early": r.get("measure_stopped_early"),
+                    "measure_source": r.get("measure_source", "pass"), "measure_note": r.get("measure_note")}
                    for r in report["rounds"]],
         "final": s.get("time_final"), "total": s.get("time"), "wall_seconds": s.get("wall_seconds"),
         "egp_seconds": egp, "finetune_epoch_seconds": epoch, "egp_share_of_epoch": egp / epoch if epoch else None,
@@ -186,7 +262,25 @@ def analyse(report: dict, args: argparse.Namespace) -> dict:
         "select_masks_seconds": t["select"] + t["masks"], "measure_seconds": t["measure"],
         "measure_samples": meas_samples, "measure_stopped_early": stopped, "params": report["model"]["params"],
     }
-    if meas_samples and epoch:
+    if tracked and epoch:
+        # --measure track: no pass. What a round adds is the counting inside the tracked epoch (the
+        # overhead ratio of a training step, measured side by side) plus the summing of the counts
+        # over the ranks, the selection and the masks (seconds; on the CPU with gloo here, an upper
+        # bound for GPUs with NCCL).
+        ov = getattr(args, "overhead", None)
+        frac = (ov["ratio"] - 1.0) if ov else None
+        gpu_epoch = args.target_images / (args.target_gpus * args.gpu_train_ips)
+        fixed = t["measure"] + t["select"] + t["masks"]
+        out["counting_overhead"] = ov
+        out["egp_share_with_counting"] = None if frac is None else max(frac, 0.0) + egp / epoch
+        out["extrapolation"] = {
+            "target_images": args.target_images, "target_gpus": args.target_gpus,
+            "gpu_train_images_per_s": args.gpu_train_ips, "epoch_seconds": gpu_epoch,
+            "fixed_seconds_upper": fixed, "counting_fraction": frac,
+            "egp_share_of_epoch": None if frac is None else max(frac, 0.0) + fixed / gpu_epoch,
+            "here_share_at_target": fixed / (epoch * args.target_images / data["train_size"]),
+        }
+    elif meas_samples and epoch:
         # per-sample costs here, relative to each other (the same model and machine)
         train_per_img = t["train"] * ranks / (cfg["epochs"] * data["train_size"])  # rank-seconds per image
         fwd_per_img = t["measure"] * ranks / meas_samples
@@ -228,8 +322,10 @@ def _row(name: str, t: dict | None) -> str:
 def markdown(res: dict) -> str:
     """The results as markdown (benchmarks/results/rehearsal.md)."""
     a, an = res["args"], res["analysis"]
+    tracked = an.get("measure_source") == "track"
     lines = [
-        "# ImageNet-scale rehearsal: ResNet-50, 224 px JPEGs, 2 processes on the CPU",
+        ("## `--measure track`: the entropies counted during the fine-tune epoch (no measurement pass)" if tracked
+         else "# ImageNet-scale rehearsal: ResNet-50, 224 px JPEGs, 2 processes on the CPU"),
         "",
         f"`{res['command']}` — {res['date']}, {res['machine']}, load average before {res['load_before']}, "
         f"after {res['load_after']}; torch {res['torch']}.",
@@ -261,6 +357,8 @@ def markdown(res: dict) -> str:
                   "evaluation of the collapsed model (which includes its wait for rank 0's latency measurement) and "
                   "rank 0's latency measurement were both counted. The rounds are not affected (every rank runs "
                   "the same phases). The report now gives rank 0's split, which adds up to the wall time."]
+    if tracked:
+        return "\n".join(lines + [""] + _track_text(res)) + "\n"
     lines += [
         "",
         f"Round 1: EGP's own work (measurement {an['measure_seconds']:.1f} s + selection and masks "
@@ -293,6 +391,52 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _track_text(res: dict) -> list[str]:
+    """The paragraphs of a ``--measure track`` run: where the round's statistics came from, EGP's
+    share of an epoch with and without the counting inside it, the ImageNet-1k extrapolation."""
+    an = res["analysis"]
+    r0, r1 = an["rounds"][0], an["rounds"][1]
+    how = {"pass": "a measurement pass", "track": "counting during training"}
+    out = [f"Round 0's statistics came from {how.get(r0['measure_source'], r0['measure_source'])}"
+           + (f" ({r0['measure_note']})" if r0.get("measure_note") else "")
+           + f": {r0['measure_batches']} batches"
+           + (f", stopped early: {r0['measure_stopped_early']}" if r0["measure_source"] == "pass" else "") + ". "
+           f"Round 1's statistics came from {how.get(r1['measure_source'], r1['measure_source'])}"
+           + (" (its fine-tune epoch)" if r1["measure_source"] == "track" else f" ({r1.get('measure_note')})")
+           + f": {r1['measure_batches']} training batches over the ranks; the collapse at the end used the "
+           "latest statistics."]
+    share = an["egp_share_of_epoch"]
+    text = (f"Round 1: EGP's own phases (summing the counts over the ranks {an['measure_seconds']:.2f} s + "
+            f"selection and masks {an['select_masks_seconds']:.2f} s) = {an['egp_seconds']:.2f} s = "
+            f"**{100 * share:.2f}% of one fine-tune epoch** ({an['finetune_epoch_seconds']:.0f} s, which includes "
+            "the counting).")
+    ov = an.get("counting_overhead")
+    if ov:
+        text += (f" The counting itself, timed apart ({ov['pairs']} plain and {ov['pairs']} tracked training steps "
+                 f"of the same ResNet-50, batch {ov['batch']}, 1 thread, interleaved; load {ov['load']}): "
+                 f"{ov['ratio']:.3f}x a plain step (median of the pairs' ratios; pairs "
+                 f"{min(ov['ratios']):.3f}-{max(ov['ratios']):.3f}x), so **EGP's share with the counting: "
+                 f"{100 * an['egp_share_with_counting']:.1f}% of an epoch** (each tracked step enters and leaves the "
+                 "tracker, so this is an upper bound).")
+    out += ["", text]
+    ex = an.get("extrapolation")
+    if ex:
+        body = (f"ImageNet-1k extrapolation ({ex['target_images']:,} training images, {ex['target_gpus']} GPUs at an "
+                f"assumed {ex['gpu_train_images_per_s']:.0f} training images/s each): one epoch "
+                f"{ex['epoch_seconds']:.0f} s. With `--measure track` a round pays the counting inside its last "
+                f"epoch (the same fraction of a training step is assumed there as measured here) plus the summing, "
+                f"selection and masks, which depend on the weights only (at most the {ex['fixed_seconds_upper']:.2f} s "
+                "measured here on the CPU)")
+        if ex["egp_share_of_epoch"] is not None:
+            body += f": **{100 * ex['egp_share_of_epoch']:.1f}% of an epoch**."
+        else:
+            body += "."
+        body += (f" On this machine with 1.28 M images, the phases outside training would be "
+                 f"{100 * ex['here_share_at_target']:.4f}% of an epoch.")
+        out += ["", body]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Make the folder, run the rehearsal, write the results."""
     args = parse_args(argv)
@@ -308,13 +452,21 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.report) as f:
             report = json.load(f)
         run_dir = os.path.dirname(os.path.abspath(args.report))
+        try:  # the run's own command line (config.json), for the results text
+            with open(os.path.join(run_dir, "config.json")) as f:
+                cmd = ["python", "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc_per_node={report['summary'].get('world_size', 1)}", "-m", "egp_fast.cli",
+                       *json.load(f)["command"][1:]]
+        except (OSError, KeyError, ValueError):
+            cmd = []
+        run_s = float(report.get("summary", {}).get("wall_seconds") or 0.0)
     else:
         folder = make_folder(args)
         print(f"image folder: {folder['path']} ({'reused' if folder['reused'] else 'made'})", flush=True)
         run_dir = os.path.join(args.root, "run-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
         cmd = prune_command(args, folder["path"], run_dir)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        log = (args.out + ".log") if args.out else os.path.join(args.root, "rehearsal.log")
+        log = (_out_base(args) + ".log") if args.out else os.path.join(args.root, "rehearsal.log")
         print(" ".join(cmd), flush=True)
         t0 = time.perf_counter()
         with open(log, "w") as f:
@@ -326,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
             return proc.returncode
         with open(os.path.join(run_dir, "report.json")) as f:
             report = json.load(f)
+    args.overhead = None
+    if report["config"].get("measure") == "track" and args.overhead_steps > 0:
+        print(f"timing the counting: {args.overhead_steps} plain and tracked training steps, interleaved", flush=True)
+        args.overhead = tracking_overhead(args.overhead_steps, args.batch_size // args.nproc, args.size, args.classes)
     res = {
         "command": "python benchmarks/bench_rehearsal.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -338,10 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out + ".json", "w") as f:
+        with open(_out_base(args) + ".json", "w") as f:
             json.dump(res, f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write(text)
+        with open(args.out + ".md", "a" if args.append else "w") as f:
+            f.write(("\n" if args.append else "") + text)
     return 0
 
 

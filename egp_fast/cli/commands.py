@@ -21,7 +21,8 @@ over ranks; every rank applies identical masks (checked); only rank 0 writes fil
 Data: ``--val-fraction`` (default 0.1) of the training split is held out, stratified by class
 and seeded by ``--seed``; EASIER's tolerance and collapse's held-out flip check
 (``--max-flip``/``--confidence``) use it, the test split only reports. ``--measure auto`` stops
-each entropy measurement once every site is decided. DataLoader workers default to at most the
+each entropy measurement once every site is decided; ``--measure track`` skips the measurement
+pass and counts the signs during each round's last training epoch instead. DataLoader workers default to at most the
 cores available to each process.
 
 Checkpoints (``checkpoint.pt``) are written atomically after every epoch and every round;
@@ -115,8 +116,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    "(default: the whole training split)")
     g.add_argument("--entropy-mode", choices=("exact", "paper"), default=S, help="exact counts (default) "
                    "or the reference scripts' per-batch average")
-    g.add_argument("--measure", choices=("full", "auto"), default=S, help="full: measure entropy on the "
-                   "whole training split (default); auto: stop once every site is decided (stop='decided')")
+    g.add_argument("--measure", choices=defaults.MEASURE_MODES, default=S, help="full: measure entropy "
+                   "with an eval-mode pass over the whole training split (default); auto: the same pass, stopped "
+                   "once every site is decided (stop='decided'); track: no extra pass, count activation signs "
+                   "during the last fine-tune epoch of each round (and the last dense epoch). Tracked entropies "
+                   "describe the model while it trains: BatchNorm normalises with each rank's batch statistics, "
+                   "dropout is on and the weights move during the epoch, so they can differ from an eval-mode "
+                   "pass. Where no epoch "
+                   "was tracked (--dense-epochs 0, a resumed run, EASIER's return to its best step) the run "
+                   "measures with an 'auto' pass and says so; with --compile the tracked epoch runs uncompiled")
     g.add_argument("--max-flip", type=float, default=S, help="collapse (and --measure auto) only trusts a "
                    "zero-entropy site whose flip-probability bound is <= this (default 0.01)")
     g.add_argument("--confidence", type=float, default=S, help="confidence of the flip bound (default 0.95)")
@@ -272,6 +280,8 @@ def _validate(cfg: dict) -> None:
         if not cfg["target_speedup"] > 1.0 or cfg["target_speedup"] == float("inf"):
             raise ConfigError(f"--target-speedup must be a finite number > 1.0, got {cfg['target_speedup']}; "
                               "1.5 stops once the collapsed model is predicted 1.5x faster")
+    if cfg["measure"] not in defaults.MEASURE_MODES:
+        raise ConfigError(f"--measure must be one of {', '.join(defaults.MEASURE_MODES)}, got {cfg['measure']!r}")
     if not 0 <= cfg["max_drop"] < 1:
         raise ConfigError(f"--max-drop must be a fraction in [0, 1), got {cfg['max_drop']}; 0.01 is 1 point")
     if not 0 < cfg["max_flip"] <= 1:

@@ -29,6 +29,10 @@ DEFAULTS: dict[str, Any] = {
     "workers": None, "device": "auto", "out": None, "name": None, "runs_root": "runs",
     "resume": None, "progress": True, "latency": True, "threads": None,
 }
+#: ``--measure``: an eval-mode pass over the training split (``full``), the same pass stopped once
+#: every site is decided (``auto``), or counts taken during each round's last training epoch
+#: (``track``, no extra pass)
+MEASURE_MODES = ("full", "auto", "track")
 #: options that may differ when resuming (they do not change the results)
 RUNTIME_OPTIONS = frozenset({"workers", "progress", "resume", "out", "name", "runs_root", "latency",
                              "threads"})

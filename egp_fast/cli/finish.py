@@ -67,9 +67,14 @@ class FinishMixin:
             "allocation": {k: int(v) for k, v in (plan or {}).items() if v}, "pruned": int(sum((plan or {}).values())),
             "layers": layers, "seconds": seconds,
             "measure_batches": getattr(stats, "batches", None),
-            "measure_stopped_early": getattr(stats, "stopped_early", None),
+            "measure_stopped_early": (getattr(stats, "stopped_early", None)
+                                      if getattr(self, "stats_source", "pass") == "pass" else None),
+            # "track": counted during the round's last training epoch; "pass": a measurement pass
+            "measure_source": getattr(self, "stats_source", "pass"),
             "stats": stats.to_dict(channels=True),
         }
+        if getattr(self, "measure_note", None) and rec["measure_source"] == "pass":
+            rec["measure_note"] = self.measure_note  # --measure track fell back to a pass: why
         if self.easier:
             step = self.state["removed"][rnd - 1] if 0 < rnd <= len(self.state["removed"]) else []
             rec.update(removed_sites=[e["site"] for e in step], n_removed=removed_total)
@@ -191,7 +196,7 @@ class FinishMixin:
                    "val_acc_dense": rounds[0].get("val_accuracy"), "val_acc_pruned": final_round.get("val_accuracy"),
                    "sparsity": final_round["sparsity"], "zero_sites": len(stats.zero_entropy_sites()),
                    "sites_before": final_round["n_sites"], "device": str(self.device),
-                   "world_size": self.info.world_size}
+                   "world_size": self.info.world_size, "measure_source": self.stats_source}
         if self.easier:
             summary.update(best_round=st.get("best_round", 0), stopped=st.get("stopped"),
                            easier_removed=[e["site"] for step in st["removed"][:st.get("best_round", 0)]

@@ -15,6 +15,11 @@ so a resumed run rebuilds the same structure before loading a checkpoint.
 resuming come from :class:`~egp_fast.cli.resume.ResumeMixin`, the round records, collapse,
 fold-finetune and the report files from :class:`~egp_fast.cli.finish.FinishMixin`.
 
+Entropies: ``--measure full``/``auto`` run a measurement pass (eval mode) whenever the weights
+changed; ``--measure track`` counts the signs during the last training epoch of each round
+(``Pruner.track``) and measures with a pass only where no epoch was tracked (no dense epochs, a
+resumed run, EASIER's return to its best step), saying so in the log and the round record.
+
 Output: progress bars appear only on a terminal. When they are not drawn, or standard output
 is a file or a pipe, every epoch and every round is one plain line on standard output
 (:func:`~egp_fast.cli.report.epoch_line`, :func:`~egp_fast.cli.report.round_line`), so a
@@ -23,6 +28,7 @@ redirected run is a readable log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -64,6 +70,9 @@ class Run(ResumeMixin, FinishMixin):
         self.ckpt_path = os.path.join(run_dir, "checkpoint.pt")
         self.best_path = os.path.join(run_dir, "best.pt")
         self.stats = None  # the latest entropy measurement, valid while the model is unchanged
+        self.stats_source = "pass"  # where self.stats came from: "pass" (measurement) or "track" (training)
+        self.resumed = False  # a resumed run: the counts of the epoch before the stop are gone
+        self.measure_note = None  # --measure track: why the latest statistics come from a pass
         self.easier = cfg["method"] == "easier"
         self.clock = PhaseClock(self.device)
 
@@ -158,10 +167,14 @@ class Run(ResumeMixin, FinishMixin):
         self.train_loader.set_epoch(g)
         lr = opt.param_groups[0]["lr"]
         label = "dense" if phase == "dense" else f"round {rnd}"
+        # --measure track: the phase's last epoch is counted (its hooks run eagerly, so it skips
+        # torch.compile); its statistics replace the measurement pass of the round.
+        track = cfg["measure"] == "track" and e + 1 == (cfg["dense_epochs"] if phase == "dense" else cfg["epochs"])
         with self._phase("train"):
-            tr = train.train_epoch(self.train_model, self.train_loader, opt, device=self.device, amp=cfg["amp"],
-                                   scaler=self.scaler, progress=self.show, desc=f"{label} epoch {e + 1}",
-                                   dist=self.info)
+            with (self.pruner.track() if track else contextlib.nullcontext()) as tracker:
+                tr = train.train_epoch(self.ddp if track else self.train_model, self.train_loader, opt,
+                                       device=self.device, amp=cfg["amp"], scaler=self.scaler, progress=self.show,
+                                       desc=f"{label} epoch {e + 1}", dist=self.info)
             sch.step()
             broadcast_buffers(self.model, self.info)
         with self._phase("eval"):
@@ -174,15 +187,35 @@ class Run(ResumeMixin, FinishMixin):
         if self.plain:
             self._say(epoch_line(rec, cfg["dense_epochs"] if phase == "dense" else cfg["epochs"]))
         self.stats = None
+        if track:
+            with self._phase("measure"):  # summing the counts over the ranks; the counting is in "train"
+                self.stats = tracker.stats()
+            self.stats_source, self.resumed, self.measure_note = "track", False, None
+
+    def _untracked(self) -> str:
+        """Why a ``--measure track`` run has no tracked statistics for the current weights."""
+        st, cfg = self.state, self.cfg
+        if self.resumed:
+            return "the run was resumed after its last tracked epoch (the counts were not saved)"
+        if st["phase"] == "dense" and cfg["dense_epochs"] == 0:
+            return "--dense-epochs 0 leaves no dense epoch to track"
+        if st["phase"] == "round" and cfg["epochs"] == 0:
+            return "--epochs 0 leaves no fine-tune epoch to track"
+        return "the model changed after its last tracked epoch"
 
     def _measure(self):
         cfg = self.cfg
         if self.stats is None:
             kw: dict[str, Any] = {}
-            if cfg["measure"] == "auto":
+            if cfg["measure"] == "track":
+                self.measure_note = self._untracked()
+                self._say(f"--measure track: {self.measure_note}; measuring with a pass that stops once every "
+                          "site is decided (as --measure auto)")
+            if cfg["measure"] in ("auto", "track"):
                 kw = {"stop": "decided", "max_flip": cfg["max_flip"], "confidence": cfg["confidence"]}
             with self._phase("measure"):
                 self.stats = self.pruner.measure(self.measure_loader, max_batches=cfg["measure_batches"], **kw)
+            self.stats_source = "pass"
         return self.stats
 
     def _check_masks_agree(self) -> None:
@@ -269,6 +302,7 @@ class Run(ResumeMixin, FinishMixin):
         ck = None
         if self.resuming and os.path.isfile(self.ckpt_path):
             ck = self._restore()
+            self.resumed = True
             self._say(f"resuming {self.run_dir}: {self.state['phase']} round {self.state['round']}, "
                       f"epoch {max(self.state['epoch'], 0)}")
         elif not self.resuming:

@@ -12,7 +12,10 @@ Phases:
 * ``train``: the dense epochs (round 0) or the round's fine-tune epochs; fold-finetune at the
   end of the run;
 * ``eval``: test and validation accuracy;
-* ``measure``: the entropy measurement (with ``--measure auto`` it stops once decided);
+* ``measure``: the entropy measurement (with ``--measure auto`` it stops once decided); with
+  ``--measure track`` the signs are counted inside the round's last ``train`` epoch, and
+  ``measure`` is only the summing of those counts over the ranks (the round record's
+  ``measure_source`` says ``"track"``, or ``"pass"`` where the run measured with a pass);
 * ``select``: the round's plan (which weights to prune, ``Pruner.plan``);
 * ``masks``: applying it (``Pruner.apply``, the ranks' masks check; EASIER's site swap);
 * ``collapse``: folding the zero-entropy sites (with its held-out check) at the end;
@@ -110,7 +113,9 @@ def time_summary(rounds: Sequence[dict], final: dict | None, epochs: int) -> dic
         ``time`` (seconds per phase over the whole run), ``time_final``, and when some round
         was fine-tuned: ``egp_seconds_per_round`` (mean measurement + selection + masks of the
         pruning rounds), ``finetune_epoch_seconds`` (mean fine-tune epoch) and
-        ``egp_share_of_epoch`` (their ratio).
+        ``egp_share_of_epoch`` (their ratio), ``tracked_rounds`` (pruning rounds whose statistics
+        were counted during training, ``--measure track``: their counting is inside ``train``,
+        their ``measure`` is only the sum of the counts over the ranks).
 
     Example:
         >>> r = [{"round": 0, "time": {"train": 5.0, "measure": 1.0}},
@@ -129,6 +134,8 @@ def time_summary(rounds: Sequence[dict], final: dict | None, epochs: int) -> dic
         egp = sum(t.get(p, 0.0) for t in pruned for p in EGP_PHASES) / len(pruned)
         epoch = train / (len(pruned) * epochs)
         out.update(egp_seconds_per_round=egp, finetune_epoch_seconds=epoch, egp_share_of_epoch=egp / epoch)
+        sources = [r.get("measure_source") for r in rounds if r.get("round", 0) >= 1 and r.get("time")]
+        out["tracked_rounds"] = sum(1 for m in sources if m == "track")
     return out
 
 
@@ -174,6 +181,10 @@ def time_lines(summary: dict) -> list[str]:
         lines.append(f"EGP's own work per round (measurement + selection + masks): "
                      f"{_sec(summary['egp_seconds_per_round'])} = {100 * summary['egp_share_of_epoch']:.1f}% of one "
                      f"fine-tune epoch ({_sec(summary['finetune_epoch_seconds'])})")
+        if summary.get("tracked_rounds"):
+            lines.append(f"({summary['tracked_rounds']} round(s) counted their entropies during their last "
+                         "fine-tune epoch (--measure track): the counting is part of their training time, their "
+                         "measurement time only sums the counts over the ranks)")
     return lines
 
 
