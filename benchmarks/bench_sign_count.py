@@ -3,7 +3,11 @@
 pytest-benchmark suite: ``.venv/bin/python -m pytest benchmarks/bench_sign_count.py --benchmark-only``.
 On a GPU, ``python benchmarks/bench_sign_count.py`` also prints a table of the Triton tile
 configurations against the device-to-device copy bandwidth (the speed bar: >= 80% of it on
-64x256x56x56 bf16).
+64x256x56x56 bf16). ``python benchmarks/bench_sign_count.py --cpu [--threads N]`` prints the CPU
+kernel on resnet18's activation shapes (4 batches of 64 at 32x32 have these sites): its AVX2 and
+plain loops against ``torch.relu`` and ``x.sum()`` (a read at the memory system's speed),
+interleaved, and the same counts inside the running model, where the activation arrives from
+the previous layer instead of sitting in cache.
 """
 
 from __future__ import annotations
@@ -134,5 +138,103 @@ def _sweep() -> None:
         print(f"provider {prov}: {nbytes / t / 1e6:.0f} GB/s ({t * 1e3:.1f} us)")
 
 
+RESNET18_32 = [(64, 64, 16, 16), (64, 64, 8, 8), (64, 128, 4, 4), (64, 256, 2, 2), (64, 512, 1, 1)]
+
+
+def _cpu_table(threads: int, rounds: int = 7) -> None:
+    """GB/s (bytes read) of the CPU kernel's AVX2 and plain loops, torch.relu and x.sum() on
+    resnet18's activation shapes, interleaved; min over rounds of the thread's CPU time at 1
+    thread (steady on a loaded machine), of wall time otherwise."""
+    import time
+
+    torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    mode = torch.ops.egp_fast._sign_count_vector_mode
+    op = torch.ops.egp_fast.sign_count_.default
+    print(f"threads={threads}, load average {open('/proc/loadavg').read().split()[:3]}")
+    try:
+        for shape in RESNET18_32:
+            x = torch.randn(shape)
+            c = torch.zeros(shape[1], dtype=torch.int64)
+            fns = {
+                "avx2": lambda: (mode(1), op(x, c, 1, 0.0)),
+                "plain": lambda: (mode(0), op(x, c, 1, 0.0)),
+                "relu": lambda: torch.relu(x),
+                "sum": lambda: x.sum(),
+            }
+            n = max(5, 100 * 262144 // x.numel())
+            best = {k: float("inf") for k in fns}
+            for _ in range(rounds):
+                for k, f in fns.items():
+                    t0 = clock()
+                    for _ in range(n):
+                        f()
+                    best[k] = min(best[k], (clock() - t0) / n)
+            nbytes = x.numel() * x.element_size()
+            print(f"{'x'.join(map(str, shape)):>12} " + "  ".join(
+                f"{k} {best[k] * 1e6:6.1f} us {nbytes / best[k] / 1e9:5.1f} GB/s" for k in fns))
+    finally:
+        mode(1)
+
+
+def _in_model(threads: int, forwards: int = 15) -> None:
+    """Inside resnet18's forward: each site's count as measurement runs it (the activation
+    just written by the previous layer), then the same count again (now in cache), then an
+    out-of-place relu of it; ms per batch of 64, summed over the 17 sites, medians."""
+    import time
+
+    import torchvision
+
+    from egp_fast.measurement import cached_graph
+    from egp_fast.measurement.recorders import _HookRecorder
+
+    torch.set_num_threads(threads)
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(64, 3, 32, 32)
+    graph = cached_graph(model, x)
+    op = torch.ops.egp_fast.sign_count_.default
+    counts = [torch.zeros(s.channels, dtype=torch.int64) for s in graph.sites]
+    acc = [0.0, 0.0, 0.0]
+
+    class _Timed:
+        def record(self, i, z):
+            t0 = clock()
+            op(z, counts[i], 1, 0.0)
+            t1 = clock()
+            op(z, counts[i], 1, 0.0)
+            t2 = clock()
+            torch.relu(z)
+            acc[0] += t1 - t0
+            acc[1] += t2 - t1
+            acc[2] += clock() - t2
+
+    rec = _HookRecorder(model, list(enumerate(graph.sites)), _Timed())
+    runs = []
+    try:
+        with torch.no_grad():
+            for _ in range(forwards):
+                acc[:] = [0.0, 0.0, 0.0]
+                rec.reset()
+                model(x)
+                runs.append(list(acc))
+    finally:
+        rec.remove()
+    med = [sorted(r[k] for r in runs)[len(runs) // 2] * 1e3 for k in range(3)]
+    print(f"in the model ({threads} thread(s)): count as measured {med[0]:.3f} ms/batch, "
+          f"again from cache {med[1]:.3f} ms, relu {med[2]:.3f} ms")
+
+
 if __name__ == "__main__":
-    _sweep()
+    import argparse
+
+    ap = argparse.ArgumentParser(description="sign_count_ speed tables (GPU: Triton sweep; --cpu: CPU kernel)")
+    ap.add_argument("--cpu", action="store_true", help="the CPU kernel on resnet18's activation shapes")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    if a.cpu:
+        _cpu_table(a.threads)
+        _in_model(a.threads)
+    else:
+        _sweep()

@@ -97,12 +97,17 @@ if hasattr(_OPS, "global_smallest_counts"):
         return list(_OPS.global_smallest_counts(_detached(weights), list(masks), int(count)))
 
 
+# The op's overload, bound once: a call through it skips the overload lookup of
+# ``torch.ops.egp_fast.sign_count_`` (measurement calls it for every site of every batch).
+_SIGN_COUNT = _OPS.sign_count_.default
+
+
 @register("sign_count", "cpp")
 def sign_count_cpp(z, counts, channel_dim, threshold=0.0):
     """C++/OpenMP per-channel ON counts, in place (see csrc/sign_count/sign_count_cpu.cpp)."""
     if z.dtype not in _CPU_DTYPES:
         return reference_sign_count_(z, counts, channel_dim, threshold)
-    _OPS.sign_count_(z.detach(), counts, int(channel_dim), float(threshold))
+    _SIGN_COUNT(z.detach() if z.requires_grad else z, counts, int(channel_dim), float(threshold))
     return counts
 
 
