@@ -49,7 +49,7 @@ from egp_fast.cli.resume import ResumeMixin
 from egp_fast.cli.timing import PhaseClock, round_split
 from egp_fast.errors import CheckpointError, ConfigError
 from egp_fast.masks import masked_layers
-from egp_fast.pruning import Pruner, get_method, within_tolerance
+from egp_fast.pruning import Pruner, within_tolerance
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -135,12 +135,11 @@ class Run(ResumeMixin, FinishMixin):
         # Masks are attached now (all kept), before DDP wraps the model, so every checkpoint has
         # the same keys and DDP sees the final set of buffers.
         kw = {"linearization": cfg["linearization"]} if self.easier else {}
+        if self.easier and cfg.get("objective", "sites") != "sites":
+            kw["method_options"] = {"objective": cfg["objective"], "exact": not cfg["approx_collapse"],
+                                    "target_speedup": cfg["target_speedup"]}
         self.pruner = Pruner(model, self.example, step=cfg["step"], method=cfg["method"],
                              entropy_mode=cfg["entropy_mode"], progress=self.show, **kw)
-        if self.easier and cfg.get("objective", "sites") != "sites":
-            # Pruner builds its method with linearization= alone; the latency objective needs more.
-            self.pruner._method = get_method("easier", objective=cfg["objective"], exact=not cfg["approx_collapse"],
-                                             target_speedup=cfg["target_speedup"], **kw)
         self._wrap()
 
     def _wrap(self) -> None:
@@ -275,11 +274,11 @@ class Run(ResumeMixin, FinishMixin):
             if not removed:
                 return False
             st["removed"].append(self._removed_entries(list(removed)))
-            last = getattr(self.pruner._method, "last", None)
+            last = getattr(self.pruner.method_impl, "last", None)
             if self.cfg.get("objective", "sites") == "latency" and last is not None:
                 st.setdefault("speedups", []).append({
                     "round": rnd, "group": list(last["group"]), "predicted": last["predicted_speedup"],
-                    "measured": self.pruner._method.measure_speedup(self.model, self.example)})
+                    "measured": self.pruner.method_impl.measure_speedup(self.model, self.example)})
             st["applied"] = rnd
             st.update(plan=None)
         else:

@@ -184,13 +184,15 @@ def prune(
     by_latency = objective != "sites" or target_speedup is not None
     if by_latency:
         options.update(objective=objective, target_speedup=target_speedup, fold=fold, exact=exact)
-    probe = get_method(method, **options)
+    probe = get_method(method, linearization=linearization)
     if by_latency and not isinstance(probe, EasierMethod):
         raise ConfigError(
             f"objective={objective!r}, target_speedup={target_speedup!r}: only method='easier' chooses its "
             f"removals by the speed they unlock; use method='easier' or drop objective/target_speedup "
             f"(method={method!r})"
         )
+    if by_latency:
+        probe = get_method(method, **options)
     default_max_drop = probe.default_max_drop
     if default_max_drop is not None:
         if evaluate is None:
@@ -250,18 +252,17 @@ def prune(
             progress=progress,
             masked_linear=masked_linear,
             linearization=linearization,
+            method_options={k: v for k, v in options.items() if k != "linearization"},
         )
-        if by_latency:
-            pruner._method = probe  # the Pruner builds its method with linearization= alone
         if evaluate is not None:
             result.dense_accuracy = check_accuracy(evaluate(model), "before the first round")
         for i in range(iterations):
             if pruner._graph is not None and len(pruner._graph) == 0:
                 break  # EASIER removed every site
             record = pruner.round(data, max_batches, **measure_options)
-            if isinstance(pruner._method, EasierMethod):
-                pruner._method.annotate(record, target, pruner.example_inputs)
-            if not pruner._method.progressed(record):
+            if isinstance(pruner.method_impl, EasierMethod):
+                pruner.method_impl.annotate(record, target, pruner.example_inputs)
+            if not pruner.method_impl.progressed(record):
                 rounds.append(record)  # the record says why: nothing eligible, or no site left
                 result.best_round = len(rounds) - 1
                 break

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from egp_fast.graph import SiteGraph, discover_sites, unwrap_model, weight_layer
 from egp_fast.masks import MASK, MaskedLinear, attach_masks, masked_layers, rebind
 from egp_fast.measurement import EntropyStats, check_plan, measure_entropy, split_batch, track_entropy
 from egp_fast.pruning.checks import check_entropy_mode, check_linearization, check_step
-from egp_fast.pruning.methods import MethodContext, PlanRule, get_method
+from egp_fast.pruning.methods import MethodContext, PlanRule, PruningMethod, get_method
 from egp_fast.pruning.records import ModelSnapshot, RoundRecord, layer_rows
 
 __all__ = ["Pruner"]
@@ -72,6 +72,8 @@ class Pruner:
         linearization: ``easier`` only: ``"identity"`` (the site becomes ``y = z``, as in the
             EASIER paper) or ``"majority"`` (per channel: identity where ``p_on >= 0.5``, zero
             otherwise; the dead channels then prune away in collapse).
+        method_options: more options for the method's factory, e.g. ``{"objective": "latency",
+            "target_speedup": 1.5}`` for ``easier`` (see :func:`egp_fast.prune`).
 
     Raises:
         ConfigError: a bad argument (the message names it).
@@ -105,12 +107,15 @@ class Pruner:
         progress: bool = True,
         masked_linear: bool = False,
         linearization: str = "identity",
+        method_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = unwrap_model(model)
         self.step = check_step(step)
-        self._method = get_method(method, linearization=linearization)
+        if method_options is not None and not isinstance(method_options, Mapping):
+            raise ConfigError(f"method_options must be a dict of the method's options, got {method_options!r}")
+        self._method = get_method(method, linearization=linearization, **dict(method_options or {}))
         self.method = method
         self.linearization = check_linearization(linearization)
         self.entropy_mode = check_entropy_mode(entropy_mode)
@@ -181,6 +186,11 @@ class Pruner:
         if self._layers is not None:
             return list(self._layers)
         return self._method.layers(self.model, self._ensure_graph(self.example_inputs))
+
+    @property
+    def method_impl(self) -> PruningMethod:
+        """The :class:`~egp_fast.pruning.PruningMethod` this pruner runs (built from ``method``)."""
+        return self._method
 
     @property
     def graph(self) -> SiteGraph:

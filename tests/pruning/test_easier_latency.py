@@ -271,3 +271,17 @@ def test_mobilenet_v2_groups_are_the_inverted_residual_pairs():
     removed = [s for g in paying for s in g]
     # The prediction is the fold plan's: the FLOPs of the model collapsed with those pairs removed.
     assert predicted_speedup(graph, flops_cost, exact=False, removed=removed)["speedup"] > 1.2
+
+
+def test_pruner_method_options_reach_the_method_and_are_checked():
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(8, 4)
+    p = egp_fast.Pruner(net, x, method="easier", progress=False,
+                        method_options={"objective": "latency", "target_speedup": 1.2})
+    assert p.method_impl.objective == "latency" and p.method_impl.target_speedup == 1.2
+    assert egp_fast.Pruner(net, x, method="easier", progress=False).method_impl.objective == "sites"
+    with pytest.raises(ConfigError, match="method_options must be a dict"):
+        egp_fast.Pruner(net, x, method_options=[("objective", "latency")])
+    for method in ("egp", "imp"):  # options of another method are refused, not ignored
+        with pytest.raises(ConfigError, match=f"method='{method}' takes no options, got \\['objective'\\]"):
+            egp_fast.Pruner(net, x, method=method, method_options={"objective": "latency"})

@@ -82,7 +82,9 @@ class EGPMethod(WeightMethod):
     name = "egp"
 
     def __init__(self, **options: object) -> None:
-        pass  # no option of its own (the Pruner's step reaches it through the context)
+        if set(options) - {"linearization"}:  # the Pruner passes linearization to every method
+            raise ConfigError(f"method='egp' takes no options, got {sorted(set(options) - {'linearization'})}; "
+                              "objective/target_speedup/fold/exact are options of method='easier'")
 
     def layers(self, model: nn.Module, graph: SiteGraph) -> list[str]:
         """The producer layers of the sites, in site order."""

@@ -11,6 +11,7 @@ import math
 import torch.nn as nn
 
 from egp_fast import ops
+from egp_fast.errors import ConfigError
 from egp_fast.graph import SiteGraph, weight_layers
 from egp_fast.measurement import EntropyStats
 from egp_fast.ops import backend_for
@@ -34,7 +35,9 @@ class IMPMethod(WeightMethod):
     needs_entropy = False
 
     def __init__(self, **options: object) -> None:
-        pass  # no option of its own
+        if set(options) - {"linearization"}:  # the Pruner passes linearization to every method
+            raise ConfigError(f"method='imp' takes no options, got {sorted(set(options) - {'linearization'})}; "
+                              "objective/target_speedup/fold/exact are options of method='easier'")
 
     def layers(self, model: nn.Module, graph: SiteGraph) -> list[str]:
         """Every Conv/Linear layer of the model."""
