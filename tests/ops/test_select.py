@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _select_cases import RADIX, SAMPLED_PATH, TWO_PASS, make_case, paths  # noqa: F401 (paths: a fixture)
 from egp_fast import _ext
 from egp_fast.ops import global_smallest, select_smallest
 from egp_fast.ops.select import reference_global_smallest, reference_select_smallest
@@ -23,42 +24,11 @@ from egp_fast.ops.select import reference_global_smallest, reference_select_smal
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 BIG = (1 << 18) + 13  # just above the C++ two-pass threshold
 SAMPLED = (1 << 15) + 3  # just above the C++ sampled-path threshold
-SAMPLED_PATH, TWO_PASS, RADIX = 0, 1, 2  # egp_fast._C._select_path_counts() order
-
-
-@pytest.fixture
-def paths():
-    """Restrict the C++ select paths (bit 0 sampled, bit 1 two-pass); returns a counter reader."""
-    C = _ext.C
-    C._select_path_counts(reset=True)
-
-    def use(bits: int):
-        C._set_select_paths(bits)
-        return lambda: C._select_path_counts(reset=True)
-
-    yield use
-    C._set_select_paths(3)
 
 
 def _case(kind: str, n: int, dtype: torch.dtype, keep: float, gen: torch.Generator):
-    if kind == "random":
-        w = torch.randn(n, generator=gen)
-    elif kind == "ties":
-        w = torch.randint(-3, 4, (n,), generator=gen).float() * 0.25
-    elif kind == "special":
-        w = torch.randn(n, generator=gen)
-        r = torch.rand(n, generator=gen)
-        w[r < 0.05] = float("nan")
-        w[(r >= 0.05) & (r < 0.1)] = float("inf")
-        w[(r >= 0.1) & (r < 0.15)] = -float("inf")
-        w[(r >= 0.15) & (r < 0.3)] = -0.0
-        w[(r >= 0.3) & (r < 0.4)] = 0.0
-    elif kind == "one_bucket":  # every magnitude in one 16-bit bucket: all are candidates
-        w = 1.0 + torch.randint(0, 50, (n,), generator=gen).float() * 2.0**-20
-    else:
-        raise AssertionError(kind)
-    m = torch.rand(n, generator=gen) < keep
-    return w.to(dtype), m
+    # one_bucket: every magnitude in one 16-bit bucket, so all are candidates
+    return make_case(kind, n, dtype, keep, gen)
 
 
 def _counts(m: torch.Tensor, gen: torch.Generator) -> list[int]:

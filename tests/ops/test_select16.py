@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _select_cases import RADIX, SAMPLED_PATH, TWO_PASS, make_case, paths  # noqa: F401 (paths: a fixture)
 from egp_fast import _ext
 from egp_fast.errors import ConfigError
 from egp_fast.ops import (
@@ -28,43 +29,12 @@ from egp_fast.ops import (
 HALF = [torch.bfloat16, torch.float16]
 KINDS = ["random", "ties", "special", "one_bucket"]
 BIG = (1 << 18) + 13  # just above the C++ two-pass threshold
-SAMPLED_PATH, TWO_PASS, RADIX = 0, 1, 2  # egp_fast._C._select_path_counts() order
 needs_cpp = pytest.mark.skipif(not _ext.HAS_CPP, reason="needs the C++ extension")
 
 
-@pytest.fixture
-def paths():
-    """Restrict the C++ select paths (bit 0 sampled, bit 1 two-pass); returns a counter reader."""
-    C = _ext.C
-    C._select_path_counts(reset=True)
-
-    def use(bits: int):
-        C._set_select_paths(bits)
-        return lambda: C._select_path_counts(reset=True)
-
-    yield use
-    C._set_select_paths(3)
-
-
 def _case(kind: str, n: int, dtype: torch.dtype, keep: float, gen: torch.Generator):
-    if kind == "random":
-        w = torch.randn(n, generator=gen)
-    elif kind == "ties":
-        w = torch.randint(-3, 4, (n,), generator=gen).float() * 0.25
-    elif kind == "special":
-        w = torch.randn(n, generator=gen)
-        r = torch.rand(n, generator=gen)
-        w[r < 0.05] = float("nan")
-        w[(r >= 0.05) & (r < 0.1)] = float("inf")
-        w[(r >= 0.1) & (r < 0.15)] = -float("inf")
-        w[(r >= 0.15) & (r < 0.3)] = -0.0
-        w[(r >= 0.3) & (r < 0.4)] = 0.0
-    elif kind == "one_bucket":  # a few neighbouring 16-bit keys: ties everywhere
-        w = 1.0 + torch.randint(0, 3, (n,), generator=gen).float() * 2.0**-7
-    else:
-        raise AssertionError(kind)
-    m = torch.rand(n, generator=gen) < keep
-    return w.to(dtype), m
+    # one_bucket: a few neighbouring 16-bit keys, ties everywhere
+    return make_case(kind, n, dtype, keep, gen, bucket=(3, 2.0**-7))
 
 
 def _ks(m: torch.Tensor, gen: torch.Generator) -> list[int]:
