@@ -196,6 +196,19 @@ def _remaining(m: torch.Tensor) -> int:
     return int(m.count_nonzero())
 
 
+def _check_global(weights, masks, count, where: str) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """The lists checked, and ``count`` checked against the unpruned weights of all layers."""
+    weights, masks = _check_lists(weights, masks, where)
+    count = int(count)
+    left = sum(_remaining(m) for m in masks)
+    if count < 0 or count > left:
+        raise ConfigError(
+            f"{where}: count={count} must be in [0, {left}] (the number of weights still unpruned "
+            "across the layers)"
+        )
+    return weights, masks, count
+
+
 def select_smallest(
     weights: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor],
@@ -270,14 +283,7 @@ def global_smallest(
         >>> egp_fast.ops.global_smallest(ws, ms, 2)
         [tensor([ True, False]), tensor([False,  True])]
     """
-    weights, masks = _check_lists(weights, masks, "global_smallest")
-    count = int(count)
-    left = sum(_remaining(m) for m in masks)
-    if count < 0 or count > left:
-        raise ConfigError(
-            f"global_smallest: count={count} must be in [0, {left}] (the number of weights "
-            "still unpruned across the layers)"
-        )
+    weights, masks, count = _check_global(weights, masks, count, "global_smallest")
     if not weights:
         return []
     _, fn = pick("global_smallest", backend, weights[0].device)

@@ -19,9 +19,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from egp_fast.errors import ConfigError
 from egp_fast.ops._dispatch import pick, register
-from egp_fast.ops.select import _KEYS, _check_lists, _remaining, reference_global_smallest
+from egp_fast.ops.select import _KEYS, _check_global, reference_global_smallest
 
 # Entries keyed at a time by the torch backend: its scratch is a few bytes per entry of one chunk.
 _CHUNK = 1 << 22
@@ -139,14 +138,7 @@ def global_smallest_counts(
         >>> egp_fast.ops.global_smallest_counts(ws, [torch.ones(2, dtype=torch.bool)] * 2, 3)
         [2, 1]
     """
-    weights, masks = _check_lists(weights, masks, "global_smallest_counts")
-    count = int(count)
-    left = sum(_remaining(m) for m in masks)
-    if count < 0 or count > left:
-        raise ConfigError(
-            f"global_smallest_counts: count={count} must be in [0, {left}] (the number of "
-            "weights still unpruned across the layers)"
-        )
+    weights, masks, count = _check_global(weights, masks, count, "global_smallest_counts")
     if not weights:
         return []
     _, fn = pick("global_smallest_counts", backend, weights[0].device)
