@@ -18,6 +18,10 @@ TORCH_LIBRARY(egp_fast, m) {
   m.def("global_smallest_counts(Tensor[] weights, Tensor[] masks, int count) -> int[]");
   // counts[c] += #(z > threshold) along channel_dim; counts is int64 [C], updated in place.
   m.def("sign_count_(Tensor z, Tensor(a!) counts, int channel_dim, float threshold) -> ()");
+  // relu(z), with counts[c] += #(z > 0) taken in the same pass (a measured ReLU); the second
+  // form writes relu into z itself, as torch.relu_ does.
+  m.def("relu_sign_count(Tensor z, Tensor(a!) counts, int channel_dim) -> Tensor");
+  m.def("relu_sign_count_(Tensor(a!) z, Tensor(b!) counts, int channel_dim) -> Tensor(a!)");
   // t[i] = 0 (all bits clear) where pruned[i]; other entries unchanged. CPU only: the masks'
   // gradient hook and state re-zeroing (egp_fast/masks.py).
   m.def("zero_pruned_(Tensor(a!) t, Tensor pruned) -> ()");
@@ -30,6 +34,10 @@ TORCH_LIBRARY_IMPL(egp_fast, Autograd, m) {
   m.impl("global_smallest", torch::CppFunction::makeFallthrough());
   m.impl("global_smallest_counts", torch::CppFunction::makeFallthrough());
   m.impl("sign_count_", torch::CppFunction::makeFallthrough());
+  // relu_sign_count is only called without autograd (egp_fast.ops.relu_sign_count sends inputs
+  // that need a gradient to the differentiable reference).
+  m.impl("relu_sign_count", torch::CppFunction::makeFallthrough());
+  m.impl("relu_sign_count_", torch::CppFunction::makeFallthrough());
   m.impl("zero_pruned_", torch::CppFunction::makeFallthrough());
 }
 

@@ -20,7 +20,12 @@ from egp_fast.ops.select import (
     select_smallest,
 )
 from egp_fast.ops.select_counts import global_smallest_counts, reference_global_smallest_counts
-from egp_fast.ops.sign_count import reference_sign_count_, sign_count_
+from egp_fast.ops.sign_count import (
+    reference_relu_sign_count,
+    reference_sign_count_,
+    relu_sign_count,
+    sign_count_,
+)
 
 _log = logging.getLogger("egp_fast.ops")
 
@@ -44,9 +49,11 @@ __all__ = [
     "reference_global_smallest",
     "reference_global_smallest_counts",
     "reference_masked_linear",
+    "reference_relu_sign_count",
     "reference_select_smallest",
     "reference_sign_count_",
     "register",
+    "relu_sign_count",
     "select_smallest",
     "sign_count_",
 ]

@@ -20,7 +20,7 @@ from egp_fast import _ext
 from egp_fast.ops._dispatch import register
 from egp_fast.ops.select import reference_global_smallest, reference_select_smallest
 from egp_fast.ops.select_counts import reference_global_smallest_counts
-from egp_fast.ops.sign_count import reference_sign_count_
+from egp_fast.ops.sign_count import reference_relu_sign_count, reference_sign_count_
 
 if not _ext.HAS_CPP:
     raise ImportError(f"egp_fast._C is not loaded: {_ext.LOAD_ERROR}")
@@ -109,6 +109,26 @@ def sign_count_cpp(z, counts, channel_dim, threshold=0.0):
         return reference_sign_count_(z, counts, channel_dim, threshold)
     _SIGN_COUNT(z.detach() if z.requires_grad else z, counts, int(channel_dim), float(threshold))
     return counts
+
+
+if hasattr(_OPS, "relu_sign_count"):  # an extension built before this op has no schema for it
+
+    @torch.library.register_fake("egp_fast::relu_sign_count")
+    def _relu_sign_count_fake(z, counts, channel_dim):
+        return torch.empty_like(z)
+
+    @torch.library.register_fake("egp_fast::relu_sign_count_")
+    def _relu_sign_count_inplace_fake(z, counts, channel_dim):
+        return z
+
+    _RELU_SIGN_COUNT = (_OPS.relu_sign_count.default, _OPS.relu_sign_count_.default)
+
+    @register("relu_sign_count", "cpp")
+    def relu_sign_count_cpp(z, counts, channel_dim, inplace=False):
+        """C++ ReLU with the count taken in the same read of z (see csrc/sign_count/sign_count_cpu.cpp)."""
+        if z.dtype not in _CPU_DTYPES:
+            return reference_relu_sign_count(z, counts, channel_dim, inplace)
+        return _RELU_SIGN_COUNT[bool(inplace)](z, counts, int(channel_dim))
 
 
 if _ext.HAS_CUDA:
