@@ -320,9 +320,11 @@ def _fit(x: torch.Tensor, y: torch.Tensor) -> tuple[str, dict[str, Any]] | None:
 def _probeable(m: nn.Module) -> bool:
     if isinstance(m, _NEVER) or getattr(m, "_egp_not_activation", False):
         return False
-    if next(m.children(), None) is not None:
+    # children() / parameters(recurse=False), read from the dicts behind them (this runs for
+    # every module call a trace sees; the generators cost several microseconds each)
+    if any(c is not None for c in m._modules.values()):
         return False
-    if next(m.parameters(recurse=False), None) is not None:
+    if any(p is not None for p in m._parameters.values()):
         return False
     return type(m).forward is not nn.Module.forward
 

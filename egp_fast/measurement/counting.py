@@ -18,12 +18,14 @@ from typing import Any
 import torch
 
 from egp_fast import ops
-from egp_fast.errors import DataError
+from egp_fast.errors import BackendError, DataError
 from egp_fast.graph import Site
 from egp_fast.measurement.stats import EntropyStats, SiteStats
 from egp_fast.ops import backend_for
 
 _PAPER_EPS = 1e-5
+# dtypes the fused ReLU-and-count kernels take (others: count, then F.relu)
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class _Counter:
@@ -86,7 +88,7 @@ class _Counter:
         c._impl = dict(self._impl)
         return c
 
-    def record(self, i: int, z: torch.Tensor) -> None:
+    def _check_layout(self, i: int, z: torch.Tensor) -> Site:
         s = self.sites[i]
         cdim = s.channel_dim % z.dim() if z.dim() else 0
         if z.dim() == 0 or z.shape[cdim] != s.channels:
@@ -95,11 +97,24 @@ class _Counter:
                 f"channels along dim {s.channel_dim} on the example inputs; measure with batches "
                 "of the same layout as example_inputs"
             )
+        return s
+
+    def _counted(self, i: int, obs: int, before: torch.Tensor | None) -> None:
+        """Bookkeeping after site ``i`` counted ``obs`` observations (``before``: its counts
+        before, in paper mode)."""
+        self.observations[i] += obs
+        self.samples[i] += self.current_n
+        if self.paper and obs > 0:
+            value = paper_batch_entropy(self.first[i] - before, obs)
+            self.paper_sum[i] += value
+            self.paper_sq[i] += value * value
+
+    def record(self, i: int, z: torch.Tensor) -> None:
+        s = self._check_layout(i, z)
         if z.requires_grad:
             z = z.detach()  # training-time tracking: counting is not part of the autograd graph
         obs = z.numel() // s.channels
-        if self.paper:
-            before = self.first[i].clone()
+        before = self.first[i].clone() if self.paper else None
         key = (z.dtype, z.device)
         fn = self._impl.get(key)
         if fn is None or z.numel() == 0:
@@ -115,12 +130,38 @@ class _Counter:
             fn(z, self.first[i], s.channel_dim, float(s.breakpoints[0]))
             for b, view in zip(s.breakpoints[1:], self.rest[i]):
                 fn(z, view, s.channel_dim, float(b))
-        self.observations[i] += obs
-        self.samples[i] += self.current_n
-        if self.paper and obs > 0:
-            value = paper_batch_entropy(self.first[i] - before, obs)
-            self.paper_sum[i] += value
-            self.paper_sq[i] += value * value
+        self._counted(i, obs, before)
+
+    def _relu_impl(self, z: torch.Tensor) -> Any:
+        """The fused ReLU-and-count kernel for ``z``'s dtype and device, or None where counting
+        and ReLU stay apart: no fused kernel, or the count would use another backend."""
+        key = ("relu", z.dtype, z.device)
+        if key not in self._impl:
+            fn = None
+            if z.dtype in _FUSED_DTYPES:
+                try:
+                    count_backend = ops.pick("sign_count", self.backend, z.device)[0]
+                    name, impl = ops.pick("relu_sign_count", self.backend, z.device)
+                except BackendError:
+                    count_backend = name = None
+                if name is not None and name != "torch" and name == count_backend:
+                    fn = impl
+            self._impl[key] = fn
+        return self._impl[key]
+
+    def record_relu(self, i: int, z: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """Record site ``i`` (a ReLU, breakpoint 0) and return ``relu(z)`` (in place with
+        ``inplace``), both from one read of ``z`` where a fused kernel serves it; otherwise
+        :meth:`record`, then ``F.relu``. The output is what ``nn.ReLU`` returns either way."""
+        fn = self._relu_impl(z) if type(z) is torch.Tensor and z.numel() else None
+        if fn is None or (z.requires_grad and torch.is_grad_enabled()):
+            self.record(i, z)
+            return torch.nn.functional.relu(z, inplace=inplace)
+        s = self._check_layout(i, z)
+        before = self.first[i].clone() if self.paper else None
+        out = fn(z, self.first[i], s.channel_dim, inplace)
+        self._counted(i, z.numel() // s.channels, before)
+        return out
 
 
 def paper_batch_entropy(on: torch.Tensor, observations: int) -> torch.Tensor:

@@ -201,7 +201,7 @@ def measure_entropy(
     stopped_early = False
     try:
         if use_hooks:
-            hooks = _HookRecorder(model, list(enumerate(sites)), counter)
+            hooks = _HookRecorder(model, list(enumerate(sites)), counter, fuse_relu=True)
         else:
             runner = _cached_instrument(graph, counter)
         bar = _progress(total, progress, "measuring entropy")

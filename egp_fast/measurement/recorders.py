@@ -2,7 +2,9 @@
 
 Sites that are modules are counted by :class:`_HookRecorder`, forward pre-hooks on the real
 model's activation modules (the k-th call of a module in one forward is that module's k-th
-site); models with functional activations are measured through :func:`_instrument`, a copy of
+site). In a measurement pass, a plain ``nn.ReLU`` instead gets its ``forward`` swapped for one
+that applies the ReLU and counts in the same read of the input (:class:`_FusedReLU`, restored
+by ``remove``); models with functional activations are measured through :func:`_instrument`, a copy of
 the fx-traced graph with a recorder call before each activation node, cached on the
 :class:`SiteGraph` by :func:`_cached_instrument`. Both hand each site's input to a target's
 ``record(index, z)``: a ``counting._Counter``, or any object with that method.
@@ -77,17 +79,56 @@ def _instrument(graph: SiteGraph, counter: Any) -> fx.GraphModule:
     return fx.GraphModule(holder, new_graph, "EGPMeasure")
 
 
+class _FusedReLU:
+    """One ``nn.ReLU`` whose ``forward`` is swapped, for one pass, for the ReLU and its count in
+    one read of the input (``counter.record_relu``); its calls are numbered like the hooks'.
+
+    Only a module of exactly ``nn.ReLU`` type without a ``forward`` of its own is swapped, so
+    ``remove`` (deleting the instance attribute) restores it exactly; hooks on the module still
+    run around the swapped forward.
+    """
+
+    def __init__(self, module: nn.Module, name: str, idxs: list[int], recorder: _HookRecorder, counter: Any) -> None:
+        inplace = bool(module.inplace)
+
+        def forward(input: torch.Tensor) -> torch.Tensor:
+            k = recorder.calls.get(name, 0)
+            recorder.calls[name] = k + 1
+            if k < len(idxs):
+                return counter.record_relu(idxs[k], input, inplace)
+            return torch.nn.functional.relu(input, inplace=inplace)
+
+        self.module: nn.Module | None = module
+        module.forward = forward
+
+    @staticmethod
+    def applies(module: nn.Module, sites: list[Site]) -> bool:
+        return (
+            type(module) is nn.ReLU
+            and "forward" not in vars(module)
+            and all(tuple(s.breakpoints) == (0.0,) for s in sites)
+        )
+
+    def remove(self) -> None:
+        if self.module is not None:
+            vars(self.module).pop("forward", None)
+            self.module = None
+
+
 class _HookRecorder:
     """Forward pre-hooks on the real model's activation modules; the k-th call of a module in
     one forward is that module's k-th site (the naming of :func:`discover_sites`).
 
     ``sites`` are ``(counter index, Site)`` pairs; sites without a module are skipped (the
-    caller decides whether that is acceptable).
+    caller decides whether that is acceptable). With ``fuse_relu`` (``counter`` then has
+    ``record_relu``), plain ``nn.ReLU`` modules are counted by :class:`_FusedReLU` instead of a
+    hook.
     """
 
-    def __init__(self, model: nn.Module, sites: list[tuple[int, Site]], counter: Any) -> None:
+    def __init__(self, model: nn.Module, sites: list[tuple[int, Site]], counter: Any, fuse_relu: bool = False) -> None:
         self.handles = []
         by_module: dict[str, list[int]] = {}
+        site_of = dict(sites)
         for i, s in sites:
             if s.module is not None:
                 by_module.setdefault(s.module, []).append(i)
@@ -104,13 +145,18 @@ class _HookRecorder:
                         "pass graph=None to rediscover the sites"
                     )
 
+                module = modules[name]
+                if fuse_relu and _FusedReLU.applies(module, [site_of[i] for i in idxs]):
+                    self.handles.append(_FusedReLU(module, name, idxs, self, counter))
+                    continue
+
                 def hook(mod, inp, name=name, idxs=idxs):
                     k = self.calls.get(name, 0)
                     self.calls[name] = k + 1
                     if k < len(idxs):
                         counter.record(idxs[k], inp[0])
 
-                self.handles.append(modules[name].register_forward_pre_hook(hook))
+                self.handles.append(module.register_forward_pre_hook(hook))
         except BaseException:
             self.remove()
             raise

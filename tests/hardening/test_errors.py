@@ -246,6 +246,10 @@ API = [
      lambda: egp_fast.Pruner(_net(), _x(), progress=False).measure([_x()], stop="decided", plan_tol=0)),
     ('A71', 'measure_entropy', 'plan={...} (not callable)', ConfigError, 'plan must be a callable plan(entropy, constant)',
      lambda: egp_fast.measure_entropy(_net(), [_x()], stop="decided", plan={"a": 1}, progress=False)),
+    ("A72", "ops.relu_sign_count", "counts of the wrong length", ConfigError, "relu_sign_count: counts must have shape [3]",
+     lambda: ops.relu_sign_count(torch.randn(2, 3), torch.zeros(4, dtype=torch.int64), 1)),
+    ("A73", "ops.relu_sign_count", "inplace=1 (not a bool)", ConfigError, "inplace must be True or False",
+     lambda: ops.relu_sign_count(torch.randn(2, 3), I64.clone(), 1, inplace=1)),
 ]
 
 # (id, arguments, bad input, exit status, message fragment)

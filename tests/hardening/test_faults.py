@@ -78,6 +78,7 @@ def state(model: nn.Module) -> dict:
             list(m._modules.items()),
             list(m._parameters.items()),
             list(m._buffers.items()),
+            vars(m).get("forward"),  # a forward swapped in for a pass (measurement's fused ReLU)
         )
     for name, p in model.named_parameters():
         out[f"param:{name}"] = (list((p._backward_hooks or {}).items()), p.requires_grad,
@@ -149,11 +150,11 @@ def test_measure_entropy_failure_leaves_model_untouched(cls, exc, where, monkeyp
 
         data = gen()
     else:
-        # Fail inside the counting kernels themselves (every backend), on the 7th call.
+        # Fail inside the counting kernels themselves (every backend; the ReLU sites count
+        # inside the ReLU, through relu_sign_count), on the 7th call of either.
         from egp_fast.ops import _dispatch
 
         hit = _fail_on_call(7, exc)
-        impls = dict(_dispatch._IMPLS["sign_count"])
 
         def flaky(real):
             def run(*a, **k):
@@ -162,7 +163,9 @@ def test_measure_entropy_failure_leaves_model_untouched(cls, exc, where, monkeyp
 
             return run
 
-        monkeypatch.setitem(_dispatch._IMPLS, "sign_count", {b: flaky(f) for b, f in impls.items()})
+        for op in ("sign_count", "relu_sign_count"):
+            impls = dict(_dispatch._IMPLS[op])
+            monkeypatch.setitem(_dispatch._IMPLS, op, {b: flaky(f) for b, f in impls.items()})
     expected = (DataError, Boom) if isinstance(exc, Exception) else KeyboardInterrupt
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fx fallback warning for Untraceable
