@@ -36,6 +36,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 _AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "default": {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")},
     "sign_count": {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")},
+    "relu_sign_count": {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")},
     "entropy": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "masked_linear": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }

@@ -27,7 +27,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from egp_fast.kernels.entropy import entropy_triton
 from egp_fast.kernels.masked_linear import kernel_config, masked_linear_triton, tile_occupancy_triton
 from egp_fast.kernels.masked_linear_backward import masked_linear_dw_triton, masked_linear_dx_triton
-from egp_fast.kernels.sign_count import SUPPORTED_DTYPES, sign_count_triton
+from egp_fast.kernels.sign_count import SUPPORTED_DTYPES, relu_sign_count_triton, sign_count_triton
 from egp_fast.ops._dispatch import register
 from egp_fast.ops.entropy import EntropyOut
 from egp_fast.ops.masked_linear import (
@@ -36,7 +36,7 @@ from egp_fast.ops.masked_linear import (
     default_tile_map_cache,
     reference_masked_linear,
 )
-from egp_fast.ops.sign_count import reference_sign_count_
+from egp_fast.ops.sign_count import reference_relu_sign_count, reference_sign_count_
 
 # Tile density at or above which masked_linear hands a CUDA call to cuBLAS. Measured on an
 # H200, x[8192, 4096] @ W[4096, 4096]^T bf16, kernel alone with the tile map prebuilt
@@ -59,6 +59,16 @@ def triton_sign_count_(
     if z.dtype not in SUPPORTED_DTYPES:
         return reference_sign_count_(z, counts, channel_dim, threshold)
     return sign_count_triton(z, counts, channel_dim, threshold)
+
+
+@register("relu_sign_count", "triton")
+def triton_relu_sign_count(
+    z: torch.Tensor, counts: torch.Tensor, channel_dim: int, inplace: bool = False
+) -> torch.Tensor:
+    """Triton ReLU with its ON count in the same launch (same contract as the reference)."""
+    if z.dtype not in SUPPORTED_DTYPES:
+        return reference_relu_sign_count(z, counts, channel_dim, inplace)
+    return relu_sign_count_triton(z, counts, channel_dim, inplace)
 
 
 @register("entropy", "triton")

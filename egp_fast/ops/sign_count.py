@@ -128,7 +128,7 @@ def relu_sign_count(
         counts: int64 tensor ``[C]`` on ``z``'s device; updated in place.
         channel_dim: the channel axis of ``z``.
         inplace: write the ReLU into ``z`` and return ``z`` (as ``nn.ReLU(inplace=True)``).
-        backend: ``None`` (automatic), ``"torch"`` or ``"cpp"``.
+        backend: ``None`` (automatic), ``"torch"``, ``"cpp"`` (CPU) or ``"triton"`` (CUDA).
 
     Returns:
         The ReLU of ``z`` (``z`` itself with ``inplace``).
