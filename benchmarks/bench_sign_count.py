@@ -84,6 +84,46 @@ def test_copy_bandwidth(benchmark):
     )
 
 
+# What a measured ReLU costs: the ReLU alone (the floor: a forward pays it anyway), the ReLU
+# plus a separate sign_count_ (two reads of z, what a hook does) and relu_sign_count (one read).
+RELU_CASES = (
+    [("resnet_stem_nchw", (64, 256, 56, 56), False), ("resnet_stem_cl", (64, 256, 56, 56), True)]
+    if HAS_CUDA_DEVICE else
+    [("resnet18_32px_layer1", (64, 64, 8, 8), False), ("resnet18_32px_stem", (64, 64, 16, 16), False),
+     ("nchw_28", (16, 64, 28, 28), False)]
+)
+
+
+@pytest.mark.benchmark(group="relu_sign_count")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,shape,channels_last", RELU_CASES, ids=[c[0] for c in RELU_CASES])
+@pytest.mark.parametrize("provider", ["relu_alone", "relu+sign_count", "relu_sign_count"])
+def test_relu_sign_count(benchmark, provider, name, shape, channels_last, dtype):
+    z = _input(shape, channels_last, dtype)
+    work = z.clone(memory_format=torch.preserve_format)  # in place, as nn.ReLU(inplace=True) runs
+    counts = torch.zeros(shape[1], dtype=torch.int64, device=DEVICE)
+
+    def relu_alone():
+        return torch.relu_(work.copy_(z))
+
+    def separate():
+        ops.sign_count_(work.copy_(z), counts, 1)
+        return torch.relu_(work)
+
+    def fused():
+        return ops.relu_sign_count(work.copy_(z), counts, 1, inplace=True)
+
+    # Each call restores z first (a copy), so every provider carries the same copy.
+    fn = {"relu_alone": relu_alone, "relu+sign_count": separate, "relu_sign_count": fused}[provider]
+    run_timed(benchmark, fn, device=DEVICE)
+    if provider != "relu_alone":
+        counts.zero_()
+        fn()
+        ref = ops.reference_sign_count_(z, torch.zeros_like(counts), 1)
+        assert torch.equal(counts, ref) and torch.equal(work, torch.relu(z))
+    benchmark.extra_info.update(device=machine(), dtype=str(dtype), shape=list(shape))
+
+
 def _sweep() -> None:
     """Print Triton configurations vs copy bandwidth (GPU only); used to pick the defaults."""
     import triton.testing

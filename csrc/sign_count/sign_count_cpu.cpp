@@ -5,10 +5,10 @@
 //  * contiguous z viewed as [outer, C, inner] with inner > 1 (NCHW, channel_dim=1): small planes
 //    (under 64 values, a row of C * inner values fits 64K int32 counters, rows for every thread)
 //    are walked as rows, like the channels-last layout below, with one counter per position of
-//    the row; planes of 8 to 1023 values, where there are channels for every thread, channel by
-//    channel (a channel's planes across samples, threads owning whole channels); larger planes
-//    one (o, c) plane at a time, planes split over threads, each thread summing into its own C
-//    counters;
+//    the row; larger planes one (o, c) plane at a time, planes split over threads in contiguous
+//    ranges (the split of the layer that wrote z, so each thread reads what is in its own
+//    cache; a channel-by-channel split measured slower right after a write), each thread
+//    summing into its own C counters;
 //  * channel innermost in memory, i.e. z.movedim(channel_dim, -1) is contiguous (channels-last
 //    NHWC storage of an NCHW tensor, [N, L, C], [N, H, W, C]): rows of C values, each thread
 //    adding a row into its own int32 counters (flushed before they could overflow);
@@ -209,48 +209,6 @@ EGP_AVX2 void add_row_relu_avx2(const T* row, T* out, int64_t n, float thr, int3
   }
 }
 
-// One channel's planes across samples: `runs` runs of n values, `stride` apart, counted into lane
-// accumulators that are summed once per channel instead of once per plane (a 64-value plane
-// would otherwise pay a horizontal sum per 64 values). With kRelu, out (laid out as p) also
-// receives relu of every value read.
-template <bool kRelu, typename T>
-EGP_AVX2 int64_t count_runs_avx2(const T* p, T* out, int64_t runs, int64_t stride, int64_t n, float thr) {
-  const __m256 t = _mm256_set1_ps(thr);
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0;
-  int64_t total = 0, pending = 0;
-  for (int64_t r = 0; r < runs; ++r) {
-    const T* q = p + r * stride;
-    T* o = kRelu ? out + r * stride : nullptr;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-      const __m256 v0 = load8(q + i), v1 = load8(q + i + 8);
-      a0 = _mm256_sub_epi32(a0, gt_mask(v0, t));
-      a1 = _mm256_sub_epi32(a1, gt_mask(v1, t));
-      if constexpr (kRelu) {
-        store_relu8(o + i, q + i, v0);
-        store_relu8(o + i + 8, q + i + 8, v1);
-      }
-    }
-    for (; i + 8 <= n; i += 8) {
-      const __m256 v = load8(q + i);
-      a0 = _mm256_sub_epi32(a0, gt_mask(v, t));
-      if constexpr (kRelu) store_relu8(o + i, q + i, v);
-    }
-    for (; i < n; ++i) {
-      const T v = q[i];
-      total += static_cast<float>(v) > thr;
-      if constexpr (kRelu) o[i] = relu_of(v);
-    }
-    pending += n;
-    if (pending >= kBlock - n) {  // no lane may pass 2^31 - 1
-      total += hsum(_mm256_add_epi32(a0, a1));
-      a0 = a1 = _mm256_setzero_si256();
-      pending = 0;
-    }
-  }
-  return total + hsum(_mm256_add_epi32(a0, a1));
-}
-
 template <typename T>
 EGP_AVX2 void add_row_avx2(const T* __restrict row, int64_t n, float thr, int32_t* __restrict cnt) {
   const __m256 t = _mm256_set1_ps(thr);
@@ -298,22 +256,6 @@ struct Loops {
     }
     return total;
   }
-  // Count of `runs` runs of n values, `stride` apart (n < kBlock); with `out`, relu as well.
-  int64_t count_runs(const T* p, int64_t runs, int64_t stride, int64_t n, T* out = nullptr) const {
-#ifdef EGP_SIGN_COUNT_AVX2
-    if constexpr (kHasVector<T>) {
-      if (vec) {
-        return out != nullptr ? count_runs_avx2<true>(p, out, runs, stride, n, thr)
-                              : count_runs_avx2<false>(p, out, runs, stride, n, thr);
-      }
-    }
-#endif
-    int64_t total = 0;
-    for (int64_t r = 0; r < runs; ++r) {
-      total += count_run_plain(p + r * stride, n, thr, out != nullptr ? out + r * stride : nullptr);
-    }
-    return total;
-  }
   void add_row(const T* row, int64_t n, int32_t* cnt, T* out = nullptr) const {
 #ifdef EGP_SIGN_COUNT_AVX2
     if constexpr (kHasVector<T>) {
@@ -330,18 +272,6 @@ struct Loops {
 template <typename T>
 void planes(const T* z, int64_t outer, int64_t C, int64_t inner, const Loops<T>& loops, int64_t* counts,
             int64_t cstride, T* out = nullptr) {
-  // Planes of 8 to 1023 values with channels for every thread: channel by channel (each task owns
-  // its channels' counters: no merge), so a channel's lane sums are reduced once, not per plane.
-  if (inner >= 8 && inner < 1024 && cstride != 0 && C >= 2 * at::get_num_threads()) {
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(outer * inner, 1));
-    at::parallel_for(0, C, grain, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        counts[c * cstride] += loops.count_runs(z + c * inner, outer, C * inner, inner,
-                                                out != nullptr ? out + c * inner : nullptr);
-      }
-    });
-    return;
-  }
   std::mutex mu;
   const int64_t np = outer * C;
   // Grain: enough planes that a task reads ~64K elements, so tiny planes do not pay per-task cost.

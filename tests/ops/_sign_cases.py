@@ -65,12 +65,11 @@ def _special(shape, dtype, gen, threshold=0.0) -> torch.Tensor:
 
 # (name, shape, channel_dim, view): the walks of csrc/sign_count/sign_count_cpu.cpp.
 LAYOUTS = [
-    ("planes_64", (5, 6, 8, 8), 1, lambda t: t),  # 64-value planes: channel by channel (2 threads)
+    ("planes_64", (5, 6, 8, 8), 1, lambda t: t),  # 64-value planes: one plane at a time
     ("planes_odd", (3, 5, 7, 11), 1, lambda t: t),  # 77 values: 32-steps, 8-steps and a tail
     ("planes_8_few", (1, 700, 3, 3), 1, lambda t: t),  # 9-value planes, too few rows: vector + tail
-    ("channel_major", (7, 40, 13, 13), 1, lambda t: t),  # 169-value planes, channels for every thread
-    ("planes_few_channels", (6, 3, 9, 9), 1, lambda t: t),  # 81-value planes, fewer channels than 2 threads
-    ("planes_large", (2, 5, 33, 33), 1, lambda t: t),  # 1089-value planes: one plane at a time
+    ("planes_169", (7, 40, 13, 13), 1, lambda t: t),  # 169-value planes: 32-steps, 8-steps, a tail
+    ("planes_large", (2, 5, 33, 33), 1, lambda t: t),  # 1089-value planes
     ("planes_short", (1, 70000, 1, 5), 1, lambda t: t),  # 5-value planes under the vector width
     ("rows_small_planes", (19, 13, 3, 5), 1, lambda t: t),  # rows of C*H*W counters
     ("rows_resnet_late", (9, 37, 2, 2), 1, lambda t: t),
