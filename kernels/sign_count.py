@@ -31,6 +31,7 @@ import triton.language as tl
 @triton.jit
 def _sign_count_kernel(
     Z_ptr,
+    Out_ptr,
     Counts_ptr,
     C,
     B,
@@ -46,8 +47,12 @@ def _sign_count_kernel(
     BLOCK_P: tl.constexpr,
     CHANNELS_INNER: tl.constexpr,
     WIDE: tl.constexpr,
+    RELU: tl.constexpr,
 ):
     """``Counts[c] += sum_{a, b} (Z[a, c, b] > threshold)`` for the chunks of this program.
+
+    With ``RELU`` (threshold 0), ``Out`` (laid out with ``Z``'s strides, or ``Z`` itself) also
+    receives ``relu(Z)``: ``Z``'s own value where ``Z >= 0`` or NaN, +0 where ``Z < 0``.
 
     Chunk ``j`` is ``a = j // n_chunks_b`` and positions ``b0 .. b0 + BLOCK_P`` with
     ``b0 = (j % n_chunks_b) * BLOCK_P``. ``CHANNELS_INNER`` lays the tile out as
@@ -74,25 +79,27 @@ def _sign_count_kernel(
             b0 = b0.to(tl.int32)
         b = b0 + offs_p
         mask_b = b < B
-        base = Z_ptr + a * Z_a_stride
         if CHANNELS_INNER:
             c_off = offs_c * Z_c_stride
             if not WIDE:
                 c_off = c_off.to(tl.int32)
-            rows = base + b.to(tl.int64) * Z_b_stride
-            ptrs = rows[:, None] + c_off[None, :]
+            offs = a * Z_a_stride + (b.to(tl.int64) * Z_b_stride)[:, None] + c_off[None, :]
             m = mask_b[:, None] & mask_c[None, :]
-            z = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+            raw = tl.load(Z_ptr + offs, mask=m, other=0.0)
+            z = raw.to(tl.float32)
             # NaN > t is False, so NaN counts as OFF, like the reference.
             on = ((z > threshold) & m).to(tl.int32)
             acc += tl.sum(on, axis=0)
         else:
-            rows = base + offs_c * Z_c_stride
-            ptrs = rows[:, None] + (b * Z_b_stride)[None, :]
+            offs = a * Z_a_stride + (offs_c * Z_c_stride)[:, None] + (b * Z_b_stride)[None, :]
             m = mask_c[:, None] & mask_b[None, :]
-            z = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+            raw = tl.load(Z_ptr + offs, mask=m, other=0.0)
+            z = raw.to(tl.float32)
             on = ((z > threshold) & m).to(tl.int32)
             acc += tl.sum(on, axis=1)
+        if RELU:
+            # z < 0 is False for NaN and -0.0: both pass through with their own bits.
+            tl.store(Out_ptr + offs, tl.where(z < 0.0, tl.zeros_like(raw), raw), mask=m)
     tl.atomic_add(Counts_ptr + offs_c * Counts_stride, acc.to(tl.int64), mask=mask_c)
 
 
@@ -188,8 +195,12 @@ def sign_count_triton(
     num_warps: int | None = None,
     programs: int | None = None,
     force_wide: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add per-channel counts of ``z > threshold`` into ``counts`` (int64) with one launch.
+
+    With ``out`` (``z`` itself, or a tensor of ``z``'s shape, dtype and strides; threshold 0
+    only), the same launch also writes ``relu(z)`` into it: :func:`relu_sign_count_triton`.
 
     Args:
         z: fp32/fp16/bf16 tensor on a CUDA device (or the CPU under ``TRITON_INTERPRET=1``),
@@ -212,6 +223,8 @@ def sign_count_triton(
     if z.numel() == 0:
         return counts
     layout = plan_layout(z, dim)
+    if layout is None and out is not None:
+        raise ValueError("sign_count_triton: out= needs a z whose layout plans without a copy")
     if layout is None:
         # Documented fallback: the non-channel axes form more than two strided runs.
         z = z.contiguous()
@@ -240,6 +253,7 @@ def sign_count_triton(
     thr = _rounded_threshold(float(threshold), z.dtype)
     _sign_count_kernel[(c_tiles, slices)](
         z,
+        out if out is not None else z,
         counts,
         c,
         b,
@@ -255,6 +269,24 @@ def sign_count_triton(
         BLOCK_P=block_p,
         CHANNELS_INNER=channels_inner,
         WIDE=wide,
+        RELU=out is not None,
         num_warps=num_warps,
     )
     return counts
+
+
+def relu_sign_count_triton(z: torch.Tensor, counts: torch.Tensor, channel_dim: int, inplace: bool = False) -> torch.Tensor:
+    """``torch.relu(z)`` (``relu_`` with ``inplace``) and ``counts[c] += #(z > 0)``, one read of ``z``.
+
+    Fused where ``z`` is dense (contiguous, or its channel axis innermost in memory), so that
+    ``torch.empty_like(z)`` has ``z``'s strides; any other view is counted, then passed to
+    ``torch.relu``. fp32/fp16/bf16 only (the caller sends other dtypes to the reference).
+    """
+    dim = channel_dim % z.dim()
+    dense = z.is_contiguous() or z.movedim(dim, -1).is_contiguous()
+    if not dense or z.numel() == 0:
+        sign_count_triton(z, counts, channel_dim, 0.0)
+        return torch.relu_(z) if inplace else torch.relu(z)
+    out = z if inplace else torch.empty_like(z)
+    sign_count_triton(z, counts, channel_dim, 0.0, out=out)
+    return out
