@@ -193,3 +193,21 @@ def test_fused_relu_needing_a_gradient_uses_the_reference():
     y.sum().backward()
     assert torch.equal(z.grad, (z > 0).float())
     assert torch.equal(counter.first[0], (z > 0).sum(0))
+
+
+@pytest.mark.requires_ext
+def test_measurement_runs_the_fused_kernel(monkeypatch):
+    """Under measure_entropy (eval, no_grad) each plain ReLU call goes through the fused kernel."""
+    from egp_fast.ops import _dispatch
+
+    calls = []
+    real = _dispatch._IMPLS["relu_sign_count"]["cpp"]
+
+    def spy(z, counts, channel_dim, inplace=False):
+        calls.append(inplace)
+        return real(z, counts, channel_dim, inplace)
+
+    monkeypatch.setitem(_dispatch._IMPLS, "relu_sign_count", {**_dispatch._IMPLS["relu_sign_count"], "cpp": spy})
+    net = _Twice()
+    egp_fast.measure_entropy(net, [torch.randn(2, 3, 5, 5) for _ in range(2)], progress=False)
+    assert calls == [True, True, False] * 2  # inpl (twice, in place), plain; the subclass is hooked
