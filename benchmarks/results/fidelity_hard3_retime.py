@@ -2,7 +2,7 @@
 (random weights: speed needs no training). Dense model vs the same model with the removed
 sites linearised (identity) and collapsed; 224x224, batch 1 and 8, interleaved."""
 import sys, json, torch, torch.nn as nn
-sys.path.insert(0, "/work/main/benchmarks")
+sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), ".."))  # benchmarks/
 import fidelity as F
 import egp_fast
 from egp_fast.folding.collapser import compare_latency
@@ -31,4 +31,4 @@ for stem in ("stride-1 stem (the benchmark's)", "stride-2 stem (torchvision's)")
             row[f"b{bs}"] = {"dense_ms": round(r["a_ms"], 2), "collapsed_ms": round(r["b_ms"], 2), "speedup": round(r["speedup"], 3), "iqr": [round(v, 3) for v in r["speedup_iqr"]]}
         out[f"{stem} | {name}"] = row
         print(stem, "|", name, row, flush=True)
-json.dump(out, open("/tmp/retime.json", "w"), indent=1)
+json.dump(out, open(__file__.replace(".py", ".json"), "w"), indent=1)
