@@ -85,3 +85,18 @@ LAYOUTS = [
     ("sliced", (6, 10, 12), 2, lambda t: t[:, 1:8, 1::2]),  # strided: the copy fallback
     ("transposed", (9, 6, 21), 1, lambda t: t.transpose(0, 2)),
 ]
+
+
+def random_cases(seed: int, n: int):
+    """``n`` inputs of random shape (1-D to 4-D, every channel position, both memory formats and
+    every dtype), each with edge values: yields ``(z, channel_dim, generator)``."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        ndim = int(torch.randint(1, 5, (1,), generator=gen))
+        shape = tuple(int(s) for s in torch.randint(1, 12 if ndim > 2 else 90, (ndim,), generator=gen))
+        dim = int(torch.randint(-ndim, ndim, (1,), generator=gen))
+        dtype = DTYPES[int(torch.randint(0, len(DTYPES), (1,), generator=gen))]
+        z = _special(shape, dtype, gen)
+        if ndim == 4 and bool(torch.randint(0, 2, (1,), generator=gen)):
+            z = z.contiguous(memory_format=torch.channels_last)
+        yield z, dim, gen

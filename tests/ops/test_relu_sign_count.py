@@ -15,7 +15,7 @@ import torch
 from egp_fast.errors import BackendError, ConfigError
 from egp_fast.ops import reference_relu_sign_count, reference_sign_count_, relu_sign_count
 
-from _sign_cases import DTYPES, LAYOUTS, _special, loops  # noqa: F401 (loops: a fixture)
+from _sign_cases import DTYPES, LAYOUTS, _special, loops, random_cases  # noqa: F401 (loops: a fixture)
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
          torch.bfloat16: torch.int16}
@@ -67,15 +67,7 @@ def test_input_is_left_untouched_out_of_place():
 @pytest.mark.requires_ext
 @pytest.mark.parametrize("inplace", [False, True])
 def test_cpp_and_reference_agree_on_random_shapes(inplace):
-    gen = torch.Generator().manual_seed(19)
-    for _ in range(40):
-        ndim = int(torch.randint(1, 5, (1,), generator=gen))
-        shape = tuple(int(s) for s in torch.randint(1, 12 if ndim > 2 else 90, (ndim,), generator=gen))
-        dim = int(torch.randint(-ndim, ndim, (1,), generator=gen))
-        dtype = DTYPES[int(torch.randint(0, len(DTYPES), (1,), generator=gen))]
-        z = _special(shape, dtype, gen)
-        if ndim == 4 and bool(torch.randint(0, 2, (1,), generator=gen)):
-            z = z.contiguous(memory_format=torch.channels_last)
+    for z, dim, _ in random_cases(19, 40):
         a, b = z.clone(memory_format=torch.preserve_format), z.clone(memory_format=torch.preserve_format)
         ca = torch.zeros(z.shape[dim], dtype=torch.int64)
         cb = torch.zeros(z.shape[dim], dtype=torch.int64)

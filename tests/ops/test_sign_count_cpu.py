@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _sign_cases import DTYPES, LAYOUTS, _has_hook, _special, loops  # noqa: F401 (loops: a fixture)
+from _sign_cases import DTYPES, LAYOUTS, _has_hook, _special, loops, random_cases  # noqa: F401 (loops: a fixture)
 from egp_fast.ops import reference_sign_count_, sign_count_
 
 pytestmark = pytest.mark.requires_ext
@@ -54,15 +54,7 @@ def test_edge_thresholds(loops, dtype, threshold):
 
 def test_random_shapes(loops):
     """Shapes drawn at random (1-D to 4-D, every channel position, both memory formats)."""
-    gen = torch.Generator().manual_seed(17)
-    for _ in range(60):
-        ndim = int(torch.randint(1, 5, (1,), generator=gen))
-        shape = tuple(int(s) for s in torch.randint(1, 12 if ndim > 2 else 90, (ndim,), generator=gen))
-        dim = int(torch.randint(-ndim, ndim, (1,), generator=gen))
-        dtype = DTYPES[int(torch.randint(0, len(DTYPES), (1,), generator=gen))]
-        z = _special(shape, dtype, gen)
-        if ndim == 4 and bool(torch.randint(0, 2, (1,), generator=gen)):
-            z = z.contiguous(memory_format=torch.channels_last)
+    for z, dim, gen in random_cases(17, 60):
         _check(z, dim, float(torch.randn(1, generator=gen)) if bool(torch.randint(0, 2, (1,), generator=gen)) else 0.0)
 
 
