@@ -83,23 +83,30 @@ def _sign_count_kernel(
             c_off = offs_c * Z_c_stride
             if not WIDE:
                 c_off = c_off.to(tl.int32)
-            offs = a * Z_a_stride + (b.to(tl.int64) * Z_b_stride)[:, None] + c_off[None, :]
+            row_off = a * Z_a_stride + b.to(tl.int64) * Z_b_stride  # one 64-bit offset per row
+            ptrs = (Z_ptr + row_off)[:, None] + c_off[None, :]
             m = mask_b[:, None] & mask_c[None, :]
-            raw = tl.load(Z_ptr + offs, mask=m, other=0.0)
+            raw = tl.load(ptrs, mask=m, other=0.0)
             z = raw.to(tl.float32)
             # NaN > t is False, so NaN counts as OFF, like the reference.
             on = ((z > threshold) & m).to(tl.int32)
             acc += tl.sum(on, axis=0)
+            if RELU:
+                # z < 0 is False for NaN and -0.0: both pass through with their own bits.
+                optrs = (Out_ptr + row_off)[:, None] + c_off[None, :]
+                tl.store(optrs, tl.where(z < 0.0, tl.zeros_like(raw), raw), mask=m)
         else:
-            offs = a * Z_a_stride + (offs_c * Z_c_stride)[:, None] + (b * Z_b_stride)[None, :]
+            row_off = a * Z_a_stride + offs_c * Z_c_stride
+            p_off = b * Z_b_stride
+            ptrs = (Z_ptr + row_off)[:, None] + p_off[None, :]
             m = mask_c[:, None] & mask_b[None, :]
-            raw = tl.load(Z_ptr + offs, mask=m, other=0.0)
+            raw = tl.load(ptrs, mask=m, other=0.0)
             z = raw.to(tl.float32)
             on = ((z > threshold) & m).to(tl.int32)
             acc += tl.sum(on, axis=1)
-        if RELU:
-            # z < 0 is False for NaN and -0.0: both pass through with their own bits.
-            tl.store(Out_ptr + offs, tl.where(z < 0.0, tl.zeros_like(raw), raw), mask=m)
+            if RELU:
+                optrs = (Out_ptr + row_off)[:, None] + p_off[None, :]
+                tl.store(optrs, tl.where(z < 0.0, tl.zeros_like(raw), raw), mask=m)
     tl.atomic_add(Counts_ptr + offs_c * Counts_stride, acc.to(tl.int64), mask=mask_c)
 
 

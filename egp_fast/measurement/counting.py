@@ -24,8 +24,6 @@ from egp_fast.measurement.stats import EntropyStats, SiteStats
 from egp_fast.ops import backend_for
 
 _PAPER_EPS = 1e-5
-# dtypes the fused ReLU-and-count kernels take (others: count, then F.relu)
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class _Counter:
@@ -137,16 +135,13 @@ class _Counter:
         and ReLU stay apart: no fused kernel, or the count would use another backend."""
         key = ("relu", z.dtype, z.device)
         if key not in self._impl:
-            fn = None
-            if z.dtype in _FUSED_DTYPES:
-                try:
-                    count_backend = ops.pick("sign_count", self.backend, z.device)[0]
-                    name, impl = ops.pick("relu_sign_count", self.backend, z.device)
-                except BackendError:
-                    count_backend = name = None
-                if name is not None and name != "torch" and name == count_backend:
-                    fn = impl
-            self._impl[key] = fn
+            # (a dtype a kernel does not take goes to the reference inside the backend)
+            try:
+                count_backend = ops.pick("sign_count", self.backend, z.device)[0]
+                name, impl = ops.pick("relu_sign_count", self.backend, z.device)
+            except BackendError:
+                count_backend = name = impl = None
+            self._impl[key] = impl if name not in (None, "torch") and name == count_backend else None
         return self._impl[key]
 
     def record_relu(self, i: int, z: torch.Tensor, inplace: bool) -> torch.Tensor:
