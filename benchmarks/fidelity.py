@@ -108,8 +108,8 @@ def build(recipe: dict[str, Any], image_size: int = 16) -> nn.Module:
         net = torchvision.models.mobilenet_v2(weights=None, num_classes=10, **recipe["kwargs"])
         stem = net.features[0][0]
         # Small images get a stride-1 stem, as CIFAR adaptations of MobileNetV2 do: with
-        # torchvision's stride 2, a 32x32 digits-hard image is 1x1 after 16x less resolution in
-        # every stage, and the network stayed at chance (10.4% after 12 epochs, 2026-12-05).
+        # torchvision's stride 2, a 32x32 image is down to 1x1 in the last stage, and on
+        # digits-hard the network stayed at chance (10.4% after 12 epochs, 2026-12-05).
         stride = (1, 1) if image_size <= 64 else stem.stride
         net.features[0][0] = nn.Conv2d(1, stem.out_channels, stem.kernel_size, stride, stem.padding, bias=False)
         return net
@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="validation split held out from the training data (easier's stopping rule)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="samples per split (default: all; --quick: 96)")
-    p.add_argument("--no-inexact", action="store_true", help="skip easier's exact=False, fold='always' variant")
+    p.add_argument("--no-inexact", action="store_true", help="skip the inexact rows (exact=False: fold='always', or 'auto' for easier-latency)")
     p.add_argument("--cache", default=None,
                    help="folder for dense weights and finished (model, seed, method) rows; a rerun "
                    "reuses them (default: <out>_cache)")
