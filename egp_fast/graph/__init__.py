@@ -4,8 +4,8 @@ Stage 3 of the package (imports ``errors`` only). Its modules, lowest first: ``a
 (which modules are activations: torch.nn classes, a registry, probing), ``sites`` (the
 :class:`Site` and :class:`SiteGraph` records, weight layer types, site kinds), ``inputs``
 (example inputs, eval mode), ``tracer`` and ``tracing`` (torch.fx tracing, :func:`trace`),
-``walk`` (producers and channel axis) and ``discovery`` (:func:`discover_sites`,
-:func:`inspect`).
+``shapes`` (the shape pass, :func:`propagate_shapes`), ``walk`` (producers and channel axis)
+and ``discovery`` (:func:`discover_sites`, :func:`inspect`).
 """
 
 from egp_fast.graph import activations
@@ -29,7 +29,8 @@ from egp_fast.graph.sites import (
     module_kind,
     module_params,
 )
-from egp_fast.graph.tracing import propagate_shapes, trace
+from egp_fast.graph.shapes import propagate_shapes
+from egp_fast.graph.tracing import trace
 
 __all__ = [
     "ACTIVATION_KINDS",

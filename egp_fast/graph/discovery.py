@@ -30,7 +30,8 @@ from egp_fast.graph.sites import (
     module_kind,
     module_params,
 )
-from egp_fast.graph.tracing import propagate_shapes, trace
+from egp_fast.graph.shapes import propagate_shapes
+from egp_fast.graph.tracing import _module_kinds, _trace
 from egp_fast.graph.walk import _channel_dim, _Walker
 
 def functional_site_name(node: fx.Node, owner_counts: dict[str, int]) -> str:
@@ -78,8 +79,9 @@ def discover_sites_sampled(model: nn.Module, example_inputs: Any, shape_inputs: 
     take over) and returns the batch to run (e.g. fewer samples, when ``gm`` allows it)."""
     model = unwrap_model(model)
     args, kwargs = normalize_inputs(example_inputs)
+    kinds = _module_kinds(model)
     try:
-        gm = trace(model, _input_names(model, args, kwargs), example_inputs)
+        gm = _trace(model, _input_names(model, args, kwargs), example_inputs, kinds)
     except Exception as e:  # fx cannot follow data-dependent control flow and friends
         warnings.warn(
             f"egp_fast: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
@@ -104,7 +106,7 @@ def discover_sites_sampled(model: nn.Module, example_inputs: Any, shape_inputs: 
         module_name = None
         if node.op == "call_module":
             m = modules.get(node.target)
-            kind = module_kind(m) if m is not None else None
+            kind = None if m is None else kinds[m] if m in kinds else module_kind(m)
             if kind:
                 params = module_params(kind, m)
                 module_name = node.target

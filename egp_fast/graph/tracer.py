@@ -32,8 +32,12 @@ class _Tracer(fx.Tracer):
         opaque: frozenset[nn.Module] = frozenset(),
         fixed: dict[str, Any] | None = None,
         autowrap_functions: tuple = (),
+        kinds: dict[nn.Module, str | None] | None = None,
     ) -> None:
         super().__init__(autowrap_functions=autowrap_functions)
+        # module -> site kind (None: not an activation) of every module of the model to trace,
+        # decided once before tracing (see tracing._module_kinds)
+        self._kinds = kinds
         self._input_names = input_names
         self._opaque = opaque
         self._fixed = fixed or {}
@@ -63,7 +67,9 @@ class _Tracer(fx.Tracer):
             return _InputProxy(out.node, self, meta)
         return out
 
-    def _installed_modules(self) -> set[nn.Module]:
+    def _installed_modules(self) -> set[nn.Module] | dict[nn.Module, str | None]:
+        if self._kinds is not None:
+            return self._kinds  # its keys are the root's modules
         installed = self.__dict__.get("_installed")
         if installed is None or installed[0] is not self.root:
             installed = self._installed = (self.root, set(self.root.modules()))
@@ -82,7 +88,8 @@ class _Tracer(fx.Tracer):
             # A module built during forward (transformers' ACT2FN[...] makes a new activation per
             # call): it has no name to be a leaf under, so fx traces into it (F.gelu is a site).
             return False
-        if module_kind(m) is not None or isinstance(m, WEIGHT_TYPES) or m in self._opaque:
+        kind = self._kinds[m] if self._kinds is not None else module_kind(m)
+        if kind is not None or isinstance(m, WEIGHT_TYPES) or m in self._opaque:
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -3,8 +3,8 @@
 Plain fx tracing comes first. When it fails on a ``transformers`` model (or one whose root
 takes ``**kwargs``), a second tracer keeps every module that holds no activation as a leaf,
 records the ``transformers`` mask builders as single calls, binds the library objects (configs)
-the model holds, and rebuilds ``ModelOutput`` results. :func:`propagate_shapes` records each
-node's output shape on example inputs.
+the model holds, and rebuilds ``ModelOutput`` results. The shape pass is in
+:mod:`egp_fast.graph.shapes`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from egp_fast.errors import DataError
-from egp_fast.graph.inputs import _named_inputs, describe_inputs, eval_mode, placeholder_args
+from egp_fast.graph.inputs import _named_inputs
 from egp_fast.graph.sites import module_kind
 from egp_fast.graph.tracer import _graph_module, _Tracer
 
@@ -63,11 +62,23 @@ def trace(model: nn.Module, input_names: list[str] | None = None, example_inputs
         >>> isinstance(gm, torch.fx.GraphModule)
         True
     """
-    # Decide every module's kind now: probing inside the tracer would run under fx's patches.
-    activation_modules = [m for m in model.modules() if module_kind(m) is not None]
+    return _trace(model, input_names, example_inputs, _module_kinds(model))
+
+
+def _module_kinds(model: nn.Module) -> dict[nn.Module, str | None]:
+    """Every module of ``model`` -> its site kind (``None``: not an activation), decided before
+    tracing (probing inside the tracer would run under fx's patches) and once per module
+    (discovery reads the same dict for its sites)."""
+    return {m: module_kind(m) for m in model.modules()}
+
+
+def _trace(model: nn.Module, input_names: list[str] | None, example_inputs: Any,
+           kinds: dict[nn.Module, str | None]) -> fx.GraphModule:
+    """:func:`trace` with the module kinds of :func:`_module_kinds` given."""
+    activation_modules = [m for m, k in kinds.items() if k is not None]
     name = model.__class__.__name__
     try:
-        tracer = _Tracer()
+        tracer = _Tracer(kinds=kinds)
         graph = tracer.trace(model)
         return _graph_module(tracer.root, graph, name)
     except Exception as first:
@@ -334,128 +345,3 @@ def _trace_opaque(
         out.args = (rebuilt,)
         gm.recompile()
     return gm
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Runs ``gm`` and records every tensor node's output shape in ``node.meta["egp_shape"]``.
-
-    With ``fast`` set, a plain convolution (``nn.Conv1d/2d/3d`` with zero padding, a batched
-    input of the weight's dtype and device) is not computed: its output shape comes from the
-    convolution's size formula and a zero tensor of that shape flows on; an eval-mode batch
-    norm passes zeros of its input's shape on. A shape pass needs only shapes, and a
-    convolution on a one-sample batch costs about as much as on a whole one. ``fast`` is only
-    set for graphs whose shapes cannot depend on values
-    (:func:`_shapes_value_free`).
-    """
-
-    def __init__(self, gm: fx.GraphModule, fast: bool = False) -> None:
-        super().__init__(gm)
-        self.fast = fast and not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = None
-        if self.fast and n.op == "call_module":
-            out = self._conv_shape_only(n)
-        if out is None:
-            out = super().run_node(n)
-        if isinstance(out, torch.Tensor):
-            n.meta["egp_shape"] = tuple(out.shape)
-        return out
-
-    def _conv_shape_only(self, n: fx.Node) -> torch.Tensor | None:
-        m = self.fetch_attr(n.target)
-        kind = type(m)
-        if kind not in _CONV_DIMS and kind not in _NORM_DIMS or len(n.args) != 1 or n.kwargs:
-            return None
-        x = self.env.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
-        if not isinstance(x, torch.Tensor):
-            return None
-        if kind in _NORM_DIMS:
-            # Eval-mode batch norm keeps the shape; values do not matter here. A new tensor, as
-            # the real one returns: an in-place op after it must not write into its input
-            # (which may be the caller's example batch).
-            ok = x.dim() in _NORM_DIMS[kind] and x.shape[1] == m.num_features and not m.training
-            return torch.zeros_like(x) if ok and (m.weight is None or m.weight.dtype == x.dtype) else None
-        shape = _conv_out_shape(m, x)
-        if shape is None:
-            return None  # let the real convolution run (and raise what it raises)
-        return torch.zeros(shape, dtype=x.dtype, device=x.device)
-
-
-def _conv_out_shape(m: nn.Module, x: torch.Tensor) -> tuple[int, ...] | None:
-    """The output shape of convolution ``m`` on ``x`` (batched, zero padding, ``x`` of the
-    weight's dtype and device); ``None`` when the real convolution must decide (anything else,
-    or an output that would be empty, which the real one rejects)."""
-    d = _CONV_DIMS[type(m)]
-    w = m.weight
-    if m.padding_mode != "zeros" or x.dim() != d + 2 or x.shape[1] != m.in_channels:
-        return None
-    if x.dtype != w.dtype or x.device != w.device:
-        return None
-    out = [x.shape[0], m.out_channels]
-    for i in range(d):
-        size, k, s, dil = x.shape[2 + i], m.kernel_size[i], m.stride[i], m.dilation[i]
-        if m.padding == "same":
-            o = size
-        else:
-            p = 0 if m.padding == "valid" else m.padding[i]
-            o = (size + 2 * p - dil * (k - 1) - 1) // s + 1
-        if o <= 0:
-            return None
-        out.append(o)
-    return tuple(out)
-
-
-_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_NORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
-
-# Ops whose output shape depends on the values of their inputs (or that test values): a graph
-# holding one is run for real, so zeros standing in for convolution outputs cannot change it.
-_VALUE_SHAPED = {
-    "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount",
-    "repeat_interleave", "item", "tolist", "_assert", "_assert_async", "where", "histc",
-    "masked_scatter", "index_select", "take", "gather", "numel", "any", "all", "equal",
-}
-
-
-def _shapes_value_free(gm: fx.GraphModule) -> bool:
-    """Whether no node's output shape can depend on tensor values: every module is a torch.nn
-    module, no op of :data:`_VALUE_SHAPED` is called, and no indexing uses a tensor index."""
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            if not type(gm.get_submodule(n.target)).__module__.startswith("torch.nn."):
-                return False  # a library or user module: its code may look at values
-        elif n.op in ("call_function", "call_method"):
-            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-            if name in _VALUE_SHAPED:
-                return False
-            if name == "getitem" and any(isinstance(a, fx.Node) for a in _flatten(n.args[1:])):
-                return False
-    return True
-
-
-def _flatten(v: Any) -> list[Any]:
-    if isinstance(v, (tuple, list)):
-        return [x for e in v for x in _flatten(e)]
-    if isinstance(v, slice):
-        return [v.start, v.stop, v.step]
-    return [v]
-
-
-def propagate_shapes(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    """Record every tensor node's output shape on ``args``/``kwargs`` in
-    ``node.meta["egp_shape"]`` (the values computed are not kept; plain convolutions are not
-    computed when no shape in the graph can depend on values).
-
-    Raises:
-        DataError: the model rejects the inputs (its exception chained).
-    """
-    values, _ = placeholder_args(model, gm, args, kwargs)
-    with eval_mode(model):
-        try:
-            _ShapeRecorder(gm, fast=_shapes_value_free(gm)).run(*values)
-        except Exception as e:  # the model rejected the example inputs
-            raise DataError(
-                f"the model failed on example_inputs ({describe_inputs(args, kwargs)}): "
-                f"{type(e).__name__}: {e}"
-            ) from e

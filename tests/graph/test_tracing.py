@@ -61,7 +61,7 @@ def test_propagate_shapes_records_node_shapes():
     assert shapes["fc"] == (5, 4) and shapes["head"] == (5, 2)
 
 
-# Shape passes that skip plain convolutions (tracing.py, _ShapeRecorder(fast=True)).
+# Shape passes that skip plain convolutions (shapes.py, _ShapeRecorder(fast=True)).
 
 
 class _Convs(nn.Module):
@@ -88,7 +88,7 @@ class _Convs(nn.Module):
 
 
 def _recorded(gm, fast, x):
-    from egp_fast.graph.tracing import _ShapeRecorder
+    from egp_fast.graph.shapes import _ShapeRecorder
 
     for n in gm.graph.nodes:
         n.meta.pop("egp_shape", None)
@@ -98,7 +98,7 @@ def _recorded(gm, fast, x):
 
 
 def test_shape_pass_without_convolutions_records_the_shapes_of_the_real_one():
-    from egp_fast.graph.tracing import _shapes_value_free
+    from egp_fast.graph.shapes import _shapes_value_free
 
     net = _Convs().eval()
     x = torch.randn(2, 3, 17, 23)
@@ -152,7 +152,7 @@ class _Custom(nn.Conv2d):
 
 
 def test_graphs_whose_shapes_depend_on_values_run_every_convolution():
-    from egp_fast.graph.tracing import _shapes_value_free
+    from egp_fast.graph.shapes import _shapes_value_free
 
     gm = egp_fast.trace(_ValueShaped())
     assert not _shapes_value_free(gm)
@@ -178,3 +178,89 @@ def test_shape_pass_leaves_the_example_inputs_unchanged():
     before = x.clone()
     egp_fast.graph.propagate_shapes(net, gm, (x[:1],), {})
     assert torch.equal(x, before)
+
+
+class _Rules(nn.Module):
+    """Every size rule of the shape-only pass (shapes.py): linear layers on 2-d and 3-d inputs,
+    elementwise modules and functions, adds (broadcast, in place, with a number, with alpha,
+    of mixed dtypes), flattens in every spelling, then layers the rules leave to the real call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.act, self.gelu, self.drop, self.ident = nn.ReLU(inplace=True), nn.GELU(), nn.Dropout(0.3), nn.Identity()
+        self.fc = nn.Linear(6, 5)
+        self.tok = nn.Linear(5, 4)
+        self.pool = nn.AdaptiveAvgPool2d((2, 1))
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))
+        y = y + self.conv.bias.view(1, -1, 1, 1)  # broadcast against a parameter
+        y += 1.5
+        y = torch.add(y, y, alpha=2).relu_()
+        z = F.leaky_relu(self.gelu(self.drop(self.ident(y))), 0.2)
+        t = self.tok(self.fc(z.permute(0, 2, 3, 1)))  # [N, H, W, 4]
+        f = torch.flatten(t, 1, 2).relu() + torch.flatten(t, start_dim=1, end_dim=-2)
+        g = self.pool(z).flatten(1) + z.double().mean((2, 3)).repeat(1, 2).float()
+        return f.flatten(), g.add(1)
+
+
+def test_shape_only_rules_record_the_shapes_of_the_real_pass():
+    from egp_fast.graph.shapes import _shapes_value_free
+
+    net = _Rules().eval()
+    gm = egp_fast.trace(net)
+    assert _shapes_value_free(gm)
+    x = torch.randn(2, 3, 5, 7)
+    real = _recorded(gm, False, x)
+    assert all(v is not None for k, v in real.items() if k != "output")
+    calls = {"fc": 0, "tok": 0, "gelu": 0, "pool": 0}
+    for name in calls:
+        getattr(net, name).register_forward_hook(
+            lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    assert _recorded(gm, True, x) == real
+    assert calls == {"fc": 0, "tok": 0, "gelu": 0, "pool": 1}  # the pool has no size rule: it ran
+
+
+@pytest.mark.parametrize("bad", ["add", "iadd", "linear", "flatten"])
+def test_shape_only_rules_leave_errors_to_the_real_call(bad):
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 1), nn.Linear(5, 2)
+
+        def forward(self, x):
+            y = self.conv(x)  # [N, 4, 6, 6]
+            if bad == "add":
+                return y + y[:, :3]
+            if bad == "iadd":
+                y += y.sum(1, keepdim=True).expand(-1, 4, -1, -1).repeat(1, 1, 2, 1)
+                return y
+            if bad == "linear":
+                return self.fc(y)
+            return torch.flatten(y, 3, 1)
+
+    net = Bad().eval()
+    gm = egp_fast.trace(net)
+    x = torch.randn(1, 3, 6, 6)
+    with pytest.raises((RuntimeError, ValueError, IndexError)):
+        with torch.no_grad():
+            net(x)
+    with pytest.raises(egp_fast.errors.DataError, match="example_inputs"):
+        egp_fast.graph.propagate_shapes(net, gm, (x,), {})
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v3_small", "densenet121", "shufflenet_v2_x0_5", "efficientnet_b0", "convnext_tiny"]
+)
+def test_shape_only_pass_matches_the_real_one_on_torchvision_models(name):
+    from egp_fast.graph.shapes import _shapes_value_free
+
+    torchvision = pytest.importorskip("torchvision")
+    net = getattr(torchvision.models, name)(num_classes=10).eval()
+    gm = egp_fast.trace(net)
+    assert _shapes_value_free(gm)  # else both passes would run every layer
+    x = torch.randn(1, 3, 64, 64)
+    assert _recorded(gm, True, x) == _recorded(gm, False, x)
