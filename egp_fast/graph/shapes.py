@@ -5,7 +5,8 @@ batch) and records each tensor node's shape in ``node.meta["egp_shape"]``. Disco
 shapes, not the values, so in graphs where no shape can depend on a value
 (:func:`_shapes_value_free`) the common layers are not computed at all: a plain convolution,
 an eval-mode batch norm, a ``Linear``, an elementwise activation, a residual add and a flatten
-pass on a :class:`_Meta` (shape, dtype, device) worked out from their size rules. Any other
+pass on a :class:`_Meta` (shape, dtype, device) worked out from their size rules, unless a
+hook or an instance ``forward`` is attached to the module. Any other
 node gets zeros of that shape in place of the skipped values and runs for real, and so does
 any call the rules do not cover exactly (a dtype mix, a broadcast that fails, a subclass whose
 forward may differ), so the errors the model would raise are still raised.
@@ -20,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.modules.module as _module
 
 from egp_fast.errors import DataError
 from egp_fast.graph.inputs import describe_inputs, eval_mode, placeholder_args
@@ -56,7 +58,10 @@ class _ShapeRecorder(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, fast: bool = False) -> None:
         super().__init__(gm)
-        self.fast = fast and not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+        # Global module hooks (nn.modules.module.register_module_forward_hook) may change any
+        # module's output: then every module runs.
+        hooked = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+        self.fast = fast and not hooked and not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
 
     def run_node(self, n: fx.Node) -> Any:
         out = None
@@ -105,6 +110,8 @@ class _ShapeRecorder(fx.Interpreter):
 
 def _module_shape(m: nn.Module, x: Any) -> _Meta | None:
     kind = type(m)  # exact types: a subclass may change forward
+    if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+        return None  # a hook or an instance forward may change what it returns: run it
     if kind in _CONV_DIMS:
         shape = _conv_out_shape(m, x)
         return None if shape is None else _Meta(shape, x.dtype, x.device)

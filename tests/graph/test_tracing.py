@@ -87,6 +87,23 @@ class _Convs(nn.Module):
         return self.head(torch.cat([z.flatten(1), w.flatten(1)], 1))
 
 
+def _count_calls(monkeypatch, net, names):
+    """Count the calls of the named submodules by patching their classes' forward (a hook or an
+    instance forward would itself make the shape pass run the module)."""
+    calls = dict.fromkeys(names, 0)
+    by_id = {id(getattr(net, n)): n for n in names}
+    for cls in {type(getattr(net, n)) for n in names}:
+        orig = cls.forward
+
+        def forward(self, *a, _orig=orig, **k):
+            if id(self) in by_id:
+                calls[by_id[id(self)]] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(cls, "forward", forward)
+    return calls
+
+
 def _recorded(gm, fast, x):
     from egp_fast.graph.shapes import _ShapeRecorder
 
@@ -97,7 +114,7 @@ def _recorded(gm, fast, x):
     return {n.name: n.meta.get("egp_shape") for n in gm.graph.nodes}
 
 
-def test_shape_pass_without_convolutions_records_the_shapes_of_the_real_one():
+def test_shape_pass_without_convolutions_records_the_shapes_of_the_real_one(monkeypatch):
     from egp_fast.graph.shapes import _shapes_value_free
 
     net = _Convs().eval()
@@ -106,11 +123,7 @@ def test_shape_pass_without_convolutions_records_the_shapes_of_the_real_one():
     gm = egp_fast.trace(net)
     assert _shapes_value_free(gm)
     real = _recorded(gm, False, x)
-    calls = {"c1": 0, "c4": 0, "bn": 0, "bn1": 0}
-    for name in calls:
-        getattr(net, name).register_forward_hook(
-            lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1)
-        )
+    calls = _count_calls(monkeypatch, net, ["c1", "c4", "bn", "bn1"])
     assert _recorded(gm, True, x) == real
     # the plain convolutions and batch norms were skipped, the reflect-padded convolution ran
     assert calls == {"c1": 0, "c4": 1, "bn": 0, "bn1": 0}
@@ -206,7 +219,7 @@ class _Rules(nn.Module):
         return f.flatten(), g.add(1)
 
 
-def test_shape_only_rules_record_the_shapes_of_the_real_pass():
+def test_shape_only_rules_record_the_shapes_of_the_real_pass(monkeypatch):
     from egp_fast.graph.shapes import _shapes_value_free
 
     net = _Rules().eval()
@@ -215,13 +228,35 @@ def test_shape_only_rules_record_the_shapes_of_the_real_pass():
     x = torch.randn(2, 3, 5, 7)
     real = _recorded(gm, False, x)
     assert all(v is not None for k, v in real.items() if k != "output")
-    calls = {"fc": 0, "tok": 0, "gelu": 0, "pool": 0}
-    for name in calls:
-        getattr(net, name).register_forward_hook(
-            lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1)
-        )
+    calls = _count_calls(monkeypatch, net, ["fc", "tok", "gelu", "pool"])
     assert _recorded(gm, True, x) == real
     assert calls == {"fc": 0, "tok": 0, "gelu": 0, "pool": 1}  # the pool has no size rule: it ran
+
+
+@pytest.mark.parametrize("how", ["hook", "pre_hook", "instance_forward", "global_hook"])
+def test_shape_pass_runs_modules_whose_output_a_hook_or_instance_forward_may_change(how):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 6)).eval()
+    fc = net[3]
+    handle = None
+    if how == "hook":
+        handle = fc.register_forward_hook(lambda m, i, o: o[:, :2])
+    elif how == "pre_hook":
+        handle = fc.register_forward_pre_hook(lambda m, i: (i[0][:1],))
+    elif how == "instance_forward":
+        fc.forward = lambda x: nn.Linear.forward(fc, x)[:, :3]
+    else:
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: o[:, :2] if m is fc else None
+        )
+    try:
+        gm = egp_fast.trace(net)
+        x = torch.randn(2, 3, 6, 6)
+        fast = _recorded(gm, True, x)
+        assert fast == _recorded(gm, False, x)
+        assert fast["_3"] != (2, 6)  # what the hook or the instance forward made of it
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 @pytest.mark.parametrize("bad", ["add", "iadd", "linear", "flatten"])
