@@ -778,12 +778,8 @@ def selected_rows(rows: list[dict[str, Any]], model: str, method: str, variant: 
         if method in EASIER_METHODS:
             sel = [r for r in mine if r.get("selected")]
             if not sel and any(r.get("partial") for r in mine):
-                # unfinished run: apply the loop's rule (last step before the first one outside the
-                # validation tolerance) to the steps done so far
-                for r in sorted(mine, key=lambda r: r["iteration"]):
-                    if r["dense_val_accuracy"] - r["val_accuracy"] > max_drop + 1e-12:
-                        break
-                    sel = [r]
+                # unfinished run: apply the loop's rule to the steps done so far
+                sel = _validation_stop(mine, max_drop)
             if sel:
                 out.append(sel[0])
             else:  # the loop returned the dense model (its first step was already outside the tolerance)
@@ -792,6 +788,59 @@ def selected_rows(rows: list[dict[str, Any]], model: str, method: str, variant: 
         else:
             out.append(max(mine, key=lambda r: r["iteration"]))
     return out
+
+
+def _validation_stop(mine: list[dict], max_drop: float) -> list[dict]:
+    """EASIER's stopping rule on saved rows: the last step before the first one whose validation
+    accuracy is more than ``max_drop`` below the dense model's (``[]``: already the first)."""
+    sel: list[dict] = []
+    for r in sorted(mine, key=lambda r: r["iteration"]):
+        if r["dense_val_accuracy"] - r["val_accuracy"] > max_drop + 1e-12:
+            break
+        sel = [r]
+    return sel
+
+
+def validation_stop_rows(rows: list[dict[str, Any]], model: str, method: str,
+                         max_drop: float = 0.01) -> list[dict]:
+    """egp/imp with EASIER's validation stop, one exact row per seed: the last round before the
+    first one outside the tolerance on the validation split; the dense row when round 1 already is."""
+    out = []
+    for seed in sorted({r["seed"] for r in rows if r["model"] == model}):
+        mine = [r for r in rows if r["model"] == model and r["method"] == method and r["seed"] == seed
+                and r["variant"] == "exact"]
+        if not mine:
+            continue
+        sel = _validation_stop(mine, max_drop)
+        if not sel:
+            sel = [dict(d, method=method, iteration=0) for d in rows
+                   if d["model"] == model and d["method"] == "dense" and d["seed"] == seed][:1]
+        out.extend(sel)
+    return out
+
+
+def _validation_stop_lines(report: dict[str, Any]) -> list[str]:
+    rows, cfg = report["rows"], report["config"]
+    methods = [m for m in cfg["methods"] if m not in EASIER_METHODS]
+    body = []
+    for model in cfg["models"]:
+        for method in methods:
+            sel = validation_stop_rows(rows, model, method, cfg["max_drop"])
+            if not sel:
+                continue
+            seeds = "; ".join(f"{r['iteration']}: {r['sites_removed']}, {r['drop_pt']:+.1f}" for r in sel)
+            body.append(
+                f"| {model} | {method} | {seeds} | {_median([r['sites_removed'] for r in sel]):g}/"
+                f"{sel[0]['sites_total']} | {_median([r['drop_pt'] for r in sel]):+.1f} | "
+                f"{_fmt(_median([r.get('longest_path') for r in sel]), 'g', '')} |")
+    if not body:
+        return []
+    return [
+        "", f"egp and imp with EASIER's validation stop (exact folds): the last round before the first "
+        f"one more than {100 * cfg['max_drop']:g} pt below the dense model on the validation split, "
+        "the dense model when round 1 already is. Per seed: round, sites removed, test drop (pt).", "",
+        "| model | method | per seed (round: sites, drop) | sites removed | drop (pt) | longest path |",
+        "|---|---|---|---:|---:|---:|", *body]
 
 
 def best_within(rows: list[dict[str, Any]], model: str, method: str, seed: int, max_pt: float = 1.0) -> int:
@@ -898,6 +947,7 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{sum(bool(r['exact']) for r in sel)}/{len(sel)} "
                     f"(dev {max(r['relative_deviation_test'] for r in sel):.1e}) | "
                     f"{sum(bool(r.get('reload_export', {}).get('ok')) for r in sel)}/{len(sel)} |")
+    lines += _validation_stop_lines(report)
     if report["errors"]:
         lines += ["", "Not finished or failed (rows missing or partial):", ""]
         lines += [f"- {e.strip()}" if len(e.strip().splitlines()) == 1

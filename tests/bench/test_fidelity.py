@@ -131,6 +131,27 @@ def test_selection_and_best_within():
     assert [r["sites_removed"] for r in fid.selected_rows(rows, "resnet", "easier")] == [6, 4]
 
 
+def test_validation_stop_for_rounds_methods():
+    fid = _fidelity()
+    rows = _rows()
+    for r in rows:
+        r["dense_val_accuracy"] = 0.98
+        # seed 0: round 1 within 1 pt on validation, round 2 not; seed 1: round 1 already outside,
+        # and round 2 back within does not count (the stop is at the first round outside)
+        r["val_accuracy"] = {(0, 1): 0.975, (0, 2): 0.96, (1, 1): 0.96, (1, 2): 0.99}.get((r["seed"], r["iteration"]), 0.98)
+        r["longest_path"] = 18 - r["sites_removed"]
+    sel = fid.validation_stop_rows(rows, "resnet", "egp")
+    assert [(r["iteration"], r["sites_removed"], r["method"]) for r in sel] == [(1, 0, "egp"), (0, 0, "egp")]
+    for r in rows:
+        if r["method"] == "egp" and r["seed"] == 0 and r["iteration"] == 1:
+            r["sites_removed"], r["longest_path"] = 1, 17
+    report = {"rows": rows, "config": {"models": ["resnet"], "methods": ["egp", "easier"], "max_drop": 0.01}}
+    lines = fid._validation_stop_lines(report)
+    row = next(line for line in lines if line.startswith("| resnet | egp |"))
+    assert [c.strip() for c in row.split("|")[1:-1]] == ["resnet", "egp", "1: 1, +1.0; 0: 0, +0.0", "0.5/17", "+0.5", "17.5"]
+    assert not any(line.startswith("| resnet | easier |") for line in lines)  # easier has its own stop
+
+
 def test_mobilenet_takes_one_grey_channel_and_runs_at_224():
     fid = _fidelity()
     net = fid.build(fid.model_recipes(quick=True)["mobilenet"], 32).eval()
