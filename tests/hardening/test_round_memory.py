@@ -4,8 +4,13 @@ Each case runs in a fresh subprocess (peak memory cannot be shared between tests
 stack of ``Linear(d, d, bias=False)`` + ``ReLU`` in the case's dtype, big enough that a float
 copy of the weights shows far above the allocator's noise (fp32: 33.5M weights, 134 MB, a copy
 is 4 bytes per weight; bf16: 134M weights, a bf16 copy is 2 bytes per weight and an fp32 one 4),
-builds the Pruner (which attaches the all-True 1-byte masks), resets the peak counter and runs
-measure, plan and apply. On the CPU the peak is the process's peak RSS (``VmHWM``, reset through
+builds the Pruner (which attaches the all-True 1-byte masks), runs one forward, resets the peak
+counter and runs measure, plan and apply. Before all that, a throwaway round on a small model of
+the same kind: the first use of everything a round touches in a process (lazy imports of the
+backends, the matmul library's buffers: 20-35 MB on this VM, about the slack below) is not the
+round's memory, and a model being pruned has run forwards before. Without them the figures sat
+at the bound: discovery's shape pass computes no Linear layer, so the round's forward was the
+process's first matmul. On the CPU the peak is the process's peak RSS (``VmHWM``, reset through
 ``/proc/self/clear_refs``; else plain ``ru_maxrss`` differences); on CUDA it is
 ``torch.cuda.max_memory_allocated``. The round's peak extra memory over the model, the masks
 (1 byte per weight) included, must stay within 1.25 bytes per weight plus a fixed 32 MB of
@@ -45,12 +50,23 @@ _CHILD = textwrap.dedent(
     device, inject = sys.argv[5], sys.argv[6] == "1"
     torch.manual_seed(0)
     torch.set_num_threads(2)
+    # Everything a round uses for the first time in a process (lazy imports of the backends, the
+    # matmul library's buffers) is not the round's memory: a throwaway round on a small model of
+    # the same kind first.
+    small = torch.nn.Sequential(*[m for _ in range(2) for m in (
+        torch.nn.Linear(64, 64, bias=False, dtype=dtype, device=device), torch.nn.ReLU())]).requires_grad_(False)
+    xs = torch.randn(8, 64, dtype=dtype, device=device)
+    warm = egp_fast.Pruner(small, xs, step=0.5, method=method, progress=False)
+    warm.apply(warm.plan(warm.measure([xs])))
+    del warm, small, xs
     layers = []
     for _ in range(depth):
         layers += [torch.nn.Linear(d, d, bias=False, dtype=dtype, device=device), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers).requires_grad_(False)
     x = torch.randn(8, d, dtype=dtype, device=device)
     pruner = egp_fast.Pruner(model, x, step=0.5, method=method, progress=False)  # attaches the masks
+    with torch.no_grad():
+        model(x)  # a model being pruned has run before: the matmul library's first-use buffers
     gc.collect()
     cuda = device == "cuda"
     reset = True
