@@ -3,7 +3,8 @@
 easier-latency and easier removed (their selected inexact rows) are linearised (identity) in a
 dense model and collapsed the way that row was (easier-latency: exact=False, fold="auto";
 easier: exact=False, fold="always"); then dense vs collapsed at 224x224, batch 1 and 8,
-interleaved. Both stems: the benchmark's stride-1 stem and torchvision's stride-2 one.
+interleaved; and the dense model with its batch norms folded (exact collapse, no site
+removed), the speed any deployment gets without removing anything. Both stems: the benchmark's stride-1 stem and torchvision's stride-2 one.
 
     python benchmarks/results/fidelity_hard3_retime.py   # writes fidelity_hard3_retime.json
 """
@@ -25,13 +26,15 @@ from egp_fast.folding.collapser import compare_latency  # noqa: E402
 
 torch.set_num_threads(2)
 FOLDS = {"easier-latency": ("auto_inexact", dict(exact=False, fold="auto")),
-         "easier": ("always_inexact", dict(exact=False, fold="always"))}
+         "easier": ("always_inexact", dict(exact=False, fold="always")),
+         "dense": ("exact", dict(exact=True, fold="auto"))}  # batch-norm folding alone, for reference
 
 cases: dict[tuple, list[int]] = {}  # (method, sites) -> seeds
 for path in sorted(glob.glob(os.path.join(HERE, "fidelity_hard3_cache", "digits-hard_mobilenet_seed*_easier*.json"))):
     for r in json.load(open(path)):
         if r.get("selected") and r["variant"] == FOLDS[r["method"]][0]:
             cases.setdefault((r["method"], tuple(r["removed_sites"])), []).append(r["seed"])
+cases[("dense", ())] = sorted({s for seeds in cases.values() for s in seeds})
 
 out = {}
 for stem in ("stride-1 stem (the benchmark's)", "stride-2 stem (torchvision's)"):
@@ -42,7 +45,8 @@ for stem in ("stride-1 stem (the benchmark's)", "stride-2 stem (torchvision's)")
         x = torch.randn(2, 1, 32, 32)
         stats = egp_fast.measure_entropy(dense, [x], progress=False)
         m = copy.deepcopy(dense)
-        egp_fast.linearize(m, stats, sites=list(sites), how="identity")
+        if sites:
+            egp_fast.linearize(m, stats, sites=list(sites), how="identity")
         res = egp_fast.collapse(m, egp_fast.measure_entropy(m, [x], progress=False), x, measure_latency=False, **kw)
         col = res.model.eval()
         row = {"seeds": seeds, "sites": list(sites), "fold": kw}
