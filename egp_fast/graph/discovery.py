@@ -106,7 +106,9 @@ def discover_sites_sampled(model: nn.Module, example_inputs: Any, shape_inputs: 
         module_name = None
         if node.op == "call_module":
             m = modules.get(node.target)
-            kind = None if m is None else kinds[m] if m in kinds else module_kind(m)
+            # a module of the model: its kind decided before tracing; one the trace added
+            # (a transformers call bound to its config): probed now
+            kind = kinds[m] if m in kinds else (module_kind(m) if m is not None else None)
             if kind:
                 params = module_params(kind, m)
                 module_name = node.target

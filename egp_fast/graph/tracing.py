@@ -75,7 +75,6 @@ def _module_kinds(model: nn.Module) -> dict[nn.Module, str | None]:
 def _trace(model: nn.Module, input_names: list[str] | None, example_inputs: Any,
            kinds: dict[nn.Module, str | None]) -> fx.GraphModule:
     """:func:`trace` with the module kinds of :func:`_module_kinds` given."""
-    activation_modules = [m for m, k in kinds.items() if k is not None]
     name = model.__class__.__name__
     try:
         tracer = _Tracer(kinds=kinds)
@@ -86,7 +85,7 @@ def _trace(model: nn.Module, input_names: list[str] | None, example_inputs: Any,
         if not (hf or input_names is not None or _root_takes_varargs(model)):
             raise
         try:
-            return _trace_opaque(model, input_names, activation_modules, hf, _named_inputs(model, example_inputs))
+            return _trace_opaque(model, input_names, kinds, hf, _named_inputs(model, example_inputs))
         except Exception:
             raise first from None
 
@@ -280,7 +279,7 @@ def _library_objects(model: nn.Module) -> dict[int, str]:
 def _trace_opaque(
     model: nn.Module,
     input_names: list[str] | None,
-    activation_modules: list[nn.Module],
+    kinds: dict[nn.Module, str | None],
     hf: bool,
     example_inputs: dict[str, Any] | None,
 ) -> fx.GraphModule:
@@ -292,7 +291,7 @@ def _trace_opaque(
         names = _default_input_names(model)
     else:
         names = None  # a plain signature (a GraphModule traced earlier): trace it as it is
-    acts = set(activation_modules)
+    acts = {m for m, k in kinds.items() if k is not None}
     # Modules on the way to an activation are traced through; every other one is a leaf.
     through: set[nn.Module] = set()
     for m in model.modules():
@@ -316,7 +315,7 @@ def _trace_opaque(
     # stays traced through, so the weight layers next to the activations are graph nodes.
     opaque: set[nn.Module] = set()
     while True:
-        tracer = _Tracer(names, frozenset(opaque), fixed, autowrap)
+        tracer = _Tracer(names, frozenset(opaque), fixed, autowrap, kinds=kinds)
         tracer.object_paths = _library_objects(model) if hf else {}
         tracer.input_meta = meta
         try:
