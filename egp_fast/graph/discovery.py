@@ -81,7 +81,7 @@ def discover_sites_sampled(model: nn.Module, example_inputs: Any, shape_inputs: 
     args, kwargs = normalize_inputs(example_inputs)
     kinds = _module_kinds(model)
     try:
-        gm = _trace(model, _input_names(model, args, kwargs), example_inputs, kinds)
+        gm = _trace(model, _input_names(model, args, kwargs), example_inputs, kinds, defer=True)
     except Exception as e:  # fx cannot follow data-dependent control flow and friends
         warnings.warn(
             f"egp_fast: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
@@ -96,7 +96,7 @@ def discover_sites_sampled(model: nn.Module, example_inputs: Any, shape_inputs: 
         args, kwargs = normalize_inputs(shape_inputs(gm))
     propagate_shapes(model, gm, args, kwargs)
     modules = dict(gm.named_modules())
-    walker = _Walker(gm)
+    walker = _Walker(gm, modules)
     sites: list[Site] = []
     module_calls: dict[str, int] = {}
     owner_counts: dict[str, int] = {}

@@ -50,18 +50,21 @@ _TensorLike = (torch.Tensor, _Meta)
 class _ShapeRecorder(fx.Interpreter):
     """Runs ``gm`` and records every tensor node's output shape in ``node.meta["egp_shape"]``.
 
-    With ``fast`` set (only for graphs whose shapes cannot depend on values), the layers of
+    With ``fast`` set (and only for graphs whose shapes cannot depend on values), the layers of
     :meth:`_shape_only` are not computed: they pass a :class:`_Meta` on, and a node outside
     those rules gets zeros of the right shape for each such input. A shape pass needs only
     shapes, and a convolution on a one-sample batch costs about as much as on a whole one.
     """
 
-    def __init__(self, gm: fx.GraphModule, fast: bool = False) -> None:
-        super().__init__(gm)
+    def __init__(self, gm: Any, fast: bool = False) -> None:
+        # gm: a GraphModule, or discovery's graph not yet built into one (run on its root, whose
+        # submodules sit under the same qualified names)
+        super().__init__(gm if isinstance(gm, fx.GraphModule) else gm.root, graph=gm.graph)
         # Global module hooks (nn.modules.module.register_module_forward_hook) may change any
         # module's output: then every module runs.
         hooked = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
-        self.fast = fast and not hooked and not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+        autocast = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+        self.fast = fast and not hooked and not autocast and _shapes_value_free(gm, self.submodules)
 
     def run_node(self, n: fx.Node) -> Any:
         out = None
@@ -88,7 +91,8 @@ class _ShapeRecorder(fx.Interpreter):
             x = self._arg(n.args[0])
             if not isinstance(x, _TensorLike):
                 return None
-            return _module_shape(self.fetch_attr(n.target), x)
+            m = self.submodules.get(n.target)
+            return None if m is None else _module_shape(m, x)
         if n.op == "call_function":
             rule = _FUNCTION_RULES.get(n.target)
         elif n.op == "call_method":
@@ -168,10 +172,13 @@ def _add_shape(inplace: bool):
         if isinstance(y, _TensorLike):
             if y.dtype != x.dtype or y.device != x.device:
                 return None  # type promotion and device rules: the real add decides
-            try:
-                shape = torch.broadcast_shapes(x.shape, y.shape)
-            except RuntimeError:
-                return None
+            if x.shape == y.shape:
+                shape = x.shape  # a residual add: no broadcasting to work out
+            else:
+                try:
+                    shape = torch.broadcast_shapes(x.shape, y.shape)
+                except RuntimeError:
+                    return None
             if inplace and shape != x.shape:
                 return None
             return _Meta(shape, x.dtype, x.device)
@@ -227,13 +234,16 @@ _VALUE_SHAPED = {
 }
 
 
-def _shapes_value_free(gm: fx.GraphModule) -> bool:
+def _shapes_value_free(gm: Any, modules: dict[str, nn.Module] | None = None) -> bool:
     """Whether no node's output shape can depend on tensor values: every module is a torch.nn
-    module, no op of :data:`_VALUE_SHAPED` is called, and no indexing uses a tensor index."""
+    module, no op of :data:`_VALUE_SHAPED` is called, and no indexing uses a tensor index.
+    ``modules``: ``gm``'s submodules by qualified name, when the caller has them."""
+    if modules is None:
+        modules = dict(gm.named_modules())
     for n in gm.graph.nodes:
         op = n.op
         if op == "call_module":
-            if not type(gm.get_submodule(n.target)).__module__.startswith("torch.nn."):
+            if not type(modules[n.target]).__module__.startswith("torch.nn."):
                 return False  # a library or user module: its code may look at values
         elif op == "call_function" or op == "call_method":
             t = n.target
@@ -264,7 +274,7 @@ def propagate_shapes(model: nn.Module, gm: fx.GraphModule, args: tuple, kwargs: 
     values, _ = placeholder_args(model, gm, args, kwargs)
     with eval_mode(model):
         try:
-            _ShapeRecorder(gm, fast=_shapes_value_free(gm)).run(*values)
+            _ShapeRecorder(gm, fast=True).run(*values)
         except Exception as e:  # the model rejected the example inputs
             raise DataError(
                 f"the model failed on example_inputs ({describe_inputs(args, kwargs)}): "

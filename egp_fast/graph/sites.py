@@ -159,7 +159,9 @@ class SiteGraph:
     """The sites of a model and, when tracing worked, its fx graph.
 
     ``graph_module`` shares every submodule and parameter with the model (it is a view of the
-    same network, not a copy), so measuring through it measures the model.
+    same network, not a copy), so measuring through it measures the model. Discovery may hand
+    over a traced graph whose GraphModule is not built yet (anything with a ``build()``); it is
+    built the first time ``graph_module`` is read.
     """
 
     def __init__(
@@ -169,13 +171,20 @@ class SiteGraph:
         arg_names: list[str],
     ) -> None:
         self.sites = sites
-        self.graph_module = graph_module
+        self._graph_module = graph_module
         self.arg_names = arg_names
         self._by_name = {s.name: s for s in sites}
 
     @property
+    def graph_module(self) -> fx.GraphModule | None:
+        gm = self._graph_module
+        if gm is not None and not isinstance(gm, fx.GraphModule):
+            gm = self._graph_module = gm.build()
+        return gm
+
+    @property
     def traced(self) -> bool:
-        return self.graph_module is not None
+        return self._graph_module is not None
 
     def site(self, name: str) -> Site:
         try:

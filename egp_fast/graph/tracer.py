@@ -8,6 +8,7 @@ traces the root ``forward`` through a wrapper taking named keyword inputs).
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -152,5 +153,48 @@ except ImportError:  # an older torch without it
     _GraphModuleClass = fx.GraphModule
 
 
-def _graph_module(root: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModule:
+def _graph_module(root: nn.Module | dict[str, Any], graph: fx.Graph, name: str) -> fx.GraphModule:
     return _GraphModuleClass(root, graph, name)
+
+
+class _DeferredGraphModule:
+    """A traced graph and its root, with the ``fx.GraphModule`` built on first use.
+
+    Building a GraphModule copies the module tree along every path the graph names (about
+    0.6 ms for resnet18), and measuring through hooks never needs it. Until then this offers
+    what site discovery reads: ``graph``, and the root's submodules under the qualified names
+    the graph uses (the same objects the GraphModule would hold). :class:`SiteGraph` builds it
+    when ``graph_module`` is first read.
+
+    The root is held weakly (discovery's cache must not keep a model alive), the objects the
+    graph names strongly: once the model is gone, ``build`` assembles the GraphModule from them.
+    """
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, name: str) -> None:
+        self._root = weakref.ref(root)
+        self.graph = graph
+        self.name = name
+        self._targets: dict[str, Any] = {}
+        for n in graph.nodes:
+            if n.op in ("call_module", "get_attr") and n.target not in self._targets:
+                obj: Any = root
+                for atom in n.target.split("."):
+                    obj = getattr(obj, atom)
+                self._targets[n.target] = obj
+
+    @property
+    def root(self) -> nn.Module:
+        root = self._root()
+        if root is None:
+            raise RuntimeError("the traced model no longer exists")
+        return root
+
+    def named_modules(self):
+        return self.root.named_modules()
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self.root.get_submodule(target)
+
+    def build(self) -> fx.GraphModule:
+        root = self._root()
+        return _graph_module(self._targets if root is None else root, self.graph, self.name)

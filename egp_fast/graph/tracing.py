@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from egp_fast.graph.inputs import _named_inputs
 from egp_fast.graph.sites import module_kind
-from egp_fast.graph.tracer import _graph_module, _Tracer
+from egp_fast.graph.tracer import _DeferredGraphModule, _graph_module, _Tracer
 
 def trace(model: nn.Module, input_names: list[str] | None = None, example_inputs: Any = None) -> fx.GraphModule:
     """Symbolically trace ``model`` with torch.fx, activation and weight modules kept as leaves.
@@ -73,12 +73,15 @@ def _module_kinds(model: nn.Module) -> dict[nn.Module, str | None]:
 
 
 def _trace(model: nn.Module, input_names: list[str] | None, example_inputs: Any,
-           kinds: dict[nn.Module, str | None]) -> fx.GraphModule:
-    """:func:`trace` with the module kinds of :func:`_module_kinds` given."""
+           kinds: dict[nn.Module, str | None], defer: bool = False) -> fx.GraphModule | _DeferredGraphModule:
+    """:func:`trace` with the module kinds of :func:`_module_kinds` given; with ``defer``, a
+    plain trace comes back as a :class:`_DeferredGraphModule` (site discovery's case)."""
     name = model.__class__.__name__
     try:
         tracer = _Tracer(kinds=kinds)
         graph = tracer.trace(model)
+        if defer:
+            return _DeferredGraphModule(tracer.root, graph, name)
         return _graph_module(tracer.root, graph, name)
     except Exception as first:
         hf = any(_is_transformers_model(m) for m in model.modules())

@@ -98,9 +98,9 @@ _CAT_FUNCTIONS = {torch.cat, torch.concat}
 
 
 class _Walker:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, modules: dict[str, nn.Module] | None = None) -> None:
         self.gm = gm
-        self.modules = dict(gm.named_modules())
+        self.modules = dict(gm.named_modules()) if modules is None else modules
         self._anc: dict[fx.Node, frozenset[fx.Node]] = {}
         self._pos: dict[fx.Node, int] | None = None
 

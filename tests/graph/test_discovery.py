@@ -100,3 +100,54 @@ def test_unwrap_model_strips_data_parallel_and_compile_wrappers():
     # site names carry no wrapper prefix (module., _orig_mod.)
     assert [s.name for s in egp_fast.discover_sites(compiled, torch.randn(2, 3)).sites] == ["1"]
     assert egp_fast.graph.weight_layers(compiled) == ["0"]
+
+
+class _WithBuffer(nn.Module):
+    def __init__(self, functional=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU()
+        self.register_buffer("scale", torch.full((1, 4, 1, 1), 2.0), persistent=False)
+        self.functional = functional
+
+    def forward(self, x):
+        y = self.act(self.conv(x)) * self.scale
+        return y + F.relu(x).mean() if self.functional else y
+
+
+def test_graph_module_is_built_on_first_use_and_equals_an_eager_trace(monkeypatch):
+    import egp_fast.graph.tracer as tracer
+
+    built = []
+    orig = tracer._graph_module
+    monkeypatch.setattr(tracer, "_graph_module", lambda *a: built.append(a) or orig(*a))
+    net = _WithBuffer().eval()
+    x = torch.randn(2, 3, 6, 6)
+    g = egp_fast.discover_sites(net, x)
+    assert built == [] and g.traced  # discovery itself never builds it
+    egp_fast.measure_entropy(net, [x], graph=g, progress=False)
+    assert built == []  # nor does measuring through hooks
+    gm = g.graph_module
+    assert len(built) == 1 and g.graph_module is gm  # built once, then kept
+    eager = egp_fast.trace(net)
+    torch.testing.assert_close(gm(x), net(x))
+    assert dict(gm.named_modules()).keys() == dict(eager.named_modules()).keys()
+    assert gm.act is net.act and gm.conv.weight is net.conv.weight  # a view of the model
+    assert "scale" not in gm.state_dict()  # the buffer stays non-persistent, as in fx's copy
+
+
+def test_a_site_graph_outlives_its_model():
+    import gc
+    import weakref
+
+    net = _WithBuffer(functional=True).eval()
+    x = torch.randn(2, 3, 6, 6)
+    want = net(x)
+    g = egp_fast.discover_sites(net, x)
+    act, ref = net.act, weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None  # the graph does not keep the model alive ...
+    gm = g.graph_module  # ... and still builds its module from the layers it names
+    assert gm.act is act
+    torch.testing.assert_close(gm(x), want)
