@@ -19,9 +19,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from egp_fast.errors import ModelError
+from egp_fast.errors import DataError, ModelError
 from egp_fast.folding.latency import _batched
-from egp_fast.graph import WEIGHT_TYPES, discover_sites, eval_mode, normalize_inputs, trace, unwrap_model
+from egp_fast.graph import WEIGHT_TYPES, describe_inputs, discover_sites, eval_mode, normalize_inputs, trace, unwrap_model
 
 __all__ = ["depth_report"]
 
@@ -92,7 +92,11 @@ def depth_report(model: nn.Module, example_inputs: Any, measure_latency: bool = 
     args, kwargs = normalize_inputs(example_inputs)
     with eval_mode(model):
         with FlopCounterMode(display=False) as fc:
-            model(*args, **kwargs)
+            try:
+                model(*args, **kwargs)
+            except Exception as e:
+                raise DataError(f"the model failed on example_inputs ({describe_inputs(args, kwargs)}): "
+                                f"{type(e).__name__}: {e}") from e
     rep: dict[str, Any] = {
         "sites": n_sites,
         "longest_path": longest,

@@ -80,21 +80,25 @@ def discover_sites_sampled(model: nn.Module, example_inputs: Any, shape_inputs: 
     model = unwrap_model(model)
     args, kwargs = normalize_inputs(example_inputs)
     kinds = _module_kinds(model)
-    try:
-        gm = _trace(model, _input_names(model, args, kwargs), example_inputs, kinds, defer=True)
-    except Exception as e:  # fx cannot follow data-dependent control flow and friends
-        warnings.warn(
-            f"egp_fast: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
-            f"{str(e)[:200]}); falling back to module hooks: functional activations (F.relu, "
-            "x.relu()) are not seen and producers are inferred from execution order",
-            stacklevel=3,
-        )
+    # Traced and run in eval mode: a forward that reads ``self.training`` (a batch-norm wrapper
+    # fx traces through, dropout) must not freeze training behaviour into the graph, and the
+    # shape pass must not update running statistics.
+    with eval_mode(model):
+        try:
+            gm = _trace(model, _input_names(model, args, kwargs), example_inputs, kinds, defer=True)
+        except Exception as e:  # fx cannot follow data-dependent control flow and friends
+            warnings.warn(
+                f"egp_fast: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: "
+                f"{str(e)[:200]}); falling back to module hooks: functional activations (F.relu, "
+                "x.relu()) are not seen and producers are inferred from execution order",
+                stacklevel=3,
+            )
+            if shape_inputs is not None:
+                args, kwargs = normalize_inputs(shape_inputs(None))
+            return _discover_with_hooks(model, args, kwargs)
         if shape_inputs is not None:
-            args, kwargs = normalize_inputs(shape_inputs(None))
-        return _discover_with_hooks(model, args, kwargs)
-    if shape_inputs is not None:
-        args, kwargs = normalize_inputs(shape_inputs(gm))
-    propagate_shapes(model, gm, args, kwargs)
+            args, kwargs = normalize_inputs(shape_inputs(gm))
+        propagate_shapes(model, gm, args, kwargs)
     modules = dict(gm.named_modules())
     walker = _Walker(gm, modules)
     sites: list[Site] = []
@@ -152,6 +156,15 @@ def discover_sites_sampled(model: nn.Module, example_inputs: Any, shape_inputs: 
             )
         )
     if not sites:
+        # egp_fast.folding.ChannelAffine (by name: the graph layer does not import folding)
+        linearised = sum(type(m).__name__ == "ChannelAffine" for m in model.modules())
+        if linearised:
+            raise ModelError(
+                f"every activation of {type(model).__name__} has been linearised ({linearised} "
+                "ChannelAffine maps): there is nothing left to measure. To fold them, pass "
+                "collapse() the statistics measured before linearising, or empty ones: "
+                "egp_fast.collapse(model, egp_fast.EntropyStats({}, 'exact', 0), example_inputs)"
+            )
         raise ModelError(
             f"{type(model).__name__} has no supported activation ({', '.join(SUPPORTED_ACTIVATIONS)}); "
             "EGP measures the entropy of rectifier-like activations, so there is nothing to prune by"

@@ -53,6 +53,12 @@ def placeholder_args(
     """Positional values for the graph's placeholders, binding kwargs by name."""
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     if not kwargs:
+        if len(args) > len(names) and not any(n.startswith("*") for n in names):
+            raise DataError(
+                f"example_inputs gives {len(args)} positional inputs, but the model takes "
+                f"{len(names)} ({', '.join(names) or 'none'}); for a data batch (inputs, labels), pass "
+                "its inputs only"
+            )
         return list(args), names
     sig = _inspect.signature(model.forward)
     bound = sig.bind_partial(*args, **kwargs)
@@ -61,6 +67,13 @@ def placeholder_args(
     for n in names:
         key = n.lstrip("*")
         if key not in bound.arguments:
+            if key in LABEL_KEYS:
+                raise DataError(
+                    f"the model input {key!r} has a name egp_fast reserves for labels: the keys "
+                    f"{', '.join(LABEL_KEYS)} of a dict batch are dropped as targets. Wrap the model "
+                    f"so that this input has another name (a module whose forward(self, ..., "
+                    f"{key}_input) calls model(..., {key}={key}_input)) and rename the key in your batches"
+                )
             raise DataError(f"example_inputs gives no value for the model input {key!r}")
         values.append(bound.arguments[key])
     return values, names

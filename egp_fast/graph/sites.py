@@ -182,6 +182,11 @@ class SiteGraph:
             gm = self._graph_module = gm.build()
         return gm
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_graph_module"] = self.graph_module  # pickled as the GraphModule itself
+        return state
+
     @property
     def traced(self) -> bool:
         return self._graph_module is not None

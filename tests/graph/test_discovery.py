@@ -151,3 +151,67 @@ def test_a_site_graph_outlives_its_model():
     gm = g.graph_module  # ... and still builds its module from the layers it names
     assert gm.act is act
     torch.testing.assert_close(gm(x), want)
+
+
+def test_a_site_graph_pickles_with_its_graph_module():
+    import pickle
+
+    net = _WithBuffer(functional=True).eval()
+    x = torch.randn(2, 3, 6, 6)
+    g = pickle.loads(pickle.dumps(egp_fast.discover_sites(net, x)))
+    assert [s.name for s in g.sites] == ["act", "relu"] and g.traced
+    torch.testing.assert_close(g.graph_module(x), net(x))
+
+
+class _BNWrapper(nn.Module):
+    """A batch norm written outside torch.nn (like timm's BatchNormAct2d): fx traces into it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, 1e-5)
+
+
+class _TrainBranches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3), _BNWrapper(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = F.dropout(x.mean((2, 3)), 0.5, self.training)
+        return self.fc(x)
+
+
+def test_a_model_in_train_mode_is_traced_as_in_eval_mode_and_left_untouched():
+    torch.manual_seed(0)
+    net = nn.Sequential(_TrainBranches())  # the functional calls sit in a submodule
+    x = torch.randn(4, 3, 10, 10) + 3.0
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    g = egp_fast.discover_sites(net, x)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # no stats updated
+    assert all(m.training for m in net.modules())
+    # the graph computes eval mode (no batch statistics, no dropout), as measurement runs it
+    with torch.no_grad():
+        torch.testing.assert_close(g.graph_module(x), net.eval()(x))
+    net.train()
+    train_mode = egp_fast.measure_entropy(net, [x, x + 1], progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    eval_mode = egp_fast.measure_entropy(net.eval(), [x, x + 1], progress=False)
+    assert {k: s.entropy for k, s in train_mode.sites.items()} == {k: s.entropy for k, s in eval_mode.sites.items()}
+
+
+def test_a_fully_linearised_model_says_so_and_the_suggested_collapse_works():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    data = [torch.randn(16, 4)]
+    stats = egp_fast.measure_entropy(net, data, progress=False)
+    egp_fast.linearize(net, stats, sites=list(stats.sites), how="identity")
+    with pytest.raises(ModelError, match=r"every activation of Sequential has been linearised \(2 ChannelAffine"):
+        egp_fast.measure_entropy(net, data, progress=False)
+    out = egp_fast.collapse(net, egp_fast.EntropyStats({}, "exact", 0), data[0], measure_latency=False)
+    assert sorted(out.removed_sites) == ["1", "3"] and out.after["longest_path"] == 1

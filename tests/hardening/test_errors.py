@@ -50,6 +50,21 @@ def _pruner():
     return egp_fast.Pruner(_net(), _x(), progress=False)
 
 
+class _XYNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x, y):
+        return self.net(x + y)
+
+
+def _all_linearised() -> nn.Module:
+    net = _net()
+    egp_fast.linearize(net, _stats(net), sites=["1"], how="identity")
+    return net
+
+
 B, M1 = torch.randn(4), torch.ones(4, dtype=torch.bool)
 I64 = torch.zeros(3, dtype=torch.int64)
 
@@ -250,6 +265,15 @@ API = [
      lambda: ops.relu_sign_count(torch.randn(2, 3), torch.zeros(4, dtype=torch.int64), 1)),
     ("A73", "ops.relu_sign_count", "inplace=1 (not a bool)", ConfigError, "inplace must be True or False",
      lambda: ops.relu_sign_count(torch.randn(2, 3), I64.clone(), 1, inplace=1)),
+    ("A74", "discover_sites / collapse", "example_inputs=(x, labels) (a data batch)", DataError,
+     "gives 2 positional inputs, but the model takes 1",
+     lambda: egp_fast.discover_sites(_net(), (_x(), torch.zeros(4)))),
+    ("A75", "discover_sites / measure_entropy", "a model input named y in dict batches", DataError,
+     "has a name egp_fast reserves for labels",
+     lambda: egp_fast.discover_sites(_XYNet(), {"x": _x(), "y": _x()})),
+    ("A76", "measure_entropy", "a model whose every site was linearised", ModelError,
+     "has been linearised",
+     lambda: egp_fast.measure_entropy(_all_linearised(), [_x()], progress=False)),
 ]
 
 # (id, arguments, bad input, exit status, message fragment)
