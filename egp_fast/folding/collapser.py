@@ -27,13 +27,13 @@ from torch.utils._pytree import tree_leaves
 from egp_fast.errors import ConfigError, ModelError
 from egp_fast.folding.affine import ChannelAffine, site_affine
 from egp_fast.folding.depth import depth_report
-from egp_fast.folding.evidence import check_max_flip, evidence, observed_flips, weak_reason
+from egp_fast.folding.evidence import affine_gaps, check_max_flip, evidence, observed_flips, weak_reason
 from egp_fast.folding.fold import Folder, normalise_wrapped_affines
 from egp_fast.folding.latency import compare_latency
 from egp_fast.folding.linearizer import _selected, linearize_sites
+from egp_fast.folding.plain import _plain_copy
 from egp_fast.folding.plan import LatencyCost
 from egp_fast.graph import discover_sites, eval_mode, normalize_inputs, propagate_shapes, trace, unwrap_model
-from egp_fast.masks import strip_masks
 
 __all__ = ["CollapseResult", "collapse"]
 
@@ -57,7 +57,8 @@ class CollapseResult:
             the layers around the site were merged into one.
         left: what was not done, with ``reason`` (weak evidence, unsupported pattern, cost,
             border effects). Sites kept for weak evidence have ``kind="evidence"``,
-            ``samples``, ``flip_bound``, ``max_flip`` and ``confidence``.
+            ``samples``, ``flip_bound``, ``max_flip`` and ``confidence``; GELU/SiLU sites kept
+            because ``exact=True`` have ``kind="approximate"``, ``gap`` and ``range``.
         before: depth report of the input model (see :func:`depth_report`).
         after: depth report of the collapsed model.
         exact: True when every change is exact (no approximate site, no border-inexact merge).
@@ -190,9 +191,12 @@ def collapse(
             every channel is constant (``collapsible``) are touched.
         example_inputs: a batch the model accepts (tensor, tuple or dict), used to trace,
             for shapes, FLOPs, latency and to measure the output deviation.
-        exact: True (default) allows only changes that keep every output (up to rounding).
-            False also composes two zero-padded convs, which is exact only away from the
-            border; the deviation is measured on ``example_inputs`` and reported.
+        exact: True (default) allows only changes that keep every output (up to rounding): a
+            zero-entropy GELU/SiLU site is removed only where its affine map matches it to
+            float rounding on ``example_inputs`` (inputs far from 0), else it is left (in
+            ``left``, ``kind="approximate"``, with the measured ``gap``). False removes those
+            too and composes two zero-padded convs, which is exact only away from the border;
+            the deviation is measured on ``example_inputs`` and reported.
         fold: ``"auto"`` plans every maximal run of layers joined by removed sites as a whole
             (:mod:`egp_fast.folding.plan`: dynamic programming over split points) and merges the
             segments that minimise FLOPs, never more than leaving the layers apart;
@@ -274,6 +278,21 @@ def collapse(
             graph = discover_sites(work, example_inputs)
         except ModelError:
             graph = None
+    smooth = {n: st for n, st in chosen.items() if not st.exact}
+    if exact and smooth and graph is not None:
+        # Zero entropy puts every GELU/SiLU input on one side of 0, where the function is still
+        # curved: exact=True removes such a site only where its affine map matches it to float
+        # rounding on the example inputs (far from 0).
+        dtype = _device_dtype(work)[1]
+        rounding = 8 * torch.finfo(dtype if dtype is not None and dtype.is_floating_point else torch.float32).eps
+        for name, gap in affine_gaps(work, graph, smooth, example_inputs).items():
+            if gap["gap"] > rounding * gap["range"]:
+                del chosen[name]
+                weak.append({"site": name, "kind": "approximate", "gap": gap["gap"], "range": gap["range"],
+                             "reason": (f"{smooth[name].kind} is not affine on example_inputs: its replacement "
+                                        f"would be off by up to {gap['gap']:.3g} (its values reach "
+                                        f"{gap['range']:.3g}); pass exact=False to remove it (the deviation "
+                                        "is measured and reported)")})
     checks: dict[str, dict[str, Any]] = {}
     if check is not None and graph is not None and chosen:
         checks = observed_flips(work, graph, chosen, check)
@@ -284,7 +303,11 @@ def collapse(
         # fx cannot see into the model: only swap single-call activation modules, fold nothing.
         why = "; ".join(str(w.message)[:200] for w in caught) or "torch.fx could not trace the model"
         done, refused = linearize_sites(work, stats, list(chosen))
-        removed = [_site_entry(chosen[n], None) for n in done]
+        # what the traced path reports too: the sites linearised before (nothing folds them here)
+        removed = [{"kind": "linearize", "site": m.site, "exact": True, "linearization_exact": m.exact,
+                    "how": m.how, "note": "linearised earlier (egp_fast.linearize)"}
+                   for m in work.modules() if isinstance(m, ChannelAffine) and m.site in earlier]
+        removed += [_site_entry(chosen[n], None) for n in done]
         left = [{"site": n, "reason": r} for n, r in refused]
         left.append({"kind": "fold", "reason": f"nothing folded: {why}"})
         result_model = work
@@ -325,7 +348,7 @@ def collapse(
         plan["confirm"] = judge(ref.model, result_model, example_inputs)
         if not plan["confirm"]["faster"]:
             result_model, removed = ref.model, ref.removed
-            left = [e for e in ref.left if e.get("kind") != "evidence"]
+            left = [e for e in ref.left if e.get("kind") not in ("evidence", "approximate")]
             plan.update(used="auto", auto_chains=ref.plan.get("chains", []),
                         fallback="the latency plan was not faster than the FLOPs plan (fold='auto') beyond "
                                  "the noise when the two collapsed models were timed interleaved: kept the latter")
@@ -361,7 +384,8 @@ def _device_dtype(model: nn.Module) -> tuple[Any, Any]:
 
 def _traceable(model: nn.Module) -> bool:
     try:
-        trace(model)
+        with eval_mode(model):
+            trace(model)
         return True
     except Exception:
         return False
@@ -369,61 +393,11 @@ def _traceable(model: nn.Module) -> bool:
 
 def _traced_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     # No site left (discover_sites raised ModelError): still fold earlier linearisations and BN.
-    gm = trace(model)
+    with eval_mode(model):  # as discovery traces: no training branch frozen into the graph
+        gm = trace(model)
     args, kwargs = normalize_inputs(example_inputs)
     propagate_shapes(model, gm, args, kwargs)
     return gm
-
-
-def _is_conv1d(m: nn.Module) -> bool:
-    """Transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` of shape ``[in, out]``.
-
-    Recognised by its name and what it computes (one probe on a small input), so transformers
-    need not be importable and a different layer that happens to share the name is left alone.
-    """
-    w = getattr(m, "weight", None)
-    if not (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int)
-            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == m.nf):
-        return False
-    b = getattr(m, "bias", None)
-    with torch.no_grad():
-        x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
-        want = x @ w + (b if isinstance(b, torch.Tensor) else 0)
-        try:
-            got = m(x)
-        except Exception:
-            return False
-    return isinstance(got, torch.Tensor) and got.shape == want.shape and bool(
-        torch.allclose(got, want, rtol=1e-3, atol=1e-3 * (1 + float(want.abs().max()))))
-
-
-def _plain_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with masks applied and stripped, and linear-like layers made ``nn.Linear``.
-
-    Masked linear layers (subclasses of ``nn.Linear``) and transformers' ``Conv1D`` (its weight
-    transposed) become plain ``nn.Linear``, so the folding passes see one kind of linear layer.
-    """
-    work = copy.deepcopy(model)
-    for name, m in list(work.named_modules()):
-        mask = getattr(m, "weight_mask", None)
-        if isinstance(mask, torch.Tensor) and isinstance(getattr(m, "weight", None), torch.Tensor):
-            with torch.no_grad():
-                m.weight.mul_(mask.to(m.weight.dtype))
-        conv1d = _is_conv1d(m)
-        if name and (conv1d or (isinstance(m, nn.Linear) and type(m) is not nn.Linear)):
-            w = m.weight.detach().t() if conv1d else m.weight.detach()
-            bias = getattr(m, "bias", None)
-            plain = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
-            with torch.no_grad():
-                plain.weight.copy_(w)
-                if bias is not None:
-                    plain.bias.copy_(bias)
-            plain.weight.requires_grad_(m.weight.requires_grad)
-            parent, _, attr = name.rpartition(".")
-            setattr(work.get_submodule(parent) if parent else work, attr, plain)
-    strip_masks(work)
-    work.eval()
-    return work
 
 
 def _site_entry(st: Any, site: Any) -> dict[str, Any]:

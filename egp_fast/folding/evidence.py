@@ -20,7 +20,7 @@ import torch.nn as nn
 from egp_fast.errors import ConfigError, DataError
 from egp_fast.measurement import check_confidence, check_fraction, flip_bound, samples_needed
 
-__all__ = ["evidence", "observed_flips", "samples_needed"]
+__all__ = ["affine_gaps", "evidence", "observed_flips", "samples_needed"]
 
 
 def check_max_flip(max_flip: float) -> None:
@@ -93,6 +93,8 @@ def weak_reason(name: str, n: int | None, bound: float | None, max_flip: float, 
 class _Probe:
     """Per site: samples seen, samples with any neuron out of its fixed piece, channels that left."""
 
+    wants_output = False  # record() sees the site's input; output() is not called
+
     def __init__(self, piece: torch.Tensor, breakpoints: tuple[float, ...], channel_dim: int) -> None:
         self.piece = piece.to(torch.int64)
         self.breakpoints = tuple(float(b) for b in breakpoints)
@@ -128,17 +130,52 @@ class _Probe:
         }
 
 
-class _FlipInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, probes: dict[str, _Probe]) -> None:
+class _Gap:
+    """Per site: how far its affine replacement lands from what the activation computed (the
+    largest absolute difference, and the largest input or output magnitude it is measured
+    against)."""
+
+    wants_output = True
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int) -> None:
+        self.scale, self.shift, self.channel_dim = scale, shift, channel_dim
+        self.gap = 0.0
+        self.range = 0.0
+        self._z: torch.Tensor | None = None
+
+    def record(self, z: torch.Tensor) -> None:
+        self._z = z.detach().clone()  # before the call: an in-place activation overwrites it
+
+    def output(self, y: torch.Tensor) -> None:
+        z, self._z = self._z, None
+        shape = [1] * z.dim()
+        shape[self.channel_dim % z.dim()] = -1
+        scale = self.scale.to(z.device, torch.float64).view(shape)
+        shift = self.shift.to(z.device, torch.float64).view(shape)
+        diff = y.detach().double() - (z.double() * scale + shift)
+        self.gap = max(self.gap, float(diff.abs().max()) if diff.numel() else 0.0)
+        if y.numel():  # the scale rounding is relative to: the larger of input and output
+            self.range = max(self.range, float(z.double().abs().max()), float(y.detach().double().abs().max()))
+
+    def report(self) -> dict[str, float]:
+        return {"gap": self.gap, "range": self.range}
+
+
+class _ProbeInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, probes: dict[str, Any]) -> None:
         super().__init__(gm)
         self.probes = probes
 
     def run_node(self, n: fx.Node) -> Any:
         probe = self.probes.get(n.name)
-        if probe is not None:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            probe.record(args[0] if args else kwargs["input"])
-        return super().run_node(n)
+        if probe is None:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        probe.record(args[0] if args else kwargs["input"])
+        out = super().run_node(n)
+        if probe.wants_output:
+            probe.output(out)
+        return out
 
 
 def _batches(data: Any) -> Iterable[Any]:
@@ -182,37 +219,94 @@ def observed_flips(model: nn.Module, graph: Any, sites: Mapping[str, Any], data:
     Raises:
         DataError: no batch in ``data``, or the model rejects a batch.
     """
-    from egp_fast.graph import eval_mode, placeholder_args
-    from egp_fast.measurement import model_device, split_batch
+    from egp_fast.measurement import split_batch
 
     by_name = {s.name: s for s in graph.sites}
     probes = {n: _Probe(st.piece, by_name[n].breakpoints, by_name[n].channel_dim)
               for n, st in sites.items() if n in by_name}
     if not probes:
         return {}
+    seen = _run_probes(model, graph, probes, (split_batch(b) for b in _batches(data)), "held-out check")
+    if seen == 0:
+        raise DataError("check= gave no batches; pass held-out data (an iterable of batches)")
+    return {n: p.report() for n, p in probes.items()}
+
+
+def affine_gaps(model: nn.Module, graph: Any, sites: Mapping[str, Any], example_inputs: Any) -> dict[str, dict[str, float]]:
+    """Run ``model`` on ``example_inputs`` and measure, per site, how far the affine map that would replace
+    it (:func:`egp_fast.folding.site_affine` of its fixed pieces) is from the activation's output.
+
+    A GELU or SiLU site at zero entropy is affine only approximately; far enough from 0 the gap
+    is below float rounding, and :func:`egp_fast.collapse` with ``exact=True`` removes such a
+    site only then.
+
+    Args:
+        model, graph: as :func:`observed_flips`.
+        sites: site name -> statistics whose every channel is constant (``piece`` >= 0).
+        example_inputs: one batch the model accepts (tensor, tuple of positional inputs, dict).
+
+    Returns:
+        site -> ``{"gap": largest |activation - affine|, "range": largest |input| or |activation|}``.
+
+    Raises:
+        DataError: the model rejects ``example_inputs``.
+    """
+    from egp_fast.folding.affine import site_affine
+    from egp_fast.graph import normalize_inputs
+
+    by_name = {s.name: s for s in graph.sites}
+    probes = {}
+    for n, st in sites.items():
+        if n in by_name:
+            site = by_name[n]
+            scale, shift = site_affine(site.kind, st.piece, site.params, dtype=torch.float64)
+            probes[n] = _Gap(scale, shift, site.channel_dim)
+    if not probes:
+        return {}
+    _run_probes(model, graph, probes, [normalize_inputs(example_inputs)], "affine check")
+    return {n: p.report() for n, p in probes.items()}
+
+
+def _run_probes(model: nn.Module, graph: Any, probes: dict[str, Any], batches: Iterable[tuple[tuple, dict]],
+                what: str) -> int:
+    """Run ``model`` on every ``(args, kwargs)`` of ``batches`` (eval mode, no_grad), handing each
+    probed site's input to its probe (and its output, when the probe wants it): through the fx
+    graph when traced, else module hooks. Returns the number of batches run."""
+    from egp_fast.graph import eval_mode, placeholder_args
+    from egp_fast.measurement import model_device
+
+    by_name = {s.name: s for s in graph.sites}
     device = model_device(model)
     seen = 0
     handles = []
     try:
         if graph.traced:
             gm = graph.graph_module
-            run = _FlipInterpreter(gm, {by_name[n].node: p for n, p in probes.items()})
+            run = _ProbeInterpreter(gm, {by_name[n].node: p for n, p in probes.items()})
         else:
             modules = dict(model.named_modules())
             calls: dict[str, int] = {}
+            current: dict[str, Any] = {}  # module -> the probe of the call in progress
             for n, site in by_name.items():
-                if n in probes and site.module in modules:
+                if n in probes and site.module in modules and site.module not in {h[0] for h in handles}:
                     def hook(mod, inp, _name=site.module):
                         k = calls.get(_name, 0)
                         calls[_name] = k + 1
                         p = probes.get(_name if k == 0 else f"{_name}:{k}")
                         if p is not None:
                             p.record(inp[0])
-                    if site.module not in {h[0] for h in handles}:
-                        handles.append((site.module, modules[site.module].register_forward_pre_hook(hook)))
+                            current[_name] = p
+
+                    def after(mod, inp, out, _name=site.module):
+                        p = current.pop(_name, None)
+                        if p is not None and p.wants_output:
+                            p.output(out)
+
+                    m = modules[site.module]
+                    handles.append((site.module, m.register_forward_pre_hook(hook)))
+                    handles.append((site.module, m.register_forward_hook(after)))
         with eval_mode(model):
-            for batch in _batches(data):
-                args, kwargs = split_batch(batch)
+            for args, kwargs in batches:
                 args, kwargs = _to(args, device), _to(kwargs, device)
                 try:
                     if graph.traced:
@@ -221,11 +315,9 @@ def observed_flips(model: nn.Module, graph: Any, sites: Mapping[str, Any], data:
                         calls.clear()
                         model(*args, **kwargs)
                 except Exception as e:
-                    raise DataError(f"held-out check: the model failed on batch {seen}: {type(e).__name__}: {e}") from e
+                    raise DataError(f"{what}: the model failed on batch {seen}: {type(e).__name__}: {e}") from e
                 seen += 1
     finally:
         for _, h in handles:
             h.remove()
-    if seen == 0:
-        raise DataError("check= gave no batches; pass held-out data (an iterable of batches)")
-    return {n: p.report() for n, p in probes.items()}
+    return seen

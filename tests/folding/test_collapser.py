@@ -97,7 +97,7 @@ def test_conv1d_lookalike_with_other_semantics_is_not_converted():
         def forward(self, x):
             return x @ self.weight.t()
 
-    from egp_fast.folding.collapser import _is_conv1d
+    from egp_fast.folding.plain import _is_conv1d
 
     assert not _is_conv1d(Conv1D())
     assert _is_conv1d(GPT2MLPBlock().c_fc)
@@ -127,3 +127,58 @@ def test_untraceable_conv1d_model_swaps_sites_and_says_why():
     assert rel(net(x), out.model(x)) <= 1e-4
 
 
+
+
+class _Untraceable(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: fx cannot trace it (module hooks measure)
+            return x
+        return self.body(x)
+
+
+@pytest.mark.parametrize("traced", [True, False])
+@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(inplace=True)])
+def test_exact_collapse_removes_a_smooth_site_only_where_it_is_affine_to_rounding(act, traced):
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(8, 16), act, nn.Linear(16, 4))
+    net = (body if traced else _Untraceable(body)).eval()
+    name = "1" if traced else "body.1"
+    data = [torch.randn(512, 8) for _ in range(2)]
+    for bias, removed in [(0.5, False), (40.0, True)]:
+        with torch.no_grad():
+            body[0].weight.copy_(torch.randn(16, 8) * 0.01)
+            body[0].bias.fill_(bias)  # always positive: zero entropy, yet curved near 0.5
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fx fallback warning
+            st = egp_fast.measure_entropy(net, data, progress=False)
+            assert st.zero_entropy_sites() == [name]
+            out = collapse(net, st, data[0], measure_latency=False)  # exact=True, the default
+            approx = collapse(net, st, data[0], exact=False, measure_latency=False)
+        assert approx.removed_sites == [name] and not approx.exact  # exact=False always removes it
+        if removed:  # 40 is far in the linear tail: the identity to float32 rounding
+            assert out.removed_sites == [name]
+            assert out.relative_deviation <= 1e-6
+            continue
+        assert out.removed_sites == [] and out.exact and out.relative_deviation <= 1e-6
+        (entry,) = [e for e in out.left if e.get("kind") == "approximate"]
+        assert entry["site"] == name and "exact=False" in entry["reason"] and entry["gap"] > 0.05
+        assert approx.relative_deviation > 0.05  # what exact=True refused to do, measured
+
+
+def test_an_untraceable_model_reports_the_sites_linearised_earlier():
+    torch.manual_seed(0)
+    net = _Untraceable(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))).eval()
+    data = [torch.randn(16, 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fx fallback warning
+        st = egp_fast.measure_entropy(net, data, progress=False)
+        linearize(net, st, sites=["body.1"], how="identity")
+        out = collapse(net, egp_fast.measure_entropy(net, data, progress=False), data[0], measure_latency=False)
+    assert out.removed_sites == ["body.1"]  # as the traced path reports it
+    (entry,) = out.removed
+    assert entry["how"] == "identity" and "earlier" in entry["note"]
+    assert any("nothing folded" in e["reason"] for e in out.left)

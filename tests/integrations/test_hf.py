@@ -246,9 +246,14 @@ def test_collapse_gelu_approximation_is_measured_and_labelled():
         layer.bias.fill_(2.5)  # always ON, but GELU(2.5) = 0.984 * 2.5: not the identity
     data = [_text_batch() for _ in range(2)]
     stats = _quiet(egp_fast.measure_entropy, model, data, progress=False)
-    out = _quiet(egp_fast.collapse, model, stats, data[0], measure_latency=False, max_flip=1.0,
-                 sites=[MODELS["bert"][3].format(0)])
-    assert not out.exact
+    site = MODELS["bert"][3].format(0)
+    kept = _quiet(egp_fast.collapse, model, stats, data[0], measure_latency=False, max_flip=1.0, sites=[site])
+    assert kept.removed_sites == [] and kept.exact  # exact=True (the default) leaves it, and says why
+    (why,) = [e for e in kept.left if e.get("kind") == "approximate"]
+    assert why["site"] == site and 0.01 < why["gap"] < 0.1 and "exact=False" in why["reason"]
+    out = _quiet(egp_fast.collapse, model, stats, data[0], exact=False, measure_latency=False, max_flip=1.0,
+                 sites=[site])
+    assert out.removed_sites == [site] and not out.exact
     assert 0 < out.relative_deviation < 1.0
 
 
