@@ -3,6 +3,8 @@
 Every pass rewrites one pattern of ``fx`` nodes into a new module and never mutates a module
 in place (a module may be called from several nodes). Passes, repeated until nothing changes:
 
+* ``functional_bn``: an eval-mode ``F.batch_norm`` on the model's own statistics (timm's
+  ``BatchNormAct2d``) becomes the ``nn.BatchNorm`` module it equals;
 * ``bn``: eval BatchNorm into the conv/linear before it (exact);
 * ``affine``: a linearised site (:class:`ChannelAffine`) into the conv/linear before it, or
   removed when it is the identity (exact);
@@ -28,11 +30,13 @@ arithmetic in :mod:`egp_fast.folding.geometry`.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from egp_fast.folding.affine import ChannelAffine, _channel_affine
 from egp_fast.folding.geometry import _CONVS, _b, _dense, _geom, _rebuild, _w
@@ -40,6 +44,8 @@ from egp_fast.folding.merges import MergePasses, _add_operands
 from egp_fast.folding.plan import flops_cost
 
 _PASSTHROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+_BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_BN_CLASSES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
 class Folder(MergePasses):
@@ -97,8 +103,8 @@ class Folder(MergePasses):
 
     # ---------------------------------------------------------------- driver
     def run(self) -> None:
-        passes = [self.passthrough, self.affine, self.bn, self.dead_branch, self.residual, self.compose,
-                  self.dead_channels]
+        passes = [self.functional_bn, self.passthrough, self.affine, self.bn, self.dead_branch, self.residual,
+                  self.compose, self.dead_channels]
         for _ in range(200):
             if not any(p() for p in passes):
                 break
@@ -129,6 +135,68 @@ class Folder(MergePasses):
                 self.g.erase_node(n)
                 changed = True
         return changed
+
+    def functional_bn(self) -> bool:
+        # An eval-mode F.batch_norm on the model's own statistics (a batch norm written outside
+        # torch.nn that fx traced through, such as timm's BatchNormAct2d) becomes the equivalent
+        # nn.BatchNorm module, which the passes below fold like any other.
+        changed = self._drop_rank_asserts()
+        for n in list(self.g.nodes):
+            if n.op != "call_function" or n.target is not F.batch_norm:
+                continue
+            a = dict(zip(_BN_ARGS, n.args)) | dict(n.kwargs)
+            stats = [self._attr(a.get(k)) for k in ("running_mean", "running_var")]
+            affine = [self._attr(a.get(k)) if a.get(k) is not None else None for k in ("weight", "bias")]
+            shp = self.shape(a.get("input"))
+            if (a.get("training", False) is not False or any(t is None for t in stats) or shp is None
+                    or len(shp) not in _BN_CLASSES or any(t is False for t in affine)
+                    or not isinstance(a.get("eps", 1e-5), float)):
+                continue
+            mean, var = stats
+            bn = _BN_CLASSES[len(shp)](mean.numel(), eps=a.get("eps", 1e-5), device=mean.device, dtype=mean.dtype)
+            with torch.no_grad():
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.weight.copy_(affine[0] if affine[0] is not None else torch.ones_like(mean))
+                bn.bias.copy_(affine[1] if affine[1] is not None else torch.zeros_like(mean))
+            owner = a["running_mean"].target.rpartition(".")[0]
+            with self.g.inserting_before(n):
+                new = self.g.call_module(self.add(bn.eval(), "egp_bn"), (a["input"],))
+            new.meta.update(n.meta)
+            new.meta["egp_layers"] = [owner or n.name]
+            n.replace_all_uses_with(new)
+            self.g.erase_node(n)
+            changed = True
+        return changed
+
+    def _drop_rank_asserts(self) -> bool:
+        # torch._assert(x.ndim == k) (timm's norm layers check their input's rank) holds for good
+        # in a graph whose shapes are known; left in, it is a second user of the layer before the
+        # norm and blocks the fold.
+        changed = False
+        for n in list(self.g.nodes):
+            if not (n.op == "call_function" and n.target is torch._assert and n.args):
+                continue
+            cond = n.args[0]
+            if not (isinstance(cond, fx.Node) and cond.target is operator.eq and len(cond.args) == 2):
+                continue
+            rank, k = cond.args
+            if not (isinstance(rank, fx.Node) and rank.target is getattr and rank.args[1:] == ("ndim",)
+                    and isinstance(k, int) and self.shape(rank.args[0]) is not None):
+                continue
+            if len(self.shape(rank.args[0])) == k:
+                self.g.erase_node(n)
+                changed = True
+        return changed
+
+    def _attr(self, n: Any) -> torch.Tensor | None | bool:
+        """The tensor a ``get_attr`` node reads; False for anything else (a computed value)."""
+        if not (isinstance(n, fx.Node) and n.op == "get_attr"):
+            return False
+        obj: Any = self.gm
+        for atom in n.target.split("."):
+            obj = getattr(obj, atom, None)
+        return obj.detach() if isinstance(obj, torch.Tensor) else False
 
     def _ndim_dim(self, n: fx.Node, dim: int) -> int | None:
         shp = self.shape(n)
@@ -195,7 +263,7 @@ class Folder(MergePasses):
             beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(bn.running_mean)
             neww = w * scale.to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
             newb = (_b(a, w.shape[0], w) - bn.running_mean) * scale + beta
-            layers = self.layers(x) + [n.target]
+            layers = self.layers(x) + self.layers(n)
             self.retarget(x, _rebuild(a, neww, newb.to(w.dtype)), layers)
             if "egp_after_site" in n.meta:
                 x.meta.setdefault("egp_after_site", []).extend(n.meta["egp_after_site"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from _collapse_helpers import Branchy, GPT2MLPBlock, kinds, rel, stats_of
 from torch import nn
+import torch.nn.functional as F
 
 import egp_fast
 from egp_fast.errors import ConfigError
@@ -182,3 +183,34 @@ def test_an_untraceable_model_reports_the_sites_linearised_earlier():
     (entry,) = out.removed
     assert entry["how"] == "identity" and "earlier" in entry["note"]
     assert any("nothing folded" in e["reason"] for e in out.left)
+
+
+class _NormAct(nn.Module):
+    """A batch norm written with F.batch_norm behind a rank check, as timm's BatchNormAct2d."""
+
+    def __init__(self, c, affine=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(c) + 0.5) if affine else None
+        self.bias = nn.Parameter(torch.randn(c)) if affine else None
+        self.register_buffer("running_mean", torch.randn(c))
+        self.register_buffer("running_var", torch.rand(c) + 0.5)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected a 4-d input")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, 1e-3)
+        return self.act(x)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_functional_batch_norm_folds_like_the_module(affine):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), _NormAct(8, affine), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    out = collapse(net, egp_fast.measure_entropy(net, [x], progress=False), x, sites=[], measure_latency=False)
+    assert [e["layers"] for e in out.removed if e["kind"] == "bn_fold"] == [["0", "1"]]
+    assert not any(n.target in (F.batch_norm, torch._assert) for n in out.model.graph.nodes)
+    torch.testing.assert_close(out.model(x), net(x), rtol=1e-5, atol=1e-5)
+    wrong = torch.randn(3, 9, 9)  # the assert held on the example's rank only; a conv still checks it
+    with pytest.raises(RuntimeError):
+        out.model(wrong[None, None])

@@ -174,6 +174,31 @@ def test_collapse_forced_site(name):
     with torch.no_grad():
         ref, got = original(data[1]), out.model(data[1])
     rel = float((ref - got).abs().max() / ref.abs().max())
-    # ReLU folds are exact; the GELU/SiLU of a +100 input equals its input in float32
-    assert rel < 1e-4, rel
+    # ReLU folds are exact; the GELU/SiLU of a +100 input equals its input in float32. Folding
+    # every batch norm in float32 rounds (EfficientNet-B0: 49 of them, 1.1e-4 on this random net)
+    assert rel < 3e-4, rel
     assert out.relative_deviation < 1e-4
+
+
+@pytest.mark.parametrize("name", ["regnety_002", "efficientnet_b0"])
+def test_batchnormact_layers_fold_into_their_convs(name):
+    # timm's BatchNormAct2d calls F.batch_norm itself (fx traces through it) behind a rank assert
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    for m in model.modules():  # non-trivial statistics, so a fold that forgot them would show
+        if isinstance(m, BatchNormAct2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 32, 32)
+    stats = egp_fast.measure_entropy(model, [x], progress=False)
+    out = egp_fast.collapse(model, stats, x, sites=[], measure_latency=False)
+    n_bn = sum(isinstance(m, BatchNormAct2d) for m in model.modules())
+    assert sum(e["kind"] == "bn_fold" for e in out.removed) == n_bn
+    assert not any(n.target is torch.nn.functional.batch_norm for n in out.model.graph.nodes)
+    assert out.relative_deviation <= 1e-5
+    with torch.no_grad():
+        x2 = torch.randn(3, 3, 32, 32)
+        ref, got = model(x2), out.model(x2)
+    assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
