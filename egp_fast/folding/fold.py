@@ -148,7 +148,7 @@ class Folder(MergePasses):
             stats = [self._attr(a.get(k)) for k in ("running_mean", "running_var")]
             affine = [self._attr(a.get(k)) if a.get(k) is not None else None for k in ("weight", "bias")]
             shp = self.shape(a.get("input"))
-            if (a.get("training", False) is not False or any(t is None for t in stats) or shp is None
+            if (a.get("training", False) is not False or any(t is False for t in stats) or shp is None
                     or len(shp) not in _BN_CLASSES or any(t is False for t in affine)
                     or not isinstance(a.get("eps", 1e-5), float)):
                 continue
@@ -189,7 +189,7 @@ class Folder(MergePasses):
                 changed = True
         return changed
 
-    def _attr(self, n: Any) -> torch.Tensor | None | bool:
+    def _attr(self, n: Any) -> torch.Tensor | bool:
         """The tensor a ``get_attr`` node reads; False for anything else (a computed value)."""
         if not (isinstance(n, fx.Node) and n.op == "get_attr"):
             return False
