@@ -54,7 +54,9 @@ def trace(model: nn.Module, input_names: list[str] | None = None, example_inputs
         An ``fx.GraphModule`` computing the same function.
 
     Raises:
-        Whatever torch.fx raised on the first attempt, when the second one fails too.
+        Whatever torch.fx raised on the first attempt, when the second one fails too (for a
+        ``transformers`` model, what the second attempt met: the first fails on the
+        ``**kwargs`` signature, which says nothing about the model).
 
     Example:
         >>> import torch, egp_fast
@@ -89,8 +91,10 @@ def _trace(model: nn.Module, input_names: list[str] | None, example_inputs: Any,
             raise
         try:
             return _trace_opaque(model, input_names, kinds, hf, _named_inputs(model, example_inputs))
-        except Exception:
-            raise first from None
+        except Exception as second:
+            # A transformers model's real obstacle is what the tracer made for it met (the plain
+            # one fails on the **kwargs signature first, which says nothing to the user).
+            raise (second if hf else first) from None
 
 
 def _rebuild_output(module: str, qualname: str, value: Any) -> Any:

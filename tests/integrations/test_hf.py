@@ -329,3 +329,15 @@ def test_docs_worked_example_runs(capsys):
     printed = capsys.readouterr().out
     assert "2 sites, 2 producer layers, found by fx trace" in printed
     assert "0.4997" in printed and "8 -> 7 weight layers" in printed
+
+
+def test_an_untraceable_transformers_model_warns_with_its_real_obstacle():
+    # T5's forward has data-dependent control flow; the plain tracer fails earlier, on the
+    # **kwargs signature, with an fx-internal message that would tell the user nothing
+    config = transformers.T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_decoder_layers=1,
+                                   num_heads=2, vocab_size=100)
+    model = transformers.T5Model(config).eval()
+    batch = {"input_ids": torch.randint(0, 100, (2, 8)), "decoder_input_ids": torch.randint(0, 100, (2, 4))}
+    with pytest.warns(UserWarning, match=r"could not trace T5Model \(TraceError: .*control flow"):
+        g = discover_sites(model, batch)
+    assert not g.traced and len(g.sites) == 2  # module hooks found the two ReLUs
