@@ -7,6 +7,13 @@ interleaved; and the dense model with its batch norms folded (exact collapse, no
 removed), the speed any deployment gets without removing anything. Both stems: the benchmark's stride-1 stem and torchvision's stride-2 one.
 
     python benchmarks/results/fidelity_hard3_retime.py   # writes fidelity_hard3_retime.json
+    python benchmarks/results/fidelity_hard3_retime.py OUT.json   # writes OUT.json instead
+
+With glibc's allocator told to keep freed memory (no page faults for large activations), as
+for ``fidelity_hard3_retime_nofree.json``:
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
+    MALLOC_TOP_PAD_=1073741824 python benchmarks/results/fidelity_hard3_retime.py OUT.json
 """
 import copy
 import glob
@@ -70,4 +77,5 @@ for stem in ("stride-1 stem (the benchmark's)", "stride-2 stem (torchvision's)")
         if per_seed[1]:
             out[f"{stem} | {method}: median over seeds"] = {
                 f"b{bs}": round(statistics.median(v), 3) for bs, v in per_seed.items()} | {"seeds": len(per_seed[1])}
-json.dump(out, open(os.path.join(HERE, "fidelity_hard3_retime.json"), "w"), indent=1)
+json.dump(out, open(sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "fidelity_hard3_retime.json"), "w"),
+          indent=1)
