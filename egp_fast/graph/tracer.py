@@ -167,20 +167,18 @@ class _DeferredGraphModule:
     when ``graph_module`` is first read.
 
     The root is held weakly (discovery's cache must not keep a model alive), the objects the
-    graph names strongly: once the model is gone, ``build`` assembles the GraphModule from them.
+    graph names strongly: once the model is gone, or when one of them was replaced in it since,
+    ``build`` assembles the GraphModule from those objects, as building it at trace time would
+    have.
     """
 
     def __init__(self, root: nn.Module, graph: fx.Graph, name: str) -> None:
         self._root = weakref.ref(root)
         self.graph = graph
         self.name = name
-        self._targets: dict[str, Any] = {}
-        for n in graph.nodes:
-            if n.op in ("call_module", "get_attr") and n.target not in self._targets:
-                obj: Any = root
-                for atom in n.target.split("."):
-                    obj = getattr(obj, atom)
-                self._targets[n.target] = obj
+        self._targets: dict[str, Any] = {
+            n.target: _lookup(root, n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")
+        }
 
     @property
     def root(self) -> nn.Module:
@@ -197,4 +195,19 @@ class _DeferredGraphModule:
 
     def build(self) -> fx.GraphModule:
         root = self._root()
-        return _graph_module(self._targets if root is None else root, self.graph, self.name)
+        if root is not None and all(_lookup(root, t) is obj for t, obj in self._targets.items()):
+            return _graph_module(root, self.graph, self.name)
+        # The model is gone, or a module of it was replaced since the trace (a linearised site):
+        # the graph runs the objects it named then. Targets inside another target are reached
+        # through it (assigning them would write into the model's own module).
+        names = set(self._targets)
+        own = {t: o for t, o in self._targets.items()
+               if not any(t.startswith(p + ".") for p in names if p != t)}
+        return _graph_module(own, self.graph, self.name)
+
+
+def _lookup(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom, None)
+    return obj

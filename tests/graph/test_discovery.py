@@ -215,3 +215,16 @@ def test_a_fully_linearised_model_says_so_and_the_suggested_collapse_works():
         egp_fast.measure_entropy(net, data, progress=False)
     out = egp_fast.collapse(net, egp_fast.EntropyStats({}, "exact", 0), data[0], measure_latency=False)
     assert sorted(out.removed_sites) == ["1", "3"] and out.after["longest_path"] == 1
+
+
+def test_a_graph_module_built_after_the_model_changed_runs_what_was_traced():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(16, 4)
+    want = net(x)
+    g = egp_fast.discover_sites(net, x)
+    relu = net[1]
+    egp_fast.linearize(net, egp_fast.measure_entropy(net, [x], progress=False), sites=["1"], how="identity")
+    assert net[1] is not relu  # swapped for a ChannelAffine
+    gm = g.graph_module  # built now: still the ReLU the graph was traced with
+    assert gm.get_submodule("1") is relu and gm.get_submodule("0") is net[0]
+    torch.testing.assert_close(gm(x), want)
