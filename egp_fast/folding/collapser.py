@@ -279,6 +279,7 @@ def collapse(
         except ModelError:
             graph = None
     smooth = {n: st for n, st in chosen.items() if not st.exact}
+    verified: set[str] = set()
     if exact and smooth and graph is not None:
         # Zero entropy puts every GELU/SiLU input on one side of 0, where the function is still
         # curved: exact=True removes such a site only where its affine map matches it to float
@@ -286,7 +287,9 @@ def collapse(
         dtype = _device_dtype(work)[1]
         rounding = 8 * torch.finfo(dtype if dtype is not None and dtype.is_floating_point else torch.float32).eps
         for name, gap in affine_gaps(work, graph, smooth, example_inputs).items():
-            if gap["gap"] > rounding * gap["range"]:
+            if gap["gap"] <= rounding * gap["range"]:
+                verified.add(name)  # removing it keeps the outputs: reported exact
+            else:
                 del chosen[name]
                 weak.append({"site": name, "kind": "approximate", "gap": gap["gap"], "range": gap["range"],
                              "reason": (f"{smooth[name].kind} is not affine on example_inputs: its replacement "
@@ -307,7 +310,7 @@ def collapse(
         removed = [{"kind": "linearize", "site": m.site, "exact": True, "linearization_exact": m.exact,
                     "how": m.how, "note": "linearised earlier (egp_fast.linearize)"}
                    for m in work.modules() if isinstance(m, ChannelAffine) and m.site in earlier]
-        removed += [_site_entry(chosen[n], None) for n in done]
+        removed += [_site_entry(chosen[n], n in verified) for n in done]
         left = [{"site": n, "reason": r} for n, r in refused]
         left.append({"kind": "fold", "reason": f"nothing folded: {why}"})
         result_model = work
@@ -325,7 +328,7 @@ def collapse(
                                    "linearization_exact": aff.exact, "how": aff.how,
                                    "note": "linearised earlier (egp_fast.linearize)"})
         if graph is not None:
-            _linearize_graph(gm, graph, stats, chosen, folder)
+            _linearize_graph(gm, graph, stats, chosen, folder, verified)
         folder.run()
         removed, left = folder.removed, folder.left
         if fold in ("auto", "latency"):
@@ -400,13 +403,14 @@ def _traced_with_shapes(model: nn.Module, example_inputs: Any) -> fx.GraphModule
     return gm
 
 
-def _site_entry(st: Any, site: Any) -> dict[str, Any]:
+def _site_entry(st: Any, verified: bool = False) -> dict[str, Any]:
+    # verified: a GELU/SiLU site whose replacement matched it to float rounding (exact=True)
     piece = st.piece
     return {
         "kind": "linearize",
         "site": st.name,
         "activation": st.kind,
-        "exact": bool(st.exact),
+        "exact": bool(st.exact) or verified,
         "channels": int(piece.numel()),
         "always_off": int((piece == 0).sum()),
         "identity": int((piece == 1).sum()),
@@ -414,7 +418,8 @@ def _site_entry(st: Any, site: Any) -> dict[str, Any]:
     }
 
 
-def _linearize_graph(gm: fx.GraphModule, graph: Any, stats: Any, chosen: dict[str, Any], folder: Folder) -> None:
+def _linearize_graph(gm: fx.GraphModule, graph: Any, stats: Any, chosen: dict[str, Any], folder: Folder,
+                     verified: set[str] = frozenset()) -> None:
     g = gm.graph
     nodes = {n.name: n for n in g.nodes}
     present = {s.name for s in graph.sites}
@@ -452,13 +457,14 @@ def _linearize_graph(gm: fx.GraphModule, graph: Any, stats: Any, chosen: dict[st
         dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         scale, shift = site_affine(site.kind, st.piece, site.params, prelu_w, dtype=dtype)
-        aff = ChannelAffine(scale.to(device), shift.to(device), site.channel_dim, site.exact, site.name)
+        aff = ChannelAffine(scale.to(device), shift.to(device), site.channel_dim, site.exact or site.name in verified,
+                            site.name)
         with g.inserting_after(node):
             new = g.call_module(folder.add(aff, "egp_lin"), (inp,))
         new.meta["egp_shape"] = node.meta.get("egp_shape", ref)
         node.replace_all_uses_with(new)
         g.erase_node(node)
-        folder.removed.append(_site_entry(st, site))
+        folder.removed.append(_site_entry(st, site.name in verified))
 
 
 def _deviation(original: nn.Module, collapsed: nn.Module, example_inputs: Any) -> tuple[float, float]:

@@ -91,10 +91,15 @@ def depth_report(model: nn.Module, example_inputs: Any, measure_latency: bool = 
     nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
     args, kwargs = normalize_inputs(example_inputs)
     with eval_mode(model):
-        with FlopCounterMode(display=False) as fc:
-            try:
+        try:
+            with FlopCounterMode(display=False) as fc:
                 model(*args, **kwargs)
-            except Exception as e:
+        except Exception as e:
+            try:  # the counter's module tracker rejects some no_grad views of parameters (timm's
+                # CaiT and PiT expand a class token): count again with gradients on
+                with torch.enable_grad(), FlopCounterMode(display=False) as fc:
+                    model(*args, **kwargs)
+            except Exception:
                 raise DataError(f"the model failed on example_inputs ({describe_inputs(args, kwargs)}): "
                                 f"{type(e).__name__}: {e}") from e
     rep: dict[str, Any] = {

@@ -163,6 +163,7 @@ def test_exact_collapse_removes_a_smooth_site_only_where_it_is_affine_to_roundin
         if removed:  # 40 is far in the linear tail: the identity to float32 rounding
             assert out.removed_sites == [name]
             assert out.relative_deviation <= 1e-6
+            assert out.exact and all(e["exact"] for e in out.removed)  # checked, so reported exact
             continue
         assert out.removed_sites == [] and out.exact and out.relative_deviation <= 1e-6
         (entry,) = [e for e in out.left if e.get("kind") == "approximate"]

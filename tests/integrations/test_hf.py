@@ -276,7 +276,9 @@ def test_llama_gate_always_off_zeroes_the_mlp_and_always_on_is_approximate():
     out = _quiet(egp_fast.collapse, model, stats, data[0], measure_latency=False, max_flip=1.0)
     removed = {e["site"]: e for e in out.removed if e.get("kind") == "linearize"}
     assert set(removed) == {act.format(0), act.format(1)}
-    assert not removed[act.format(1)]["exact"]  # SiLU is only approximately linear
+    # SiLU is only approximately linear, but at |z| = 40 it is its identity / zero to float32
+    # rounding, which exact=True checks on the example before removing it
+    assert removed[act.format(1)]["exact"] and out.exact
     assert out.after["sites"] == 0
     ref, got = _out(model, data[0]), _out(out.model, data[0])
     assert float((got - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
