@@ -75,15 +75,24 @@ def _activation_nodes(gm: fx.GraphModule) -> list[tuple[fx.Node, str, str | None
     return out
 
 
-def _caller_path(node: fx.Node) -> str | None:
-    """Qualified name of the module whose forward makes this call; None if ambiguous."""
+def _caller_path(node: fx.Node, reused: frozenset[str] | set[str] = frozenset()) -> str | None:
+    """Qualified name of the module whose forward makes this call; None if ambiguous: the
+    caller, or a module around it, is in ``reused`` (called more than once per forward, as a
+    block whose weights are shared across depth: one call cannot be rewritten alone)."""
     stack = list((node.meta.get("nn_module_stack") or {}).values())
     if node.op == "call_module":
         stack = stack[:-1]  # the last entry is the called module itself
     if not stack:
         return ""
+    if any(p in reused for p, _ in stack):
+        return None
     path = stack[-1][0]
     return None if "@" in path else path
+
+
+def _reused_modules(gm: fx.GraphModule) -> set[str]:
+    """Modules called more than once per forward: fx keys their later calls ``path@k``."""
+    return {k.rpartition("@")[0] for n in gm.graph.nodes for k in (n.meta.get("nn_module_stack") or {}) if "@" in k}
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -218,6 +227,7 @@ def linearize_sites(
         if mod is not None:
             module_calls[mod] = module_calls.get(mod, 0) + 1
     done: list[str] = []
+    reused = _reused_modules(gm)
     # caller path -> list of (index of the call among the caller's activation calls, site name)
     by_caller: dict[str, list[tuple[fx.Node, str, str | None]]] = {}
     for node, name, mod in acts:
@@ -232,9 +242,10 @@ def linearize_sites(
             _set_submodule(model, mod, aff)
             done.append(name)
             continue
-        caller = _caller_path(node)
+        caller = _caller_path(node, reused)
         if caller is None:
-            refused.append((name, "its caller module is itself called more than once per forward"))
+            refused.append((name, "its caller module is itself called more than once per forward (weights "
+                                  "shared across depth): one call cannot be replaced alone"))
             continue
         by_caller.setdefault(caller, []).append((node, name, mod))
     for caller, items in by_caller.items():
@@ -278,13 +289,15 @@ def unremovable_sites(model: nn.Module, names: list[str]) -> dict[str, str]:
         if mod is not None:
             module_calls[mod] = module_calls.get(mod, 0) + 1
     wanted = set(names)
+    reused = _reused_modules(gm)
     out = {}
     for node, name, mod in acts:
         if name not in wanted or (mod is not None and module_calls[mod] == 1):
             continue
-        caller = _caller_path(node)
+        caller = _caller_path(node, reused)
         if caller is None:
-            out[name] = "its caller module is itself called more than once per forward"
+            out[name] = ("its caller module is itself called more than once per forward (weights shared "
+                         "across depth): one call cannot be replaced alone")
         elif not caller and not isinstance(model, fx.GraphModule):
             out[name] = (
                 "a functional activation (or a module called twice) in the root module's own forward "

@@ -295,3 +295,48 @@ def test_linearize_stats_validation():
         linearize(net, {"not": "stats"})
     with pytest.raises(ConfigError):
         linearize(net, stats_of(net, torch.randn(4, 4)), sites=["missing"])
+
+
+class _SharedModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+class _SharedDepth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.block, self.out = nn.Linear(8, 16), _SharedModule(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for _ in range(2):
+            x = self.block(x)
+        return self.out(x)
+
+
+def test_a_site_in_a_block_shared_across_depth_is_unremovable_and_easier_skips_it():
+    import warnings
+
+    from egp_fast.folding.linearizer import unremovable_sites
+
+    torch.manual_seed(0)
+    net = _SharedDepth().eval()
+    x = torch.randn(32, 8)
+    want = net(x)
+    stats = egp_fast.measure_entropy(net, [x], progress=False)
+    assert list(stats.sites) == ["block.act", "block.act:1"]
+    why = unremovable_sites(net, ["block.act", "block.act:1"])
+    assert set(why) == {"block.act", "block.act:1"} and all("shared across depth" in w for w in why.values())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert linearize(net, stats, sites=["block.act"], how="identity") == []
+    assert any("shared across depth" in str(w.message) for w in caught)
+    torch.testing.assert_close(net(x), want)  # untouched
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = egp_fast.prune(net, [x], method="easier", iterations=1, evaluate=lambda m: 1.0, progress=False)
+    assert res.removed_sites == []
