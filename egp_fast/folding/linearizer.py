@@ -25,7 +25,10 @@ The maps themselves and the ``how`` choices (``data``, ``identity``, ``majority`
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch.fx as fx
@@ -93,6 +96,40 @@ def _caller_path(node: fx.Node, reused: frozenset[str] | set[str] = frozenset())
 def _reused_modules(gm: fx.GraphModule) -> set[str]:
     """Modules called more than once per forward: fx keys their later calls ``path@k``."""
     return {k.rpartition("@")[0] for n in gm.graph.nodes for k in (n.meta.get("nn_module_stack") or {}) if "@" in k}
+
+
+@contextlib.contextmanager
+def _recording_calls(model: nn.Module) -> Iterator[dict[str, list[tuple[int, tuple[str, ...]]]]]:
+    """While tracing ``model``: module path -> ``(positional count, keyword names)`` of each call
+    of a module with children (a possible caller of an activation)."""
+    calls: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
+    handles = []
+    try:
+        for name, m in model.named_modules():
+            if name and next(m.children(), None) is not None:
+                def hook(mod, args, kwargs, name=name):
+                    calls.setdefault(name, []).append((len(args), tuple(kwargs)))
+                handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _left_out(owner: nn.Module, passed: list[tuple[int, tuple[str, ...]]] | None) -> dict[str, Any] | None:
+    """The optional arguments of ``owner.forward`` its one call leaves out, at their defaults
+    (traced as placeholders, an ``if shortcut is None`` would be decided the wrong way)."""
+    if not passed or len(passed) != 1:
+        return None
+    n_pos, keywords = passed[0]
+    try:
+        params = list(inspect.signature(owner.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    left = {p.name: p.default for i, p in enumerate(params)
+            if p.kind in kinds and p.default is not p.empty and i >= n_pos and p.name not in keywords}
+    return left or None
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -214,7 +251,8 @@ def linearize_sites(
         return [], []
     refused: list[tuple[str, str]] = []
     try:
-        gm = trace(model)
+        with _recording_calls(model) as calls:
+            gm = trace(model)
     except Exception as e:  # untraceable: only single-call activation modules can be swapped
         return _linearize_modules_only(model, chosen, f"{type(e).__name__}: {str(e)[:120]}", how)
     acts = _activation_nodes(gm)
@@ -249,7 +287,7 @@ def linearize_sites(
             continue
         by_caller.setdefault(caller, []).append((node, name, mod))
     for caller, items in by_caller.items():
-        ok, why = _rewrite_caller(model, gm, caller, items, chosen, how)
+        ok, why = _rewrite_caller(model, gm, caller, items, chosen, how, calls.get(caller))
         if ok:
             done.extend(n for _, n, _ in items)
         else:
@@ -341,8 +379,12 @@ def _rewrite_caller(
     items: list[tuple[fx.Node, str, str | None]],
     chosen: dict[str, Any],
     how: str | dict[str, str] = "data",
+    passed: list[tuple[int, tuple[str, ...]]] | None = None,
 ) -> tuple[bool, str]:
-    """Re-trace ``caller`` alone and point the chosen activation calls at ChannelAffines."""
+    """Re-trace ``caller`` alone and point the chosen activation calls at ChannelAffines.
+
+    ``passed``: what the caller's call received in the full trace (see :func:`_recording_calls`);
+    the optional arguments it left out are fixed at their defaults in the re-trace."""
     try:
         owner = model.get_submodule(caller) if caller else model
     except AttributeError:  # a module called in forward but not attached (transformers' module-level gelu)
@@ -359,7 +401,7 @@ def _rewrite_caller(
         sub = owner
     else:
         try:
-            sub = trace(owner)
+            sub = trace(owner, concrete_args=_left_out(owner, passed))
         except Exception as e:
             return False, f"torch.fx cannot trace its caller {caller or 'the root'} ({type(e).__name__})"
     local = [n for n, _, _ in _activation_nodes(sub) if _caller_path(n) == ""]

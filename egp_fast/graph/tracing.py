@@ -26,7 +26,8 @@ from egp_fast.graph.inputs import _named_inputs
 from egp_fast.graph.sites import module_kind
 from egp_fast.graph.tracer import _DeferredGraphModule, _graph_module, _Tracer
 
-def trace(model: nn.Module, input_names: list[str] | None = None, example_inputs: Any = None) -> fx.GraphModule:
+def trace(model: nn.Module, input_names: list[str] | None = None, example_inputs: Any = None,
+          concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """Symbolically trace ``model`` with torch.fx, activation and weight modules kept as leaves.
 
     The result shares the model's submodules and parameters (no copy). Use it as the model
@@ -49,6 +50,9 @@ def trace(model: nn.Module, input_names: list[str] | None = None, example_inputs
         example_inputs: optional batch (tensor, tuple or dict); the second tracer reads the
             dtype, device and number of dims of each input from it (and nothing else: batch
             size and sequence length stay free). Its keys give ``input_names`` when that is None.
+        concrete_args: arguments of ``model.forward`` fixed at these values for the plain
+            tracer (``torch.fx``'s own option): an optional input its caller never passes,
+            whose ``is None`` test would otherwise be decided on a placeholder.
 
     Returns:
         An ``fx.GraphModule`` computing the same function.
@@ -64,7 +68,7 @@ def trace(model: nn.Module, input_names: list[str] | None = None, example_inputs
         >>> isinstance(gm, torch.fx.GraphModule)
         True
     """
-    return _trace(model, input_names, example_inputs, _module_kinds(model))
+    return _trace(model, input_names, example_inputs, _module_kinds(model), concrete_args=concrete_args)
 
 
 def _module_kinds(model: nn.Module) -> dict[nn.Module, str | None]:
@@ -75,13 +79,14 @@ def _module_kinds(model: nn.Module) -> dict[nn.Module, str | None]:
 
 
 def _trace(model: nn.Module, input_names: list[str] | None, example_inputs: Any,
-           kinds: dict[nn.Module, str | None], defer: bool = False) -> fx.GraphModule | _DeferredGraphModule:
+           kinds: dict[nn.Module, str | None], defer: bool = False,
+           concrete_args: dict[str, Any] | None = None) -> fx.GraphModule | _DeferredGraphModule:
     """:func:`trace` with the module kinds of :func:`_module_kinds` given; with ``defer``, a
     plain trace comes back as a :class:`_DeferredGraphModule` (site discovery's case)."""
     name = model.__class__.__name__
     try:
         tracer = _Tracer(kinds=kinds)
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args)
         if defer:
             return _DeferredGraphModule(tracer.root, graph, name)
         return _graph_module(tracer.root, graph, name)

@@ -340,3 +340,40 @@ def test_a_site_in_a_block_shared_across_depth_is_unremovable_and_easier_skips_i
         warnings.simplefilter("ignore")
         res = egp_fast.prune(net, [x], method="easier", iterations=1, evaluate=lambda m: 1.0, progress=False)
     assert res.removed_sites == []
+
+
+class _OptionalShortcut(nn.Module):
+    """One ReLU module used twice, in a forward with an optional input (timm's DlaBasic)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        return self.relu(self.c2(self.relu(self.c1(x))) + shortcut)
+
+
+class _CallsOptional(nn.Module):
+    def __init__(self, pass_shortcut):
+        super().__init__()
+        self.stem, self.block, self.pass_shortcut = nn.Conv2d(3, 4, 3, padding=1), _OptionalShortcut(), pass_shortcut
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.block(x, x * 2) if self.pass_shortcut else self.block(x)
+
+
+@pytest.mark.parametrize("pass_shortcut", [False, True])
+def test_rewriting_a_caller_keeps_its_optional_inputs_as_the_call_uses_them(pass_shortcut):
+    torch.manual_seed(0)
+    net = _CallsOptional(pass_shortcut).eval()
+    x = torch.randn(2, 3, 8, 8)
+    stats = egp_fast.measure_entropy(net, [x], progress=False)
+    assert linearize(net, stats, sites=["block.relu:1"], how="identity") == ["block.relu:1"]
+    b = net.block  # now a GraphModule of the block: the second ReLU call is the identity
+    with torch.no_grad():
+        s = net.stem(x)
+        want = b.c2(torch.relu(b.c1(s))) + (s * 2 if pass_shortcut else s)
+        torch.testing.assert_close(net(x), want)
