@@ -327,6 +327,16 @@ def collapse(
             folder.removed.append({"kind": "linearize", "site": aff.site, "exact": True,
                                    "linearization_exact": aff.exact, "how": aff.how,
                                    "note": "linearised earlier (egp_fast.linearize)"})
+        # One inside a module the trace keeps whole (an encoder fx cannot follow) is not a node:
+        # the activation is gone all the same, nothing folds it.
+        seen = {e["site"] for e in folder.removed}
+        for m in known.values():
+            if m.site in earlier and m.site not in seen:
+                seen.add(m.site)
+                folder.removed.append({"kind": "linearize", "site": m.site, "exact": True,
+                                       "linearization_exact": m.exact, "how": m.how,
+                                       "note": "linearised earlier (egp_fast.linearize); inside a module the "
+                                               "trace keeps whole, so it is not folded"})
         if graph is not None:
             _linearize_graph(gm, graph, stats, chosen, folder, verified)
         folder.run()

@@ -343,3 +343,24 @@ def test_an_untraceable_transformers_model_warns_with_its_real_obstacle():
     with pytest.warns(UserWarning, match=r"could not trace T5Model \(TraceError: .*control flow"):
         g = discover_sites(model, batch)
     assert not g.traced and len(g.sites) == 2  # module hooks found the two ReLUs
+
+
+def test_a_site_linearised_inside_a_module_the_trace_keeps_whole_is_reported():
+    # Whisper: fx cannot follow the encoder; once its only GELU is linearised, the encoder holds
+    # no activation, the second tracer keeps it whole, and the model traces
+    config = transformers.WhisperConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16,
+        max_target_positions=32, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1)
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_features": torch.randn(2, 16, 32, generator=g),
+                "decoder_input_ids": torch.randint(3, 100, (2, 4), generator=g)} for _ in range(2)]
+    site = "model.encoder.layers.0.activation_fn"
+    stats = _quiet(egp_fast.measure_entropy, model, batches, progress=False)
+    assert _quiet(egp_fast.linearize, model, stats, sites=[site], how="identity") == [site]
+    after = _quiet(egp_fast.measure_entropy, model, batches, progress=False)
+    out = _quiet(egp_fast.collapse, model, after, batches[0], measure_latency=False)
+    (entry,) = [e for e in out.removed if e["site"] == site]
+    assert entry["kind"] == "linearize" and "not folded" in entry["note"]
