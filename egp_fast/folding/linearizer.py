@@ -93,6 +93,10 @@ def _caller_path(node: fx.Node, reused: frozenset[str] | set[str] = frozenset())
     return None if "@" in path else path
 
 
+_SHARED_CALLER = ("its caller module is itself called more than once per forward (weights shared across "
+                  "depth): one call cannot be replaced alone")
+
+
 def _reused_modules(gm: fx.GraphModule) -> set[str]:
     """Modules called more than once per forward: fx keys their later calls ``path@k``."""
     return {k.rpartition("@")[0] for n in gm.graph.nodes for k in (n.meta.get("nn_module_stack") or {}) if "@" in k}
@@ -282,8 +286,7 @@ def linearize_sites(
             continue
         caller = _caller_path(node, reused)
         if caller is None:
-            refused.append((name, "its caller module is itself called more than once per forward (weights "
-                                  "shared across depth): one call cannot be replaced alone"))
+            refused.append((name, _SHARED_CALLER))
             continue
         by_caller.setdefault(caller, []).append((node, name, mod))
     for caller, items in by_caller.items():
@@ -334,8 +337,7 @@ def unremovable_sites(model: nn.Module, names: list[str]) -> dict[str, str]:
             continue
         caller = _caller_path(node, reused)
         if caller is None:
-            out[name] = ("its caller module is itself called more than once per forward (weights shared "
-                         "across depth): one call cannot be replaced alone")
+            out[name] = _SHARED_CALLER
         elif not caller and not isinstance(model, fx.GraphModule):
             out[name] = (
                 "a functional activation (or a module called twice) in the root module's own forward "
